@@ -1,0 +1,40 @@
+# Two entry points for a fresh machine: `make run` and `make test`.
+# Both bootstrap .venv (pinned by constraints.txt) and node_modules (pinned by package-lock.json).
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+PY_STAMP := $(VENV)/.loraledger-installed
+NODE_STAMP := node_modules/.loraledger-installed
+STATE ?= .loraledger
+
+.PHONY: run test deps stop compile protos clean
+
+deps: $(PY_STAMP) $(NODE_STAMP)
+
+$(PY_STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0
+	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
+	touch $@
+
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
+run: deps
+	$(VENV)/bin/loraledger demo --state-dir $(STATE)
+
+stop: deps
+	$(VENV)/bin/loraledger devnet down --state-dir $(STATE)/devnet
+
+test: deps
+	$(PY) -m pytest -q
+
+compile: deps
+	$(VENV)/bin/loraledger contracts compile
+
+protos: deps
+	$(PY) scripts/gen_protos.py
+
+clean:
+	rm -rf $(VENV) node_modules $(STATE)

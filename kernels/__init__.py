@@ -1,0 +1,1 @@
+"""loraledger kernels package."""
