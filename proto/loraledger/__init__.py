@@ -1,0 +1,1 @@
+"""Generated gRPC stubs of the loraledger.v1 API (see loraledger.proto)."""
