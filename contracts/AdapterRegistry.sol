@@ -1,0 +1,121 @@
+// SPDX-License-Identifier: Apache-2.0
+pragma solidity ^0.8.24;
+
+import {IAdapterRegistry} from "./interfaces/IAdapterRegistry.sol";
+import {IDatanetRegistry} from "./interfaces/IDatanetRegistry.sol";
+
+/// @title AdapterRegistry
+/// @notice Content-addressed LoRA adapters with their lineage: the weights hash (unique), the base model and
+///         training config they came from, and the datanets they were trained on. Ids count from 1. The engine
+///         refuses to serve weights whose hash is not the registered one.
+contract AdapterRegistry is IAdapterRegistry {
+    /// @notice The datanet registry adapters' datanet ids refer to.
+    IDatanetRegistry public immutable datanetRegistry;
+
+    mapping(uint256 id => Adapter) private _adapters;
+    mapping(bytes32 weightsHash => uint256 id) private _idByWeightsHash;
+    uint256 private _adapterCount;
+
+    /// @notice Creates the registry bound to `datanetRegistry_`.
+    /// @dev Requirements: `datanetRegistry_` is a contract (`AdapterInvalidDatanetRegistry`).
+    /// @param datanetRegistry_ The deployed `DatanetRegistry`.
+    constructor(address datanetRegistry_) {
+        if (datanetRegistry_.code.length == 0) revert AdapterInvalidDatanetRegistry(datanetRegistry_);
+        datanetRegistry = IDatanetRegistry(datanetRegistry_);
+    }
+
+    /// @notice Registers an adapter owned by the caller.
+    /// @dev Requirements: no hash is zero (`AdapterZeroHash(field)`); `datanetIds` is not empty
+    ///      (`AdapterNoDatanets`), has no repeats (`AdapterDuplicateDatanet`) and names existing datanets only
+    ///      (`AdapterUnknownDatanet`); `weightsHash` is not registered yet (`AdapterDuplicateWeightsHash`).
+    ///      Events: `AdapterRegistered(id, caller, weightsHash, ...)`.
+    /// @param weightsHash sha256 over the adapter's canonical tensors.
+    /// @param baseModelHash Canonical hash of the base checkpoint.
+    /// @param trainingConfigHash sha256 of the canonical training-config JSON.
+    /// @param datanetIds The datanets it was trained on.
+    /// @param feePerToken Reward-token units charged per prompt+completion token.
+    /// @param uri Where the weights are served.
+    /// @return id The new adapter's id (1, 2, ...).
+    function registerAdapter(
+        bytes32 weightsHash,
+        bytes32 baseModelHash,
+        bytes32 trainingConfigHash,
+        uint256[] calldata datanetIds,
+        uint256 feePerToken,
+        string calldata uri
+    ) external returns (uint256 id) {
+        if (weightsHash == bytes32(0)) revert AdapterZeroHash("weightsHash");
+        if (baseModelHash == bytes32(0)) revert AdapterZeroHash("baseModelHash");
+        if (trainingConfigHash == bytes32(0)) revert AdapterZeroHash("trainingConfigHash");
+        _checkDatanets(datanetIds);
+        uint256 existing = _idByWeightsHash[weightsHash];
+        if (existing != 0) revert AdapterDuplicateWeightsHash(weightsHash, existing);
+
+        id = ++_adapterCount;
+        _idByWeightsHash[weightsHash] = id;
+        Adapter storage a = _adapters[id];
+        a.weightsHash = weightsHash;
+        a.baseModelHash = baseModelHash;
+        a.trainingConfigHash = trainingConfigHash;
+        a.owner = msg.sender;
+        a.registeredAt = uint64(block.timestamp);
+        a.feePerToken = feePerToken;
+        a.datanetIds = datanetIds;
+        a.uri = uri;
+        emit AdapterRegistered(
+            id, msg.sender, weightsHash, baseModelHash, trainingConfigHash, datanetIds, feePerToken, uri
+        );
+    }
+
+    /// @notice Marks adapter `id` deprecated; the node stops routing new requests to it.
+    /// @dev Requirements: it exists (`AdapterUnknown`); the caller owns it (`AdapterNotOwner`); it is not
+    ///      deprecated yet (`AdapterAlreadyDeprecated`). Events: `AdapterDeprecated(id, caller)`.
+    /// @param id An adapter id.
+    function deprecate(uint256 id) external {
+        Adapter storage a = _adapter(id);
+        if (a.owner != msg.sender) revert AdapterNotOwner(id, msg.sender);
+        if (a.deprecated) revert AdapterAlreadyDeprecated(id);
+        a.deprecated = true;
+        emit AdapterDeprecated(id, msg.sender);
+    }
+
+    /// @notice Adapter `id`.
+    /// @dev Requirements: it exists (`AdapterUnknown`).
+    /// @param id An adapter id.
+    /// @return adapter Its record.
+    function getAdapter(uint256 id) external view returns (Adapter memory adapter) {
+        return _adapter(id);
+    }
+
+    /// @notice The id registered for `weightsHash`, or 0 when none is.
+    /// @param weightsHash sha256 over an adapter's canonical tensors.
+    /// @return id Its adapter id, 0 if unknown.
+    function adapterIdByWeightsHash(bytes32 weightsHash) external view returns (uint256 id) {
+        return _idByWeightsHash[weightsHash];
+    }
+
+    /// @notice Number of adapters registered; ids run from 1 to this number.
+    /// @return count The count.
+    function adapterCount() external view returns (uint256 count) {
+        return _adapterCount;
+    }
+
+    /// @dev Storage record of adapter `id`; reverts `AdapterUnknown` when `id` is 0 or above the count.
+    function _adapter(uint256 id) private view returns (Adapter storage a) {
+        if (id == 0 || id > _adapterCount) revert AdapterUnknown(id);
+        return _adapters[id];
+    }
+
+    /// @dev Reverts unless `ids` is non-empty, repeat-free and names existing datanets (O(n^2), lists are short).
+    function _checkDatanets(uint256[] calldata ids) private view {
+        uint256 n = ids.length;
+        if (n == 0) revert AdapterNoDatanets();
+        for (uint256 i = 0; i < n; ++i) {
+            uint256 d = ids[i];
+            if (!datanetRegistry.exists(d)) revert AdapterUnknownDatanet(d);
+            for (uint256 j = 0; j < i; ++j) {
+                if (ids[j] == d) revert AdapterDuplicateDatanet(d);
+            }
+        }
+    }
+}

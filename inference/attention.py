@@ -1,0 +1,86 @@
+"""Attention backends over the paged KV cache, chosen by name through `get_attention_backend`.
+
+Every backend computes, for the flat batch described by `BatchMetadata` (prefill chunks and decodes mixed):
+
+    out[t, h] = softmax_j(scale * q[t, h] . K_b[j, h // G]; j <= pos[t]) @ V_b[:, h // G]      -> [T, Hq, D]
+
+where b is the sequence of token t, K_b / V_b its cached keys/values (this step's already written) and
+G = Hq / Hkv (grouped-query attention).
+
+    "torch"   pure torch (`kernels.paged_attention_ref`): gather blocks, one masked SDPA call; any device
+    "triton"  the Triton kernel (`kernels.paged_attention`); CUDA, or CPU under TRITON_INTERPRET=1 (tests)
+
+Default (`name=None`): "triton" on CUDA when triton is importable, "torch" otherwise.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Protocol
+
+import torch
+
+from inference.batch import BatchMetadata
+from inference.errors import BackendError
+from kernels.paged_attention_ref import paged_attention_ref
+
+ATTENTION_BACKENDS: tuple[str, ...] = ("torch", "triton")
+
+
+class AttentionBackend(Protocol):
+    name: str
+
+    def __call__(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: BatchMetadata, scale: float
+    ) -> torch.Tensor:
+        """q: [T, Hq, D]; k_cache, v_cache: [N, bs, Hkv, D]  ->  [T, Hq, D]."""
+        ...
+
+
+class TorchPagedAttention:
+    """The reference backend; the CPU path."""
+
+    name = "torch"
+
+    def __call__(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: BatchMetadata, scale: float
+    ) -> torch.Tensor:
+        return paged_attention_ref(
+            q, k_cache, v_cache, batch.block_tables, batch.query_start, batch.context_lens,
+            batch.max_query_len, batch.max_context_len, scale,
+        )
+
+
+class TritonPagedAttention:
+    """The Triton kernel backend (one kernel for prefill chunks and decodes)."""
+
+    name = "triton"
+
+    def __init__(self) -> None:
+        if importlib.util.find_spec("triton") is None:
+            raise BackendError(
+                "attention backend 'triton' needs the triton package (pip extra 'gpu'); use backend 'torch'"
+            )
+        from kernels.paged_attention import paged_attention
+
+        self._launch = paged_attention
+
+    def __call__(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: BatchMetadata, scale: float
+    ) -> torch.Tensor:
+        return self._launch(
+            q.contiguous(), k_cache, v_cache, batch.block_tables, batch.query_start, batch.context_lens,
+            batch.max_query_len, scale,
+        )
+
+
+def get_attention_backend(name: str | None = None, device: torch.device | str = "cpu") -> AttentionBackend:
+    """"torch" | "triton" -> a backend; None picks triton on CUDA (when installed), torch elsewhere."""
+    if name is None:
+        on_cuda = torch.device(device).type == "cuda"
+        name = "triton" if on_cuda and importlib.util.find_spec("triton") is not None else "torch"
+    if name == "torch":
+        return TorchPagedAttention()
+    if name == "triton":
+        return TritonPagedAttention()
+    raise BackendError(f"unknown attention backend {name!r}; choose one of {', '.join(ATTENTION_BACKENDS)}")

@@ -1,0 +1,144 @@
+"""The flat batch one engine step runs: tokens of many sequences, prefill chunks and decodes mixed.
+
+This is the contract between the scheduler (which decides what runs), the model runner (which runs it), the
+paged KV cache (where the keys and values go) and the LoRA layers (which adapter each token uses).
+
+Layout, for B sequences contributing T tokens in total this step:
+
+    input_ids[t], positions[t]           t in [0, T): tokens in sequence order, each sequence's tokens contiguous
+    query_start[b] .. query_start[b+1]   the tokens of sequence b in the flat batch            (query_start: [B+1])
+    context_lens[b]                      tokens of b in the KV cache once this step's are written  ([B])
+    block_tables[b, j]                   physical block holding tokens [j*bs, (j+1)*bs) of b    ([B, max_blocks])
+    slot_mapping[t]                      flat cache slot (block * block_size + offset) for token t   ([T])
+    logits_indices[b]                    flat index of the token whose logits are sampled for b ([B])
+    token_adapter_slots[t, m]            GPU adapter slot applied to token t, -1 for none       ([T, M])
+    token_adapter_scales[t, m]           that slot's merge weight for token t (1.0 for a single adapter) ([T, M])
+
+M is the largest number of adapters any sequence in the batch merges (1 without merges, 0 for a batch that
+uses no adapter at all: then both adapter tensors have shape [T, 0] and LoRA costs nothing).
+A prefill chunk of sequence b is the tokens [context_lens[b] - q_len, context_lens[b]); a decode is q_len == 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class BatchMetadata:
+    """Tensors of one step; all on the model's device, integer tensors int32 unless noted."""
+
+    input_ids: torch.Tensor  # [T] int64
+    positions: torch.Tensor  # [T] int64
+    query_start: torch.Tensor  # [B+1] int32, query_start[0] == 0, query_start[B] == T
+    context_lens: torch.Tensor  # [B] int32
+    block_tables: torch.Tensor  # [B, max_blocks] int32, unused entries are 0
+    slot_mapping: torch.Tensor  # [T] int64
+    logits_indices: torch.Tensor  # [B] int64
+    token_adapter_slots: torch.Tensor  # [T, M] int32, -1 = no adapter
+    token_adapter_scales: torch.Tensor  # [T, M] float32
+    block_size: int
+    max_query_len: int
+    max_context_len: int
+
+    @property
+    def num_tokens(self) -> int:
+        return int(self.input_ids.shape[0])
+
+    @property
+    def num_seqs(self) -> int:
+        return int(self.context_lens.shape[0])
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+    @property
+    def uses_adapters(self) -> bool:
+        return self.token_adapter_slots.numel() > 0 and bool((self.token_adapter_slots >= 0).any())
+
+    def validate(self) -> None:
+        """Internal invariants (cheap shape checks); the scheduler's output must always pass."""
+        t, b = self.num_tokens, self.num_seqs
+        assert self.positions.shape == (t,)
+        assert self.query_start.shape == (b + 1,)
+        assert self.slot_mapping.shape == (t,)
+        assert self.logits_indices.shape == (b,)
+        assert self.block_tables.shape[0] == b
+        assert self.token_adapter_slots.shape[0] == t
+        assert self.token_adapter_slots.shape == self.token_adapter_scales.shape
+
+
+@dataclass(frozen=True)
+class SeqChunk:
+    """What the scheduler hands the batch builder for one sequence this step (host-side, plain Python).
+
+    `token_ids` are the tokens to run now (a prefill chunk or the one decode token), starting at absolute
+    position `start_pos`; `block_table` covers at least `start_pos + len(token_ids)` tokens.
+    `adapter_slots` / `adapter_scales` name the GPU slots (and merge weights) applied to every token of it.
+    `sample` is False for a prefill chunk that does not reach the end of the prompt (no token is sampled).
+    """
+
+    seq_id: int
+    token_ids: tuple[int, ...]
+    start_pos: int
+    block_table: tuple[int, ...]
+    adapter_slots: tuple[int, ...] = ()
+    adapter_scales: tuple[float, ...] = ()
+    sample: bool = True
+
+
+def build_batch(chunks: list[SeqChunk], block_size: int, device: torch.device | str = "cpu") -> BatchMetadata:
+    """Flatten per-sequence chunks into one `BatchMetadata` (host lists -> device tensors, one copy each)."""
+    if not chunks:
+        raise ValueError("build_batch needs at least one sequence chunk")
+    input_ids: list[int] = []
+    positions: list[int] = []
+    query_start = [0]
+    context_lens: list[int] = []
+    slot_mapping: list[int] = []
+    logits_indices: list[int] = []
+    max_m = max(len(c.adapter_slots) for c in chunks)
+    slots: list[list[int]] = []
+    scales: list[list[float]] = []
+    max_blocks = max(len(c.block_table) for c in chunks)
+    tables: list[list[int]] = []
+    for c in chunks:
+        n = len(c.token_ids)
+        if n == 0:
+            raise ValueError(f"sequence {c.seq_id}: a chunk must carry at least one token")
+        end = c.start_pos + n
+        if len(c.block_table) * block_size < end:
+            raise ValueError(f"sequence {c.seq_id}: block table too short for {end} tokens")
+        if len(c.adapter_slots) != len(c.adapter_scales):
+            raise ValueError(f"sequence {c.seq_id}: adapter slots and scales differ in length")
+        input_ids.extend(c.token_ids)
+        for p in range(c.start_pos, end):
+            positions.append(p)
+            slot_mapping.append(c.block_table[p // block_size] * block_size + p % block_size)
+        query_start.append(query_start[-1] + n)
+        context_lens.append(end)
+        logits_indices.append(query_start[-1] - 1)
+        pad = max_m - len(c.adapter_slots)
+        row_slots = list(c.adapter_slots) + [-1] * pad
+        row_scales = list(c.adapter_scales) + [0.0] * pad
+        slots.extend([row_slots] * n)
+        scales.extend([row_scales] * n)
+        tables.append(list(c.block_table) + [0] * (max_blocks - len(c.block_table)))
+    t = len(input_ids)
+    return BatchMetadata(
+        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
+        positions=torch.tensor(positions, dtype=torch.int64, device=device),
+        query_start=torch.tensor(query_start, dtype=torch.int32, device=device),
+        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
+        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
+        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
+        logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=device),
+        token_adapter_slots=torch.tensor(slots, dtype=torch.int32, device=device).reshape(t, max_m),
+        token_adapter_scales=torch.tensor(scales, dtype=torch.float32, device=device).reshape(t, max_m),
+        block_size=block_size,
+        max_query_len=max(len(c.token_ids) for c in chunks),
+        max_context_len=max(context_lens),
+    )

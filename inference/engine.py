@@ -1,0 +1,630 @@
+"""The `Engine`: requests in, streamed tokens and results out; one model, one paged KV cache, one scheduler.
+
+    engine = Engine(EngineConfig(model_dir="..."))
+    handle = engine.submit(GenerationRequest("Hello", SamplingParams(max_tokens=32)))   # validated here
+    async for item in handle: ...          # TokenDelta, TokenDelta, ..., then one GenerationResult
+    engine.generate(["a", "b"], params)    # synchronous, for scripts and tests
+
+One step (`step()`): take new requests and cancellations in; ask the scheduler for this step's chunks;
+`build_batch` them; one model forward over the flat batch; logits at the sampled rows; `sample`; append each
+token, check stop conditions (EOS, stop token ids, stop strings, max_tokens), stream the deltas; finished
+sequences leave and their KV blocks return to the pool at once.
+
+Threads: `start()` runs the step loop on a background thread (torch releases the GIL in the forward); every
+public method is thread-safe. Handles deliver to the asyncio loop that iterates them through
+`loop.call_soon_threadsafe`, and to plain threads through `handle.result()`. Without `start()` nothing runs
+unless someone calls `step()` (or `generate`, which steps itself): the deterministic mode of the tests.
+
+Text. `TokenDelta.text_delta` never holds half a UTF-8 character nor text that might become part of a stop
+string; concatenated, the deltas equal `GenerationResult.text` (for a cancelled request, text held back
+at that moment is dropped). `token_ids` hold every sampled token,
+including the EOS / stop token / the token that completed a stop string; `text` leaves out special tokens,
+the text of a stop token id, and everything from a stop string on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import itertools
+import logging
+import math
+import threading
+import time
+import uuid
+from collections.abc import AsyncIterator, Iterable
+from collections.abc import Sequence as Seq
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Self
+
+import torch
+
+from inference.attention import get_attention_backend
+from inference.batch import build_batch
+from inference.block_manager import BlockManager
+from inference.config import ModelConfig, parse_dtype
+from inference.errors import CapacityError, EngineConfigError, EngineError, InvalidRequestError
+from inference.kv_cache import PagedKVCache, bytes_per_block, num_blocks_for_budget
+from inference.loader import load_model
+from inference.model import LlamaModel
+from inference.sampling import SampleRequest, make_generator, sample
+from inference.scheduler import AdapterSlots, Scheduler, SchedulerConfig, SchedulerOutput
+from inference.sequence import FinishReason, SamplingParams, Sequence
+from inference.tokenizer import IncrementalDetokenizer, Tokenizer
+
+log = logging.getLogger(__name__)
+
+# ---- configuration and request / result types ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Everything the engine needs at start-up; validated once here.
+
+    KV cache size: `num_blocks` if given, else `kv_cache_bytes`, else a default: on CUDA 80% of the memory
+    free after loading the model; on CPU room for `max_num_seqs` full contexts, capped at 1 GiB.
+    `max_model_len` caps the context below the model's own (None = the model's).
+    """
+
+    model_dir: str | Path
+    dtype: str = "float32"
+    device: str = "cpu"
+    block_size: int = 16
+    kv_cache_bytes: int | None = None
+    num_blocks: int | None = None
+    max_num_seqs: int = 32
+    max_tokens_per_step: int = 512
+    attention_backend: str | None = None  # "torch" | "triton" | None = the device's default
+    max_queue: int = 1024
+    max_model_len: int | None = None
+    seed: int = 0  # generator of unseeded sampled requests
+
+    def __post_init__(self) -> None:
+        for name in ("block_size", "max_num_seqs", "max_tokens_per_step", "max_queue"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise EngineConfigError(f"EngineConfig.{name} must be a positive integer, got {value!r}")
+        for name in ("kv_cache_bytes", "num_blocks", "max_model_len"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise EngineConfigError(
+                    f"EngineConfig.{name} must be a positive integer or None, got {value!r}"
+                )
+        if self.max_tokens_per_step < self.max_num_seqs:
+            raise EngineConfigError(
+                f"EngineConfig.max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_num_seqs "
+                f"({self.max_num_seqs}) so that every running sequence can decode in every step"
+            )
+
+
+@dataclass
+class GenerationRequest:
+    """One request: a prompt (text, or token ids), how to sample, which adapters (key, merge weight) to apply.
+
+    `priority`: smaller is served first (default 0). `request_id`: unique among live requests; None = a uuid.
+    """
+
+    prompt: str | Seq[int]
+    params: SamplingParams = field(default_factory=SamplingParams)
+    request_id: str | None = None
+    adapters: Seq[tuple[str, float]] = ()
+    priority: int = 0
+
+
+@dataclass(frozen=True)
+class TokenDelta:
+    """One generated token as streamed: its id, the new text it makes visible (may be ""), its logprob and
+    top alternatives when the request asked for logprobs."""
+
+    token_id: int
+    text_delta: str
+    logprob: float | None = None
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    """The final word on one request."""
+
+    request_id: str
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+    adapters: tuple[tuple[str, float], ...] = ()
+    logprobs: tuple[float, ...] | None = None
+    error: str | None = None  # why, when finish_reason == "error"
+
+
+HandleItem = TokenDelta | GenerationResult
+
+
+class RequestHandle:
+    """The consumer's side of one request: an async iterator of `TokenDelta`s ending with one
+    `GenerationResult`, or `result()` to block a plain thread until done. Filled by the engine thread."""
+
+    def __init__(self, engine: Engine, request_id: str) -> None:
+        self.request_id = request_id
+        self._engine = engine
+        self._lock = threading.Lock()
+        self._items: collections.deque[HandleItem] = collections.deque()
+        self._final: GenerationResult | None = None
+        self._done = threading.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+        self._consumed_final = False
+
+    # engine side
+    def _push(self, item: HandleItem) -> None:
+        with self._lock:
+            self._items.append(item)
+            if isinstance(item, GenerationResult):
+                self._final = item
+            loop, wake = self._loop, self._wake
+        if isinstance(item, GenerationResult):
+            self._done.set()
+        if loop is not None and wake is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(wake.set)
+
+    # consumer side
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> GenerationResult:
+        """Block until the request finishes; return its result (needs the engine loop or someone stepping)."""
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id!r} not finished after {timeout} s")
+        assert self._final is not None
+        return self._final
+
+    def cancel(self) -> bool:
+        return self._engine.cancel(self.request_id)
+
+    def __aiter__(self) -> AsyncIterator[HandleItem]:
+        return self
+
+    async def __anext__(self) -> HandleItem:
+        if self._wake is None:
+            with self._lock:
+                self._loop = asyncio.get_running_loop()
+                self._wake = asyncio.Event()
+        while True:
+            with self._lock:
+                if self._items:
+                    item = self._items.popleft()
+                    if isinstance(item, GenerationResult):
+                        self._consumed_final = True
+                    return item
+                if self._consumed_final:
+                    raise StopAsyncIteration
+                self._wake.clear()
+            await self._wake.wait()
+
+
+# ---- per-request engine state ----------------------------------------------------------------------------
+
+
+class _Tracked:
+    """Engine-side state of one live request: its sequence, handle, generator, text and stop tracking."""
+
+    def __init__(
+        self,
+        seq: Sequence,
+        handle: RequestHandle,
+        detok: IncrementalDetokenizer,
+        generator: torch.Generator | None,
+    ) -> None:
+        self.seq = seq
+        self.handle = handle
+        self.detok = detok
+        self.generator = generator
+        self.text = ""  # visible text so far (stop string trimmed)
+        self.emitted = 0  # chars of self.text already streamed
+        self.logprobs: list[float] = []
+        self.max_stop = max((len(s) for s in seq.params.stop), default=0)
+
+    def add_text(self, delta: str) -> bool:
+        """Append decoded text; True if a stop string now appears (the text is cut just before it)."""
+        if not delta:
+            return False
+        start = max(0, len(self.text) - self.max_stop + 1)
+        self.text += delta
+        hits = [i for i in (self.text.find(s, start) for s in self.seq.params.stop) if i >= 0]
+        if hits:
+            self.text = self.text[: min(hits)]
+            return True
+        return False
+
+    def releasable(self, final: bool) -> str:
+        """Text that can be streamed now: all of it when final, else all but a tail that could still grow
+        into a stop string."""
+        end = len(self.text)
+        if not final:
+            for k in range(min(self.max_stop - 1, end), 0, -1):
+                tail = self.text[end - k :]
+                if any(s.startswith(tail) for s in self.seq.params.stop):
+                    end -= k
+                    break
+        out = self.text[self.emitted : end] if end > self.emitted else ""
+        self.emitted = max(self.emitted, end)
+        return out
+
+
+# ---- the engine ------------------------------------------------------------------------------------------
+
+
+class Engine:
+    """Continuous-batching generation over one Llama-family model (see module docstring)."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        adapter_slots: AdapterSlots | None = None,
+        model: LlamaModel | None = None,
+        tokenizer: Tokenizer | None = None,
+    ) -> None:
+        """Load model and tokenizer from `config.model_dir` (or take them ready-made); size the KV cache.
+
+        `adapter_slots` is the adapter store's slot hook (None = base model only); install LoRA layers on
+        `engine.model` before serving adapters.
+        """
+        self.config = config
+        self.device = torch.device(config.device)
+        dtype = parse_dtype(config.dtype)
+        attention = get_attention_backend(config.attention_backend, self.device)
+        self.model = (
+            model if model is not None else load_model(config.model_dir, dtype, self.device, attention)
+        )
+        if model is not None and config.attention_backend is not None:
+            self.model.set_attention_backend(config.attention_backend)
+        self.model_config: ModelConfig = self.model.config
+        self.tokenizer = tokenizer if tokenizer is not None else Tokenizer.from_pretrained(config.model_dir)
+        self.eos_token_ids = frozenset(self.tokenizer.eos_token_ids) | frozenset(
+            self.model_config.eos_token_ids
+        )
+        self.vocab_size = self.model_config.vocab_size
+        self.max_model_len = self.model_config.max_context_len
+        if config.max_model_len is not None:
+            self.max_model_len = min(self.max_model_len, config.max_model_len)
+
+        num_blocks = self._num_blocks(dtype)
+        self.kv_cache = PagedKVCache.for_model(
+            self.model_config, num_blocks, config.block_size, dtype, self.device
+        )
+        self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.scheduler = Scheduler(
+            SchedulerConfig(config.max_num_seqs, config.max_tokens_per_step),
+            self.block_manager,
+            adapter_slots,
+        )
+        self._generator = make_generator(config.seed, self.device)
+
+        self._lock = threading.RLock()  # guards scheduler, cache and _live; held for a whole step
+        self._wakeup = threading.Condition(threading.Lock())  # the loop sleeps here when idle
+        self._incoming: collections.deque[_Tracked] = collections.deque()
+        self._cancels: collections.deque[str] = collections.deque()
+        self._live: dict[str, _Tracked] = {}  # request_id -> state, from submit until finished
+        self._seq_ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._stopping = False
+        self._started_at = time.monotonic()
+        self._recent: collections.deque[tuple[float, int, int]] = (
+            collections.deque()
+        )  # (time, prefill, decode)
+        self._totals = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0}
+
+    def _num_blocks(self, dtype: torch.dtype) -> int:
+        cfg = self.config
+        if cfg.num_blocks is not None:
+            return cfg.num_blocks
+        budget = cfg.kv_cache_bytes
+        if budget is None:
+            if self.device.type == "cuda":
+                free, _ = torch.cuda.mem_get_info(self.device)
+                budget = int(free * 0.8)
+            else:
+                blocks_per_seq = -(-self.max_model_len // cfg.block_size)
+                per_block = bytes_per_block(self.model_config, cfg.block_size, dtype)
+                budget = min(cfg.max_num_seqs * blocks_per_seq * per_block, 1 << 30)
+        return num_blocks_for_budget(self.model_config, cfg.block_size, budget, dtype)
+
+    # ---- submitting ----------------------------------------------------------------------------------
+    def submit(self, request: GenerationRequest) -> RequestHandle:
+        """Validate `request` and queue it; returns its handle. Never waits for a running step.
+
+        Raises `InvalidRequestError` (empty or too long prompt, max_tokens over the context room, stop token
+        id outside the vocabulary, unknown adapter, duplicate live request id, ...) or `CapacityError` when
+        the queue is full. A refused request changes nothing for the others.
+        """
+        params = request.params
+        if not isinstance(params, SamplingParams):
+            raise InvalidRequestError(f"params must be a SamplingParams, got {type(params).__name__}")
+        prompt_ids = self._prompt_ids(request.prompt)
+        params.check_for_model(len(prompt_ids), self.max_model_len, self.vocab_size)
+        adapters = self._adapters(request.adapters)
+        if not isinstance(request.priority, int) or isinstance(request.priority, bool):
+            raise InvalidRequestError(f"priority must be an integer, got {request.priority!r}")
+        request_id = request.request_id if request.request_id is not None else uuid.uuid4().hex
+        if not isinstance(request_id, str) or not request_id:
+            raise InvalidRequestError(f"request_id must be a non-empty string, got {request_id!r}")
+        seq = Sequence(
+            seq_id=next(self._seq_ids),
+            request_id=request_id,
+            prompt_ids=prompt_ids,
+            params=params,
+            adapters=adapters,
+            priority=request.priority,
+            arrival_time=time.monotonic(),
+        )
+        self.scheduler.check_fits(seq)  # reads only constants and the adapter registry
+        generator = make_generator(params.seed, self.device) if params.seed is not None else None
+        handle = RequestHandle(self, request_id)
+        tracked = _Tracked(seq, handle, self.tokenizer.detokenizer(prompt_ids), generator)
+        with self._wakeup:
+            if request_id in self._live:
+                raise InvalidRequestError(f"request id {request_id!r} is already in flight; use a unique id")
+            if len(self._live) >= self.config.max_queue + self.config.max_num_seqs:
+                raise CapacityError(
+                    f"the engine holds {len(self._live)} requests "
+                    f"(max_queue={self.config.max_queue}); retry later"
+                )
+            self._live[request_id] = tracked
+            self._incoming.append(tracked)
+            self._wakeup.notify()
+        return handle
+
+    def _prompt_ids(self, prompt: str | Seq[int]) -> list[int]:
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidRequestError("the prompt is empty; send some text or token ids")
+            ids = self.tokenizer.encode(prompt)
+        else:
+            ids = list(prompt)
+            for t in ids:
+                if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.vocab_size:
+                    raise InvalidRequestError(
+                        f"prompt token {t!r} is not a token id of this model (0 <= id < {self.vocab_size})"
+                    )
+        if not ids:
+            raise InvalidRequestError("the prompt is empty; send some text or token ids")
+        return ids
+
+    @staticmethod
+    def _adapters(adapters: Seq[tuple[str, float]]) -> tuple[tuple[str, float], ...]:
+        out = []
+        for entry in adapters:
+            if not isinstance(entry, (tuple, list)) or len(entry) != 2:
+                raise InvalidRequestError(f"adapters must be (key, weight) pairs, got {entry!r}")
+            key, weight = entry
+            if not isinstance(key, str) or not key:
+                raise InvalidRequestError(f"adapter key must be a non-empty string, got {key!r}")
+            if not isinstance(weight, (int, float)) or not math.isfinite(weight):
+                raise InvalidRequestError(f"adapter {key!r}: weight must be a finite number, got {weight!r}")
+            out.append((key, float(weight)))
+        return tuple(out)
+
+    def cancel(self, request_id: str) -> bool:
+        """Finish `request_id` with reason "cancelled" and free its KV blocks: now when no step runs, else as
+        soon as the running step ends. False if no such request is live."""
+        with self._wakeup:
+            if request_id not in self._live:
+                return False
+            self._cancels.append(request_id)
+            self._wakeup.notify()
+        if self._lock.acquire(blocking=False):
+            try:
+                self._take_inputs()
+            finally:
+                self._lock.release()
+        return True
+
+    def _take_inputs(self) -> None:
+        """Move submitted requests into the scheduler and apply cancellations (under `_lock`)."""
+        with self._wakeup:
+            incoming = list(self._incoming)
+            self._incoming.clear()
+            cancels = list(self._cancels)
+            self._cancels.clear()
+        for tracked in incoming:
+            try:
+                self.scheduler.add(tracked.seq)
+            except EngineError as e:  # e.g. its adapter was unloaded since submit: this request fails alone
+                self.scheduler.mark_finished(tracked.seq, "error", str(e))
+                self._emit_final(tracked)
+        for request_id in cancels:
+            victim = self._live.get(request_id)
+            if victim is not None:
+                self.scheduler.finish(victim.seq, "cancelled")
+                self._emit_final(victim)
+
+    # ---- stepping ------------------------------------------------------------------------------------
+    def has_work(self) -> bool:
+        with self._wakeup:
+            return bool(self._live)
+
+    def step(self) -> int:
+        """Run one engine step; returns the number of tokens it ran through the model (0 = nothing to do)."""
+        with self._lock:
+            self._take_inputs()
+            out = self.scheduler.schedule()
+            for seq in out.failed:
+                self._emit_final(self._live[seq.request_id])
+            self._totals["preemptions"] += len(out.preempted)
+            if out.is_empty:
+                return 0
+            self._run(out)
+            return out.num_tokens
+
+    def _run(self, out: SchedulerOutput) -> None:
+        batch = build_batch(out.chunks, self.config.block_size, self.device)
+        hidden = self.model(batch, self.kv_cache)  # [T, H]
+        rows = [i for i, c in enumerate(out.chunks) if c.sample]
+        self.scheduler.advance(out)
+        decodes = sum(
+            1
+            for s, c in zip(out.seqs, out.chunks)
+            if len(c.token_ids) == 1 and c.start_pos >= len(s.prompt_ids)
+        )
+        self._count(out.num_tokens - decodes, len(rows))
+        if not rows:
+            return
+        row_idx = batch.logits_indices[torch.tensor(rows, dtype=torch.int64, device=self.device)]
+        logits = self.model.compute_logits(hidden[row_idx])  # [R, V] float32
+        tracked = [self._live[out.seqs[i].request_id] for i in rows]
+        requests = [
+            SampleRequest(
+                t.seq.params, t.seq.all_ids if t.seq.params.repetition_penalty != 1.0 else [], t.generator
+            )
+            for t in tracked
+        ]
+        result = sample(logits, requests, self._generator)
+        for j, t in enumerate(tracked):
+            top = result.top_logprobs[j]
+            self._append(t, result.token_ids[j], result.logprobs[j], tuple(top) if top is not None else None)
+
+    def _append(
+        self, t: _Tracked, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] | None
+    ) -> None:
+        """Add one sampled token to a sequence, stream it, and finish the sequence if it should stop."""
+        seq, params = t.seq, t.seq.params
+        seq.output_ids.append(token)
+        if logprob is not None:
+            t.logprobs.append(logprob)
+        reason: FinishReason | None = None
+        if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
+            reason = "stop"  # its own text is not part of the answer; what the detokenizer held back is
+            t.add_text(t.detok.flush())
+        elif t.add_text(t.detok.push(token)):
+            reason = "stop"
+        if reason is None and (len(seq.output_ids) >= params.max_tokens or len(seq) >= self.max_model_len):
+            reason = "length"
+            t.add_text(t.detok.flush())
+        t.handle._push(TokenDelta(token, t.releasable(final=reason is not None), logprob, top))
+        if reason is not None:
+            self.scheduler.finish(seq, reason)
+            self._emit_final(t)
+
+    def _emit_final(self, t: _Tracked) -> None:
+        seq = t.seq
+        assert seq.finish_reason is not None
+        if seq.finish_reason in ("cancelled", "error"):
+            t.text = t.text[: t.emitted]  # the answer is what was streamed: a held-back tail is dropped
+        with self._wakeup:
+            self._live.pop(seq.request_id, None)
+        t.handle._push(
+            GenerationResult(
+                request_id=seq.request_id,
+                text=t.text,
+                token_ids=tuple(seq.output_ids),
+                finish_reason=seq.finish_reason,
+                prompt_tokens=len(seq.prompt_ids),
+                completion_tokens=len(seq.output_ids),
+                adapters=seq.adapters,
+                logprobs=tuple(t.logprobs) if seq.params.logprobs is not None else None,
+                error=seq.error,
+            )
+        )
+
+    def _fail_all(self, message: str) -> None:
+        """After a failed step: finish every live request with reason "error" (their cache state is lost)."""
+        with self._lock:
+            self._take_inputs()
+            for t in list(self._live.values()):
+                self.scheduler.finish(t.seq, "error", message)
+                self._emit_final(t)
+
+    # ---- background loop -----------------------------------------------------------------------------
+    def start(self) -> None:
+        """Run the step loop on a daemon thread until `shutdown()`."""
+        if self._thread is not None:
+            return
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name="loraledger-engine", daemon=True)
+        self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            with self._wakeup:
+                while not self._stopping and not self._live:
+                    self._wakeup.wait()
+                if self._stopping:
+                    return
+            try:
+                self.step()
+            except (EngineError, RuntimeError, ValueError) as e:  # a broken step must not hang every client
+                log.exception("engine step failed; failing the requests in flight")
+                self._fail_all(f"engine step failed: {type(e).__name__}: {e}")
+
+    def shutdown(self) -> None:
+        """Stop the loop (the step in progress completes); live requests are cancelled."""
+        thread = self._thread
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify_all()
+        if thread is not None:
+            thread.join()
+        self._thread = None
+        with self._lock:
+            self._take_inputs()
+            for t in list(self._live.values()):
+                self.scheduler.finish(t.seq, "cancelled")
+                self._emit_final(t)
+
+    def __enter__(self) -> Self:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.shutdown()
+
+    # ---- synchronous use -----------------------------------------------------------------------------
+    def generate(
+        self, prompts: Iterable[str | Seq[int] | GenerationRequest], params: SamplingParams | None = None
+    ) -> list[GenerationResult]:
+        """Run the given prompts or requests to completion and return their results in order.
+
+        Every request is validated before any is queued (a bad one raises and none runs). Steps the engine
+        itself unless the background loop runs.
+        """
+        requests = [
+            p if isinstance(p, GenerationRequest) else GenerationRequest(p, params or SamplingParams())
+            for p in prompts
+        ]
+        for r in requests:  # validate all first
+            ids = self._prompt_ids(r.prompt)
+            r.params.check_for_model(len(ids), self.max_model_len, self.vocab_size)
+        handles = [self.submit(r) for r in requests]
+        if self._thread is None:
+            while not all(h.done for h in handles):
+                self.step()
+        return [h.result() for h in handles]
+
+    # ---- stats ---------------------------------------------------------------------------------------
+    def _count(self, prefill: int, decode: int) -> None:
+        now = time.monotonic()
+        self._totals["steps"] += 1
+        self._totals["prompt_tokens"] += prefill
+        self._totals["generated_tokens"] += decode
+        self._recent.append((now, prefill, decode))
+        while self._recent and now - self._recent[0][0] > 10.0:
+            self._recent.popleft()
+
+    def stats(self) -> dict[str, float | int]:
+        """running, waiting, kv_blocks_used/total, tokens/s over the last 10 s (prefill, generated), totals"""
+        with self._wakeup:
+            incoming = len(self._incoming)
+            recent = list(self._recent)
+        window = (recent[-1][0] - recent[0][0]) if len(recent) > 1 else 0.0
+        window = max(window, 1e-9)
+        return {
+            "running": self.scheduler.num_running,
+            "waiting": self.scheduler.num_waiting + incoming,
+            "kv_blocks_used": self.block_manager.num_used_blocks,
+            "kv_blocks_total": self.block_manager.num_blocks,
+            "prefill_tokens_per_s": sum(r[1] for r in recent[1:]) / window if len(recent) > 1 else 0.0,
+            "generated_tokens_per_s": sum(r[2] for r in recent[1:]) / window if len(recent) > 1 else 0.0,
+            **self._totals,
+        }

@@ -1,0 +1,252 @@
+"""The Llama-family model runner: one forward over a flat batch of tokens from many sequences.
+
+Contract: token ids in, hidden states / logits out; it knows nothing of tokenization, scheduling or adapters'
+identities. The step's layout comes from `inference.batch.BatchMetadata`; keys and values go to, and are read
+from, `inference.kv_cache.PagedKVCache`:
+
+    hidden = model(batch, kv_cache)                             # [T, hidden]
+    logits = model.compute_logits(hidden[batch.logits_indices])  # [B, vocab] float32
+
+Module names follow Hugging Face with the leading `model.` dropped, so checkpoint and PEFT keys map 1:1:
+
+    embed_tokens, layers[i].input_layernorm, layers[i].self_attn.{q,k,v,o}_proj (+ q_norm, k_norm for qwen3),
+    layers[i].post_attention_layernorm, layers[i].mlp.{gate,up,down}_proj, norm, lm_head
+
+LoRA hook. Every projection above is called through `call_linear(layer, x, batch)`:
+
+    y = layer(x, batch)   if getattr(layer, "takes_batch", False)     # a batch-aware replacement (LoRA)
+    y = layer(x)          otherwise                                    # nn.Linear, or a quantized Linear
+
+so a LoRA layer replaces a projection with `model.set_linear("layers.3.self_attn.q_proj", LoRALinear(base, ...))`
+where `LoRALinear.takes_batch = True` and `LoRALinear.forward(x: [T, in], batch) -> [T, out]` reads
+`batch.token_adapter_slots` / `batch.token_adapter_scales` to pick each token's adapters.
+`model.named_linears()` lists the replaceable projections by those names.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from inference.attention import AttentionBackend, get_attention_backend
+from inference.batch import BatchMetadata
+from inference.config import ModelConfig, RopeConfig
+from inference.kv_cache import PagedKVCache
+
+LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def call_linear(layer: nn.Module, x: torch.Tensor, batch: BatchMetadata) -> torch.Tensor:
+    """The LoRA hook: layer(x, batch) for a batch-aware layer (`takes_batch = True`), layer(x) otherwise."""
+    if getattr(layer, "takes_batch", False):
+        return layer(x, batch)
+    return layer(x)
+
+
+class RMSNorm(nn.Module):
+    """y = weight * (x / sqrt(mean(x^2, -1) + eps)), the normalisation computed in float32."""
+
+    def __init__(self, dim: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(dtype)
+
+
+def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
+    """inv_freq[i] = 1 / theta^(2i/head_dim), rescaled per `rope.rope_type`  ->  [head_dim // 2] float32.
+
+    llama3: wavelength w = 2*pi / f; w < L/high: f; w > L/low: f / factor; in between
+    (1 - s) * f / factor + s * f with s = (L / w - low) / (high - low), L = original max positions.
+    """
+    exponent = torch.arange(0, head_dim, 2, dtype=torch.int64, device="cpu").float() / head_dim
+    inv_freq = 1.0 / (rope.theta**exponent)
+    if rope.rope_type == "linear":
+        return inv_freq / rope.factor
+    if rope.rope_type == "llama3":
+        old_len = rope.original_max_position_embeddings
+        low_wavelen = old_len / rope.low_freq_factor
+        high_wavelen = old_len / rope.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / rope.factor, inv_freq)
+        smooth = (old_len / wavelen - rope.low_freq_factor) / (rope.high_freq_factor - rope.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / rope.factor + smooth * scaled
+        medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
+        return torch.where(medium, smoothed, scaled)
+    return inv_freq
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of position * inv_freq for each token, in the non-interleaved (rotate-half) layout.
+
+    inv_freq is kept in float32 as a plain attribute (not a buffer), so casting the model to bf16 or building it
+    on the meta device never touches it; it follows the positions' device on first use.
+    """
+
+    def __init__(self, rope: RopeConfig, head_dim: int) -> None:
+        super().__init__()
+        self.inv_freq = rope_inv_freq(rope, head_dim)  # [D/2] float32, CPU until first use
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions: [T] -> cos, sin: [T, 1, head_dim] (angles in float32, then cast to `dtype`)."""
+        if self.inv_freq.device != positions.device:
+            self.inv_freq = self.inv_freq.to(positions.device)
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [T, H, D]; x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin
+
+
+class Attention(nn.Module):
+    """q, k, v projections (+ optional q/k norm), RoPE, cache write, paged attention, o projection."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_heads
+        self.num_kv_heads = config.num_kv_heads
+        self.head_dim = config.head_dim
+        self.scale = config.head_dim**-0.5
+        self.q_proj = nn.Linear(config.hidden_size, config.q_size, bias=config.qkv_bias)
+        self.k_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
+        self.v_proj = nn.Linear(config.hidden_size, config.kv_size, bias=config.qkv_bias)
+        self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
+        self.q_norm: RMSNorm | None = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.k_norm: RMSNorm | None = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: BatchMetadata,
+        kv_cache: PagedKVCache,
+        attention: AttentionBackend,
+    ) -> torch.Tensor:
+        """x: [T, hidden] -> [T, hidden]; writes this step's k/v to the cache at batch.slot_mapping first."""
+        t = x.shape[0]
+        q = call_linear(self.q_proj, x, batch).view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = call_linear(self.k_proj, x, batch).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = call_linear(self.v_proj, x, batch).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        kv_cache.write(self.layer_idx, k, v, batch.slot_mapping)
+        o = attention(q, kv_cache.key[self.layer_idx], kv_cache.value[self.layer_idx], batch, self.scale)
+        return call_linear(self.o_proj, o.reshape(t, self.num_heads * self.head_dim), batch)
+
+
+class MLP(nn.Module):
+    """SwiGLU: down_proj(silu(gate_proj(x)) * up_proj(x))."""
+
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+
+    def forward(self, x: torch.Tensor, batch: BatchMetadata) -> torch.Tensor:
+        gate = call_linear(self.gate_proj, x, batch)
+        up = call_linear(self.up_proj, x, batch)
+        return call_linear(self.down_proj, F.silu(gate) * up, batch)
+
+
+class DecoderLayer(nn.Module):
+    """h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+
+    def __init__(self, config: ModelConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config, layer_idx)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        batch: BatchMetadata,
+        kv_cache: PagedKVCache,
+        attention: AttentionBackend,
+    ) -> torch.Tensor:
+        h = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_cache, attention)
+        return h + self.mlp(self.post_attention_layernorm(h), batch)
+
+
+class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm and LM head of a Llama-family model (see module docstring)."""
+
+    def __init__(self, config: ModelConfig, attention: AttentionBackend | None = None) -> None:
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.rotary = RotaryEmbedding(config.rope, config.head_dim)
+        self.attention: AttentionBackend = attention if attention is not None else get_attention_backend(None)
+
+    def tie_weights(self) -> None:
+        """lm_head shares the embedding matrix when the config ties them (again after moving off meta)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.embed_tokens.weight
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.embed_tokens.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.embed_tokens.weight.device
+
+    def set_attention_backend(self, name: str | None) -> None:
+        """Switch attention to backend `name` ("torch" | "triton" | None = the default for this device)."""
+        self.attention = get_attention_backend(name, self.device)
+
+    def named_linears(self) -> dict[str, nn.Module]:
+        """Every replaceable projection by name, e.g. "layers.0.self_attn.q_proj" (PEFT target names)."""
+        out: dict[str, nn.Module] = {}
+        for i, layer in enumerate(self.layers):
+            for part in ("self_attn", "mlp"):
+                parent = getattr(layer, part)
+                for name in LINEAR_NAMES:
+                    if hasattr(parent, name):
+                        out[f"layers.{i}.{part}.{name}"] = getattr(parent, name)
+        return out
+
+    def set_linear(self, name: str, module: nn.Module) -> None:
+        """Replace the projection `name` (a key of `named_linears()`) with `module` (e.g. a LoRA wrapper)."""
+        if name not in self.named_linears():
+            raise KeyError(f"{name!r} is not a projection of this model; see LlamaModel.named_linears()")
+        parent_name, attr = name.rsplit(".", 1)
+        setattr(self.get_submodule(parent_name), attr, module)
+
+    @torch.inference_mode()
+    def forward(self, batch: BatchMetadata, kv_cache: PagedKVCache) -> torch.Tensor:
+        """Run every token of the step; returns the final-normed hidden states [T, hidden]."""
+        x = self.embed_tokens(batch.input_ids)  # [T, hidden]
+        cos, sin = self.rotary(batch.positions, x.dtype)  # [T, 1, D] each
+        for layer in self.layers:
+            x = layer(x, cos, sin, batch, kv_cache, self.attention)
+        return self.norm(x)
+
+    @torch.inference_mode()
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """hidden: [B, hidden] (rows at batch.logits_indices) -> logits [B, vocab] float32."""
+        return self.lm_head(hidden).float()

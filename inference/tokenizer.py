@@ -1,0 +1,143 @@
+"""A thin wrapper over a local Hugging Face tokenizer: text <-> ids, special ids, chat template, streaming text.
+
+The engine works on ids only; this module is the one place text enters and leaves. Streaming uses
+`IncrementalDetokenizer`, which turns one new id at a time into a text delta and never emits half a UTF-8
+character (byte-level BPE tokens can split one).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from inference.errors import InvalidRequestError, ModelLoadError
+
+REPLACEMENT_CHAR = "\ufffd"  # what decoding yields for an incomplete UTF-8 sequence
+
+
+class Tokenizer:
+    """encode / decode / chat template of the tokenizer saved in a checkpoint directory."""
+
+    def __init__(self, hf_tokenizer: Any, extra_eos_ids: Sequence[int] = ()) -> None:
+        self._tok = hf_tokenizer
+        eos = {int(i) for i in extra_eos_ids}
+        if hf_tokenizer.eos_token_id is not None:
+            eos.add(int(hf_tokenizer.eos_token_id))
+        self.eos_token_ids: frozenset[int] = frozenset(eos)
+
+    @classmethod
+    def from_pretrained(cls, model_dir: str | Path) -> Tokenizer:
+        """Load `model_dir`'s tokenizer (tokenizer.json + tokenizer_config.json); eos ids also from
+        generation_config.json / config.json where those list several. `ModelLoadError` if none is there."""
+        from transformers import AutoTokenizer
+
+        root = Path(model_dir)
+        if not (root / "tokenizer.json").is_file() and not (root / "tokenizer_config.json").is_file():
+            raise ModelLoadError(f"no tokenizer in {root}: expected tokenizer.json and tokenizer_config.json")
+        try:
+            hf = AutoTokenizer.from_pretrained(str(root), local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ModelLoadError(f"cannot load the tokenizer in {root}: {e}") from e
+        extra: list[int] = []
+        for name in ("generation_config.json", "config.json"):
+            path = root / name
+            if path.is_file():
+                eos = json.loads(path.read_text()).get("eos_token_id")
+                extra.extend(eos if isinstance(eos, list) else [] if eos is None else [eos])
+        return cls(hf, extra)
+
+    @property
+    def vocab_size(self) -> int:
+        """Number of ids the tokenizer knows (special and added tokens included)."""
+        return len(self._tok)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self._tok.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The tokenizer's own eos id (see `eos_token_ids` for every id that ends a generation)."""
+        return self._tok.eos_token_id
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self._tok, "chat_template", None))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        """text -> ids (bos prepended when the tokenizer does so and `add_special_tokens`)."""
+        return list(self._tok.encode(text, add_special_tokens=add_special_tokens))
+
+    def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
+        """ids -> text."""
+        return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
+
+    def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """[{"role": ..., "content": ...}, ...] -> prompt ids, rendered with the checkpoint's chat template.
+
+        `InvalidRequestError` if the tokenizer has no chat template or a message lacks role/content."""
+        if not self.has_chat_template:
+            raise InvalidRequestError("this model's tokenizer has no chat template; send a plain prompt instead")
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict) or "role" not in m or "content" not in m:
+                raise InvalidRequestError(f"chat message {i} must be a dict with 'role' and 'content'")
+        text = self._tok.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.encode(str(text), add_special_tokens=False)
+
+    def detokenizer(self, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> IncrementalDetokenizer:
+        """A fresh streaming detokenizer for one sequence whose prompt was `prompt_ids`."""
+        return IncrementalDetokenizer(self, prompt_ids, skip_special_tokens)
+
+
+class IncrementalDetokenizer:
+    """Text deltas for a growing list of generated ids, each delta ending on a whole character.
+
+        push(id) -> delta:  text = decode(ids[prefix:]);  if text ends in U+FFFD (an incomplete UTF-8
+                            character), emit nothing yet; else emit text[len(decode(ids[prefix:read])):]
+                            and slide the window (prefix, read) forward.
+        flush()  -> the rest (an incomplete character at the very end comes out as U+FFFD).
+
+    The window starts on the last few prompt ids so that tokenizers which drop a leading space when a text
+    starts with a word (SentencePiece) still give the right first delta. Concatenated deltas == decode(generated).
+    """
+
+    CONTEXT_IDS = 5
+
+    def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
+        self._tokenizer = tokenizer
+        self._skip = skip_special_tokens
+        self._ids: list[int] = list(prompt_ids[-self.CONTEXT_IDS :]) if prompt_ids else []
+        self._prefix = 0
+        self._read = len(self._ids)
+        self._emitted = ""
+
+    @property
+    def text(self) -> str:
+        """All text emitted so far."""
+        return self._emitted
+
+    def _decode(self, ids: Sequence[int]) -> str:
+        return self._tokenizer.decode(ids, skip_special_tokens=self._skip)
+
+    def push(self, token_id: int) -> str:
+        """Add one generated id; return the new text it completes ("" while a character is still partial)."""
+        self._ids.append(int(token_id))
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        if after.endswith(REPLACEMENT_CHAR) or len(after) <= len(before):
+            return ""
+        delta = after[len(before) :]
+        self._prefix, self._read = self._read, len(self._ids)
+        self._emitted += delta
+        return delta
+
+    def flush(self) -> str:
+        """Emit whatever is still held back (at the end of generation)."""
+        before = self._decode(self._ids[self._prefix : self._read])
+        after = self._decode(self._ids[self._prefix :])
+        delta = after[len(before) :] if len(after) > len(before) else ""
+        self._prefix = self._read = len(self._ids)
+        self._emitted += delta
+        return delta

@@ -1,0 +1,65 @@
+"""The `loraledger` command line.
+
+Each area owns one module that exposes `add_commands(subparsers)`; this file only lists those modules, so
+adding a command never means editing another area's code. A command's handler receives the parsed
+`argparse.Namespace` and returns a process exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from node.errors import NodeError
+
+# Modules that contribute sub-commands, in the order they appear in `loraledger --help`.
+COMMAND_MODULES: tuple[str, ...] = (
+    "node.commands.devnet",
+    "node.commands.deploy",
+    "node.commands.key",
+    "node.commands.demo",
+    "node.commands.contracts",
+    "node.commands.model",
+    "node.commands.lineage",
+    "node.commands.attribution",  # after any module that adds `datanet`: it adds `datanet index` there
+    "node.commands.serve",
+    "node.commands.rewards",
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraledger",
+        description="Serve many LoRA adapters from one GPU and pay data contributors, provably, on an EVM chain.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        module = importlib.import_module(name)
+        module.add_commands(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    handler = getattr(args, "handler", None)
+    if handler is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(handler(args) or 0)
+    except (NodeError, ValueError, FileNotFoundError) as e:
+        print(f"loraledger {args.command}: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Sub-commands of the `loraledger` CLI, one module per area."""

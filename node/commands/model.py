@@ -1,0 +1,44 @@
+"""`loraledger model init-tiny DIR`: write the small random Llama checkpoint + trained tokenizer (offline)."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = subparsers.add_parser("model", help="base models: create the tiny offline default")
+    sub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
+
+    init = sub.add_parser(
+        "init-tiny", help="write a random Llama-family checkpoint and a byte-level BPE tokenizer to DIR"
+    )
+    init.add_argument("dir", metavar="DIR", help="output directory (created if missing)")
+    init.add_argument("--layers", type=int, default=2, help="decoder layers (default 2)")
+    init.add_argument("--hidden", type=int, default=64, help="hidden size (default 64)")
+    init.add_argument("--heads", type=int, default=4, help="attention heads (default 4)")
+    init.add_argument("--kv-heads", type=int, default=2, help="key/value heads, divides --heads (default 2)")
+    init.add_argument("--intermediate", type=int, default=128, help="MLP width (default 128)")
+    init.add_argument("--vocab", type=int, default=512, help="vocabulary size, at least 262 (default 512)")
+    init.add_argument("--max-positions", type=int, default=512, help="context length (default 512)")
+    init.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
+    init.add_argument("--force", action="store_true", help="overwrite a checkpoint already in DIR")
+    init.set_defaults(handler=_init_tiny)
+
+
+def _init_tiny(args: argparse.Namespace) -> int:
+    from inference.tiny import init_tiny
+
+    out = init_tiny(
+        args.dir,
+        layers=args.layers,
+        hidden=args.hidden,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        intermediate=args.intermediate,
+        vocab=args.vocab,
+        max_positions=args.max_positions,
+        seed=args.seed,
+        overwrite=args.force,
+    )
+    print(f"wrote tiny model to {out}")
+    return 0

@@ -1,0 +1,152 @@
+"""`loraledger node run` (the server process) and `loraledger generate` (its command-line client).
+
+    loraledger node run --config node.toml [--listen HOST:PORT] [--model DIR] [--device cpu|cuda] ...
+    loraledger generate [--server ADDR] [--adapter ID[:WEIGHT]]... [--stream] [--max-tokens N]
+                        [--temperature T] [--seed S] [--chat] PROMPT
+
+`node run` prints one line `loraledger node: serving on HOST:PORT` once health is SERVING (scripts wait for it)
+and exits 0 after a clean SIGTERM / SIGINT shutdown. `generate` prints the text (streamed as it comes with
+--stream), then usage and the attribution summary on stderr-free stdout lines starting with `#`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from typing import Any
+
+from node.errors import ConfigError
+
+DEFAULT_SERVER = "127.0.0.1:50051"
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    node = subparsers.add_parser("node", help="the node process: engine + gRPC API + records + settlement")
+    sub = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
+    run = sub.add_parser("run", help="serve until SIGTERM / SIGINT (then drain and exit 0)")
+    run.add_argument("--config", help="node.toml (default: built-in defaults + LORALEDGER_* env vars)")
+    run.add_argument("--listen", help="HOST:PORT to serve on (server.listen; port 0 picks a free one)")
+    run.add_argument("--model", help="model checkpoint directory (model.dir)")
+    run.add_argument("--device", help="auto, cpu or cuda (model.device)")
+    run.add_argument("--records", help="SQLite record log path (records.path)")
+    run.add_argument("--adapters-dir", help="directory of adapters by on-chain id (adapters.dir)")
+    run.add_argument("--deployment", help="deployment.json of the contracts (chain.deployment)")
+    run.add_argument("--max-queue", type=int, help="requests in flight before RESOURCE_EXHAUSTED (server.max_queue)")
+    run.add_argument("--grace", type=float, help="seconds in-flight requests get on shutdown (server.grace_seconds)")
+    run.set_defaults(handler=_run)
+
+    gen = subparsers.add_parser("generate", help="ask a running node for a completion (gRPC client)")
+    gen.add_argument("prompt", metavar="PROMPT", help="the prompt text (with --chat: one user message)")
+    gen.add_argument("--server", default=DEFAULT_SERVER, help="node address (default: %(default)s)")
+    gen.add_argument("--adapter", action="append", default=[], metavar="ID[:WEIGHT]",
+                     help="adapter by on-chain id or alias, with an optional weight; repeat to merge (weights sum to 1)")
+    gen.add_argument("--stream", action="store_true", help="print the text as it is generated")
+    gen.add_argument("--chat", action="store_true", help="send PROMPT as a user chat message (chat template)")
+    gen.add_argument("--max-tokens", type=int, default=0, help="tokens to generate (0: the node's default)")
+    gen.add_argument("--temperature", type=float, default=None, help="0 = greedy (default)")
+    gen.add_argument("--top-p", type=float, default=None)
+    gen.add_argument("--seed", type=int, default=None, help="same seed, same text")
+    gen.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (default: %(default)s)")
+    gen.set_defaults(handler=_generate)
+
+
+# ---- node run ----------------------------------------------------------------------------------------------
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
+    return {
+        "server": {"listen": args.listen, "max_queue": args.max_queue, "grace_seconds": args.grace},
+        "model": {"dir": args.model, "device": args.device},
+        "records": {"path": args.records},
+        "adapters": {"dir": args.adapters_dir},
+        "chain": {"deployment": args.deployment},
+    }
+
+
+def _run(args: argparse.Namespace) -> int:
+    from node.config import load_config
+    from node.process import NodeApp
+
+    cfg = load_config(args.config, _overrides(args))
+    app = NodeApp(cfg)
+
+    host = cfg.server.listen.rpartition(":")[0]
+
+    def ready(port: int) -> None:
+        print(f"loraledger node: serving on {host}:{port}", flush=True)
+
+    asyncio.run(app.run_until_signal(ready))
+    print("loraledger node: stopped", flush=True)
+    return 0
+
+
+# ---- generate ----------------------------------------------------------------------------------------------
+
+
+def parse_adapter(spec: str) -> tuple[str, float]:
+    """"7" -> ("7", 0.0) (a lone adapter's 0 means 1); "7:0.25" -> ("7", 0.25); ConfigError if malformed."""
+    name, sep, weight = spec.partition(":")
+    if not name:
+        raise ConfigError(f"--adapter {spec!r}: give ID or ID:WEIGHT, e.g. --adapter 3:0.7")
+    if not sep:
+        return name, 0.0
+    try:
+        return name, float(weight)
+    except ValueError as e:
+        raise ConfigError(f"--adapter {spec!r}: weight {weight!r} is not a number") from e
+
+
+def _generate(args: argparse.Namespace) -> int:
+    import grpc
+
+    from proto.loraledger.v1 import loraledger_pb2 as pb
+    from proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
+
+    sampling = pb.SamplingParams(max_tokens=max(0, args.max_tokens))
+    if args.temperature is not None:
+        sampling.temperature = args.temperature
+    if args.top_p is not None:
+        sampling.top_p = args.top_p
+    if args.seed is not None:
+        sampling.seed = args.seed
+    adapters = [pb.AdapterRef(adapter=n, weight=w) for n, w in (parse_adapter(s) for s in args.adapter)]
+    request = pb.GenerateRequest(adapters=adapters, sampling=sampling)
+    if args.chat:
+        request.chat.messages.append(pb.ChatMessage(role="user", content=args.prompt))
+    else:
+        request.prompt = args.prompt
+    with grpc.insecure_channel(args.server) as channel:
+        stub = pb_grpc.InferenceStub(channel)
+        try:
+            if args.stream:
+                final = None
+                for msg in stub.GenerateStream(request, timeout=args.timeout):
+                    if msg.HasField("delta"):
+                        sys.stdout.write(msg.delta.text)
+                        sys.stdout.flush()
+                    else:
+                        final = msg.final
+                print()
+            else:
+                final = stub.Generate(request, timeout=args.timeout)
+                print(final.text)
+        except grpc.RpcError as e:
+            print(f"loraledger generate: {e.code().name}: {e.details()}", file=sys.stderr)
+            return 1
+    if final is not None:
+        _print_final(final)
+    return 0
+
+
+def _print_final(final: Any) -> None:
+    print(f"# request {final.request_id}  finish={final.finish_reason}  "
+          f"prompt_tokens={final.usage.prompt_tokens}  completion_tokens={final.usage.completion_tokens}")
+    if final.HasField("attribution"):
+        a = final.attribution
+        pairs = ", ".join(f"{i} ({w} bps)" for i, w in zip(a.adapter_ids, a.weights_bps, strict=True))
+        print(f"# record {a.record_hash}  adapters {pairs}  datanets {', '.join(a.datanet_ids) or '-'}  fee {a.fee}")
+        for c in a.top_contributors:
+            print(f"#   {c.account}  {c.share:.2%}")
+    else:
+        print("# no attribution record (base model or local adapter only)")

@@ -1,0 +1,237 @@
+"""The node's configuration: one validated dataclass per subsystem, built once at start-up.
+
+Sources, later ones winning: built-in defaults (which work with `loraledger devnet up` and
+`loraledger model init-tiny`), a TOML file (`--config node.toml`), environment variables
+`LORALEDGER_<SECTION>_<KEY>` (e.g. `LORALEDGER_SERVER_LISTEN=0.0.0.0:50051`), then command-line flags.
+
+    [server]      listen, max_queue, grace_seconds, max_message_bytes, workers
+    [model]       dir, dtype, device, quantize, attention, block_size, kv_cache_mb, max_num_seqs,
+                  max_tokens_per_step, default_max_tokens
+    [adapters]    dir, slots, max_rank, aliases = { alias = "path" }
+    [chain]       deployment, rpc_url, key_env, key_file, password_env
+    [records]     path, postgres_dsn
+    [settlement]  enabled, epoch_seconds, epoch_records, push_threshold
+    [attribution] token_level_lambda, min_match, workers
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from node.errors import ConfigError
+
+DEFAULT_STATE_DIR = Path(".loraledger")
+
+
+@dataclass
+class ServerConfig:
+    listen: str = "127.0.0.1:50051"
+    max_queue: int = 256  # requests waiting or running; beyond it RESOURCE_EXHAUSTED
+    grace_seconds: float = 10.0  # SIGTERM: time for in-flight requests to finish before they are cancelled
+    max_message_bytes: int = 4 * 1024 * 1024
+    workers: int = 16
+
+    def validate(self) -> None:
+        host, sep, port = self.listen.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+            raise ConfigError(f"server.listen must be HOST:PORT, got {self.listen!r}")
+        _positive("server.max_queue", self.max_queue)
+        _positive("server.max_message_bytes", self.max_message_bytes)
+        _positive("server.workers", self.workers)
+        if self.grace_seconds < 0:
+            raise ConfigError(f"server.grace_seconds must be >= 0, got {self.grace_seconds}")
+
+
+@dataclass
+class ModelConfigSection:
+    dir: str = str(DEFAULT_STATE_DIR / "model")
+    dtype: str = "float32"
+    device: str = "auto"  # "auto" = cuda when available, else cpu
+    quantize: str = "none"  # "none" or "nf4"
+    attention: str = "auto"  # "auto", "torch", "triton"
+    block_size: int = 16
+    kv_cache_mb: int = 256
+    max_num_seqs: int = 64
+    max_tokens_per_step: int = 2048
+    default_max_tokens: int = 64
+
+    def validate(self) -> None:
+        if self.dtype not in ("float32", "bfloat16", "float16"):
+            raise ConfigError(f"model.dtype must be float32, bfloat16 or float16, got {self.dtype!r}")
+        if self.quantize not in ("none", "nf4"):
+            raise ConfigError(f"model.quantize must be 'none' or 'nf4', got {self.quantize!r}")
+        if self.attention not in ("auto", "torch", "triton"):
+            raise ConfigError(f"model.attention must be auto, torch or triton, got {self.attention!r}")
+        for name in ("block_size", "kv_cache_mb", "max_num_seqs", "max_tokens_per_step", "default_max_tokens"):
+            _positive(f"model.{name}", getattr(self, name))
+
+
+@dataclass
+class AdaptersConfig:
+    dir: str = str(DEFAULT_STATE_DIR / "adapters")
+    slots: int = 8
+    max_rank: int = 64
+    aliases: dict[str, str] = field(default_factory=dict)
+
+    def validate(self) -> None:
+        _positive("adapters.slots", self.slots)
+        _positive("adapters.max_rank", self.max_rank)
+        for alias in self.aliases:
+            if alias.isdigit():
+                raise ConfigError(f"adapter alias {alias!r} is all digits and would shadow an on-chain id")
+
+
+@dataclass
+class ChainConfig:
+    deployment: str = str(DEFAULT_STATE_DIR / "devnet" / "deployment.json")
+    rpc_url: str = ""  # empty: the rpc_url written in deployment.json
+    key_env: str = "LORALEDGER_OPERATOR_KEY"  # env var holding the operator's hex key
+    key_file: str = ""  # or an encrypted keystore file
+    password_env: str = "LORALEDGER_KEY_PASSWORD"
+
+    def validate(self) -> None:
+        return None
+
+
+@dataclass
+class RecordsConfig:
+    path: str = str(DEFAULT_STATE_DIR / "records.sqlite")
+    postgres_dsn: str = ""
+
+    def validate(self) -> None:
+        return None
+
+
+@dataclass
+class SettlementConfig:
+    enabled: bool = True
+    epoch_seconds: float = 300.0
+    epoch_records: int = 10_000
+    push_threshold: int = 0  # push claims after each epoch to accounts owed more than this (0 = off)
+
+    def validate(self) -> None:
+        if self.epoch_seconds <= 0:
+            raise ConfigError(f"settlement.epoch_seconds must be > 0, got {self.epoch_seconds}")
+        _positive("settlement.epoch_records", self.epoch_records)
+        if self.push_threshold < 0:
+            raise ConfigError("settlement.push_threshold must be >= 0")
+
+
+@dataclass
+class AttributionConfig:
+    token_level_lambda: float = 0.0
+    min_match: int = 4
+    workers: int = 2
+
+    def validate(self) -> None:
+        if not 0.0 <= self.token_level_lambda <= 1.0:
+            raise ConfigError(f"attribution.token_level_lambda must be in [0, 1], got {self.token_level_lambda}")
+        _positive("attribution.min_match", self.min_match)
+        _positive("attribution.workers", self.workers)
+
+
+@dataclass
+class NodeConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    model: ModelConfigSection = field(default_factory=ModelConfigSection)
+    adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
+    chain: ChainConfig = field(default_factory=ChainConfig)
+    records: RecordsConfig = field(default_factory=RecordsConfig)
+    settlement: SettlementConfig = field(default_factory=SettlementConfig)
+    attribution: AttributionConfig = field(default_factory=AttributionConfig)
+
+    def validate(self) -> NodeConfig:
+        for f in dataclasses.fields(self):
+            getattr(self, f.name).validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def _positive(name: str, value: int | float) -> None:
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0, got {value}")
+
+
+def _coerce(section: str, key: str, current: Any, value: Any, source: str) -> Any:
+    """Convert `value` (from TOML, env or CLI) to the type of the default `current`."""
+    where = f"{section}.{key} (from {source})"
+    if isinstance(current, bool):
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{where} must be a boolean (true/false), got {value!r}")
+    if isinstance(current, int):
+        try:
+            return int(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where} must be an integer, got {value!r}") from e
+    if isinstance(current, float):
+        try:
+            return float(value)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{where} must be a number, got {value!r}") from e
+    if isinstance(current, dict):
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where} must be a table of name = value")
+        return {str(k): str(v) for k, v in value.items()}
+    return str(value)
+
+
+def _apply(cfg: NodeConfig, updates: Mapping[str, Mapping[str, Any]], source: str) -> None:
+    sections = {f.name for f in dataclasses.fields(cfg)}
+    for section, values in updates.items():
+        if section not in sections:
+            raise ConfigError(f"unknown config section [{section}] in {source}; known: {sorted(sections)}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"[{section}] in {source} must be a table")
+        target = getattr(cfg, section)
+        known = {f.name for f in dataclasses.fields(target)}
+        for key, value in values.items():
+            if key not in known:
+                raise ConfigError(f"unknown key {section}.{key} in {source}; known: {sorted(known)}")
+            setattr(target, key, _coerce(section, key, getattr(target, key), value, source))
+
+
+def _env_overrides(cfg: NodeConfig, environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for f in dataclasses.fields(cfg):
+        for g in dataclasses.fields(getattr(cfg, f.name)):
+            name = f"LORALEDGER_{f.name.upper()}_{g.name.upper()}"
+            if name in environ and g.name != "aliases":
+                out.setdefault(f.name, {})[g.name] = environ[name]
+    return out
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Mapping[str, Mapping[str, Any]] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> NodeConfig:
+    """Build the validated config: defaults < TOML file < env vars < `overrides` (CLI flags)."""
+    cfg = NodeConfig()
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {p} not found; pass --config PATH or omit it to use the defaults")
+        try:
+            data = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
+        _apply(cfg, data, str(p))
+    _apply(cfg, _env_overrides(cfg, os.environ if environ is None else environ), "environment")
+    if overrides:
+        cleaned = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in overrides.items()}
+        _apply(cfg, cleaned, "command line")
+    return cfg.validate()

@@ -1,0 +1,40 @@
+"""Typed errors of the node side (chain, lineage, attribution, settlement, CLI).
+
+One base, `NodeError`; each subclass also inherits the built-in it resembles, so a caller may catch
+either (`except ValueError` keeps working for a bad argument).
+"""
+
+from __future__ import annotations
+
+
+class NodeError(Exception):
+    """Base of every error raised by the `node` package."""
+
+
+class ConfigError(NodeError, ValueError):
+    """A configuration value or command-line argument is invalid; the message says which and what to do."""
+
+
+class ChainError(NodeError, RuntimeError):
+    """A chain call failed (RPC unreachable, transaction reverted, receipt timed out)."""
+
+
+class ContractRevertError(ChainError):
+    """A contract call reverted; `error_name` and `args` decode the custom error when the ABI knows it."""
+
+    def __init__(self, message: str, error_name: str | None = None, args: tuple[object, ...] = ()) -> None:
+        super().__init__(message)
+        self.error_name = error_name
+        self.error_args = args
+
+
+class DevnetError(NodeError, RuntimeError):
+    """The local anvil devnet could not be started, reached or stopped."""
+
+
+class KeyError_(NodeError, KeyError):
+    """A signing key could not be loaded (missing file, wrong password, malformed)."""
+
+
+class AttributionError(NodeError, ValueError):
+    """Token-level attribution failed: a malformed or missing suffix-array index, bad answer ids, bad weights."""

@@ -1,0 +1,234 @@
+"""Benchmark: prefill and decode tokens/s of the loraledger engine vs plain `transformers.generate`.
+
+Same random Llama model (written by `init_tiny` at the chosen size), same random prompts, greedy, EOS ignored:
+
+    prefill tok/s = B * L / time(generate 1 new token)
+    decode  tok/s = B * (N - 1) / (time(generate N new tokens) - time(generate 1 new token))
+
+for B prompts of L tokens and N new tokens, each timed after a warm-up. On CUDA it also times one decode step
+at batch 1 and B against the bandwidth bound (weight bytes / measured device copy bandwidth).
+Writes JSON with the machine description to benchmarks/results/engine_<device>.json.
+
+    python scripts/bench_engine.py                      # CPU: ~125M model, batch 4, prompt 32, 8 new tokens
+    python scripts/bench_engine.py --size tiny          # seconds
+    python scripts/bench_engine.py --device cuda        # 1B-class model in bf16, batch 32, 128 + 64 tokens
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from inference.engine import Engine, EngineConfig, GenerationRequest
+from inference.sequence import SamplingParams
+from inference.tiny import init_tiny
+
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 512},
+    "100m": {"layers": 12, "hidden": 768, "heads": 12, "kv_heads": 4, "intermediate": 2048, "vocab": 32000},
+    "1b": {"layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8, "intermediate": 8192, "vocab": 32000},
+}
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """CPU model, cores, torch version, and the GPU name on CUDA."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():  # Linux: the marketing name
+        names = [
+            ln.split(":", 1)[1].strip()
+            for ln in cpuinfo.read_text().splitlines()
+            if ln.startswith("model name")
+        ]
+        cpu = names[0] if names else cpu
+    info: dict[str, Any] = {
+        "cpu": cpu,
+        "cpu_cores_visible": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+    }
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    return info
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def timed(fn: Callable[[], object], device: torch.device) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def copy_bandwidth(device: torch.device) -> float:
+    """Device memory bandwidth in bytes/s from a large copy (read + write)."""
+    n = 256 * 2**20
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    t = min(timed(lambda: dst.copy_(src), device) for _ in range(5))
+    return 2 * n / t
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument(
+        "--size", choices=sorted(SIZES), default=None, help="model size (default: 100m CPU, 1b CUDA)"
+    )
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--batch", type=int, default=None, help="prompts per run (default: 4 CPU, 32 CUDA)")
+    ap.add_argument("--prompt-len", type=int, default=None, help="default: 32 CPU, 128 CUDA")
+    ap.add_argument("--new-tokens", type=int, default=None, help="default: 8 CPU, 64 CUDA")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--model-dir", default=None, help="reuse a checkpoint written by an earlier run")
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/engine_<device>.json")
+    args = ap.parse_args(argv)
+
+    device = torch.device(args.device)
+    on_cuda = device.type == "cuda"
+    size = args.size or ("1b" if on_cuda else "100m")
+    dtype = args.dtype or ("bfloat16" if on_cuda else "float32")
+    batch = args.batch or (32 if on_cuda else 4)
+    plen = args.prompt_len or (128 if on_cuda else 32)
+    new = args.new_tokens or (64 if on_cuda else 8)
+    if new < 2:
+        ap.error("--new-tokens must be at least 2 (decode is timed as N tokens minus 1)")
+
+    tmp = tempfile.TemporaryDirectory(prefix="bench_engine_")
+    model_dir = Path(args.model_dir) if args.model_dir else Path(tmp.name) / "model"
+    if not (model_dir / "config.json").exists():
+        t = time.perf_counter()
+        sz = SIZES[size]
+        init_tiny(
+            model_dir,
+            layers=sz["layers"],
+            hidden=sz["hidden"],
+            heads=sz["heads"],
+            kv_heads=sz["kv_heads"],
+            intermediate=sz["intermediate"],
+            vocab=sz["vocab"],
+            max_positions=max(512, plen + new),
+        )
+        print(f"wrote random {size} model to {model_dir} in {time.perf_counter() - t:.1f} s", flush=True)
+
+    blocks = batch * -(-(plen + new) // args.block_size) + batch
+    engine = Engine(
+        EngineConfig(
+            model_dir=model_dir,
+            dtype=dtype,
+            device=str(device),
+            block_size=args.block_size,
+            num_blocks=blocks,
+            max_num_seqs=batch,
+            max_tokens_per_step=max(batch * plen, batch),
+        )
+    )
+    n_params = sum(p.numel() for p in engine.model.parameters())
+    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    vocab = engine.vocab_size
+    gen = torch.Generator().manual_seed(0)
+    prompts = torch.randint(6, vocab, (batch, plen), generator=gen)  # past the special ids
+
+    def run_engine(n: int) -> None:
+        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+        results = engine.generate([GenerationRequest(p.tolist(), params) for p in prompts])
+        assert all(r.completion_tokens == n for r in results)
+
+    from transformers import GenerationConfig, LlamaForCausalLM
+
+    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    hf_ids = prompts.to(device)
+
+    def run_hf(n: int) -> None:
+        gc = GenerationConfig(
+            max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0
+        )
+        with torch.inference_mode():
+            out = hf.generate(hf_ids, attention_mask=torch.ones_like(hf_ids), generation_config=gc)
+        assert out.shape[1] == plen + n
+
+    def measure(run: Callable[[int], None]) -> dict[str, float]:
+        run(2)  # warm-up
+        t1 = min(timed(lambda: run(1), device) for _ in range(2))
+        tn = timed(lambda: run(new), device)
+        return {
+            "prefill_s": t1,
+            "total_s": tn,
+            "prefill_tokens_per_s": batch * plen / t1,
+            "decode_tokens_per_s": batch * (new - 1) / max(tn - t1, 1e-9),
+        }
+
+    results: dict[str, Any] = {}
+    for name, run in (("engine", run_engine), ("transformers", run_hf)):
+        results[name] = measure(run)
+        print(name, json.dumps(results[name]), flush=True)
+
+    report: dict[str, Any] = {
+        "benchmark": "engine vs transformers.generate",
+        "device": str(device),
+        "machine": machine(device),
+        "model": {
+            "size": size,
+            **SIZES[size],
+            "parameters": n_params,
+            "dtype": dtype,
+            "weight_bytes": weight_bytes,
+        },
+        "workload": {"batch": batch, "prompt_len": plen, "new_tokens": new, "block_size": args.block_size},
+        "results": results,
+        "ratio": {
+            "prefill": results["engine"]["prefill_tokens_per_s"]
+            / results["transformers"]["prefill_tokens_per_s"],
+            "decode": results["engine"]["decode_tokens_per_s"]
+            / results["transformers"]["decode_tokens_per_s"],
+        },
+    }
+    if on_cuda:
+        bw = copy_bandwidth(device)
+        bound = weight_bytes / bw
+
+        def step_time(b: int) -> float:
+            ids = [x.tolist() for x in prompts[:b]]
+            p1 = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
+            pn = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+            t1 = timed(lambda: engine.generate([GenerationRequest(x, p1) for x in ids]), device)
+            tn = timed(lambda: engine.generate([GenerationRequest(x, pn) for x in ids]), device)
+            return (tn - t1) / (new - 1)
+
+        step = {str(b): step_time(b) for b in sorted({1, batch})}
+        report["decode_step"] = {
+            "copy_bandwidth_gb_s": bw / 1e9,
+            "bandwidth_bound_s": bound,
+            "step_s": step,
+            "step_over_bound": {k: v / bound for k, v in step.items()},
+        }
+    out = Path(args.out or f"benchmarks/results/engine_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    ratio = report["ratio"]
+    print(f"ratio engine/transformers: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x")
+    print(f"wrote {out}")
+    tmp.cleanup()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

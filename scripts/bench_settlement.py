@@ -1,0 +1,177 @@
+"""Benchmark settlement on this machine: record-log appends, tree builds, gas per epoch and per claim.
+
+    python scripts/bench_settlement.py                                   # 1M-record tree, 1k / 100k-record epochs
+    python scripts/bench_settlement.py --tree-records 100000 --epoch-sizes 1000,10000   # quicker
+
+1. appends/s to the SQLite record log (WAL, synchronous=FULL) from --writers threads each calling `append`
+   (group commit), and from one thread calling `append_many` in batches of 1000;
+2. time to build the records tree and the rewards tree for --tree-records records (one core);
+3. gas of `submitEpoch` for each --epoch-sizes record count (on a fresh anvil + deployment; flat by design);
+4. gas of one `claim`, and of `claimMany` per account.
+
+Writes JSON to benchmarks/results/settlement_cpu.json (or --out), with the machine named.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from eth_account import Account
+
+from node.chain import ChainClient
+from node.claims import claim, proofs_from_epoch_file, push_claims
+from node.contracts_client import Contracts
+from node.deploy import deploy_all
+from node.devnet import Anvil
+from node.keys import dev_account
+from node.record_log import RecordLog
+from node.records import AttributionRecord, records_tree
+from node.rewards import rewards_tree
+from node.settlement import Settler, export_epoch
+from node.types import Address
+from web3 import Web3
+
+CONTRIBUTORS = [dev_account(i) for i in (3, 4, 5, 6)]
+
+
+def machine() -> dict[str, object]:
+    model = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()}
+
+
+def make_records(n: int, start: int = 0, adapters: tuple[int, ...] = (1, 2)) -> list[AttributionRecord]:
+    """n records alternating over the adapters, 4 contributors each, fee = 5 per token."""
+    rng = random.Random(start)
+    contribs = {a.address: rng.randint(1, 10**18) for a in CONTRIBUTORS}
+    out = []
+    for i in range(start, start + n):
+        tokens = rng.randint(10, 500)
+        out.append(AttributionRecord.create(
+            request_id=i.to_bytes(32, "big"), adapter_ids=[adapters[i % len(adapters)]], weights_bps=[10_000],
+            prompt_tokens=tokens, completion_tokens=tokens, fee=5 * 2 * tokens, output_hash=rng.randbytes(32),
+            contributors=contribs))
+    return out
+
+
+def bench_appends(writers: int, per_writer: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as d:
+        records = make_records(writers * per_writer + 20_000)
+        with RecordLog.open(Path(d) / "log.sqlite") as log_:
+            def worker(k: int) -> None:
+                for r in records[k * per_writer:(k + 1) * per_writer]:
+                    log_.append(r)
+
+            threads = [threading.Thread(target=worker, args=(k,)) for k in range(writers)]
+            t0 = time.perf_counter()
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            dt = time.perf_counter() - t0
+            n = writers * per_writer
+            commits = log_.commits
+            rest = records[n:]
+            t1 = time.perf_counter()
+            for i in range(0, len(rest), 1000):
+                log_.append_many(rest[i:i + 1000])
+            dt_batch = time.perf_counter() - t1
+            assert log_.record_count() == len(records)
+    return {"writers": writers, "records": n, "seconds": dt, "records_per_s": n / dt, "commits": commits,
+            "mean_group_size": n / max(1, commits), "append_many_records": len(rest),
+            "append_many_records_per_s": len(rest) / dt_batch}
+
+
+def bench_trees(n: int) -> dict[str, float]:
+    t0 = time.perf_counter()
+    records = [r.with_epoch(1) for r in make_records(n)]
+    gen = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    tree = records_tree(records)
+    dt_records = time.perf_counter() - t1
+    accounts = {Address(Account.create().address): i + 1 for i in range(min(n, 10_000))}
+    t2 = time.perf_counter()
+    rtree = rewards_tree(accounts, Address(CONTRIBUTORS[0].address))
+    dt_rewards = time.perf_counter() - t2
+    assert len(tree) == n and len(rtree) >= len(accounts)
+    return {"records": n, "records_tree_s": dt_records, "record_generation_s": gen,
+            "rewards_accounts": len(accounts), "rewards_tree_s": dt_rewards}
+
+
+def bench_gas(epoch_sizes: list[int]) -> dict[str, object]:
+    with tempfile.TemporaryDirectory() as d, Anvil(Path(d) / "anvil") as node:
+        w3 = Web3(Web3.HTTPProvider(node.rpc_url, request_kwargs={"timeout": 120}))
+        dep = deploy_all(w3, dev_account(0))
+        admin = Contracts.at(ChainClient(w3, dev_account(0)), dep.addresses)
+        for acct in CONTRIBUTORS:
+            Contracts.at(ChainClient(w3, acct), dep.addresses).contributors.register("bench")
+        dn = Contracts.at(ChainClient(w3, dev_account(8)), dep.addresses).datanets.register_datanet(
+            "0x" + "11" * 32, 4, "bench")
+        for k in (1, 2):
+            Contracts.at(ChainClient(w3, dev_account(k)), dep.addresses).adapters.register_adapter(
+                bytes([k]) * 32, b"\x01" * 32, b"\x02" * 32, [dn], 5, "bench")
+        epochs = []
+        op = dev_account(0)
+        admin.token.mint(op.address, 10**30)
+        with RecordLog.open(Path(d) / "log.sqlite", synchronous="NORMAL") as log_:
+            settler = Settler(log_, admin)
+            start = 0
+            for size in epoch_sizes:
+                log_.append_many(make_records(size, start))
+                start += size
+                t0 = time.perf_counter()
+                outcome = settler.settle()
+                dt = time.perf_counter() - t0
+                assert outcome is not None and outcome.tx_hash is not None
+                gas = int(w3.eth.get_transaction_receipt(outcome.tx_hash)["gasUsed"])
+                epochs.append({"records": size, "submitEpoch_gas": gas, "settle_seconds": dt})
+            out = export_epoch(log_, len(epoch_sizes), Path(d) / "epoch.json")
+            proofs = proofs_from_epoch_file(out)
+            one = claim(Contracts.at(ChainClient(w3, CONTRIBUTORS[0]), dep.addresses).ledger,
+                        next(p for p in proofs if p.account == CONTRIBUTORS[0].address))
+            assert one.tx_hash is not None
+            claim_gas = int(w3.eth.get_transaction_receipt(one.tx_hash)["gasUsed"])
+            pushed = push_claims(admin.ledger, proofs)
+            many_gas = sum(pushed.gas_used)
+    return {"epochs": epochs, "claim_gas": claim_gas, "claimMany_accounts": len(pushed.paid),
+            "claimMany_gas_total": many_gas, "claimMany_gas_per_account": many_gas / max(1, len(pushed.paid))}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--writers", type=int, default=32, help="concurrent appending threads (default 32)")
+    p.add_argument("--per-writer", type=int, default=1000, help="records each writer appends (default 1000)")
+    p.add_argument("--tree-records", type=int, default=1_000_000, help="records in the tree benchmark (default 1M)")
+    p.add_argument("--epoch-sizes", default="1000,100000", help="records per settled epoch (default 1000,100000)")
+    p.add_argument("--out", default="benchmarks/results/settlement_cpu.json")
+    args = p.parse_args()
+    result: dict[str, object] = {"machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result["append"] = bench_appends(args.writers, args.per_writer)
+    print(json.dumps(result["append"]), flush=True)
+    result["trees"] = bench_trees(args.tree_records)
+    print(json.dumps(result["trees"]), flush=True)
+    result["gas"] = bench_gas([int(x) for x in args.epoch_sizes.split(",") if x])
+    print(json.dumps(result["gas"]), flush=True)
+    result["targets"] = {"append_records_per_s": 50_000, "tree_1m_seconds": 10, "claim_gas": 90_000}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()

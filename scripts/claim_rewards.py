@@ -1,0 +1,17 @@
+"""Claim rewards without running a node: a thin wrapper over `loraledger rewards claim`.
+
+    python scripts/claim_rewards.py --key-file me.json --epoch-file epoch-7.json [--operator ADDR] \
+        [--deployment deployment.json] [--rpc-url URL] [--account ADDR]
+
+The proof in the epoch file is checked against the operator's rewards root on chain before anything is sent; a
+claim with nothing new to pay sends no transaction.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from node.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main(["rewards", "claim", *sys.argv[1:]]))
