@@ -181,8 +181,8 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
     function revokeRoot(address operator, uint64 epoch) external onlyRole(GUARDIAN_ROLE) {
         Epoch storage e = _epoch(operator, epoch);
         if (e.revoked) revert LedgerEpochAlreadyRevoked(operator, epoch);
-        uint64 effectiveAt = _effectiveAt(e.submittedAt);
-        if (block.timestamp >= effectiveAt) revert LedgerRootAlreadyInEffect(operator, epoch, effectiveAt);
+        uint64 takesEffect = _effectiveAt(e.submittedAt);
+        if (block.timestamp >= takesEffect) revert LedgerRootAlreadyInEffect(operator, epoch, takesEffect);
         e.revoked = true;
         emit RootRevoked(operator, epoch, msg.sender);
     }

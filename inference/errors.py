@@ -48,3 +48,11 @@ class BackendError(EngineError, ValueError):
 
 class EngineConfigError(EngineError, ValueError):
     """An engine configuration value is invalid; the message names it and the accepted range."""
+
+
+class QuantizationError(EngineError, ValueError):
+    """A base model cannot be quantized as asked: unknown mode, bitsandbytes missing, projections already wrapped."""
+
+
+class BenchmarkConfigError(EngineError, ValueError):
+    """A benchmark traffic or run setting is out of range; the message names it and the accepted values."""

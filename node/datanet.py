@@ -5,7 +5,7 @@ Contribution format
 A contribution is a UTF-8 JSONL file, one record per line, each exactly one of
 
     {"text": "..."}                              plain text
-    {"prompt": "...", "completion": "..."}       an instruction pair (training puts the loss on the completion)
+    {"prompt": "...", "completion": "..."}       an instruction pair (the loss goes on the completion)
 
 Beside each file `x.jsonl` lies `x.jsonl.sig.json`, written by `sign_contribution`:
 
@@ -22,18 +22,18 @@ changed file or another key gives another address, and the file is refused.
 
 Building (`build_datanet`)
 --------------------------
-    for f in sorted files of from_dir:                  # bad ones -> rejected[] with the reason, build goes on
-        check size, signature (recovers the claimed address), registry (registered, not suspended), UTF-8, schema
+    for f in sorted files of from_dir:              # bad ones -> rejected[] with the reason, build goes on
+        check size, signature (recovers the claimed address), registry (registered, active), UTF-8, schema
     order accepted files by (source mtime_ns, relative path)      # "earlier" = older file; ties by name
     seen = {}
     for f in that order, for each record r (line order):
         if key(r) in seen: drop line from f's weight    # the earlier contribution keeps the credit
-        else: seen[key(r)] = f; weight[f] += tokens(r)  # tokens under the named tokenizer (UTF-8 bytes if none)
+        else: seen[key(r)] = f; weight[f] += tokens(r)  # under the named tokenizer (UTF-8 bytes if none)
     files left with weight 0 -> rejected ("every record duplicates an earlier contribution")
     leaf(f) = (address contributor, bytes32 sha256(file), uint256 weight)  -> StandardMerkleTree root
 
-`key(r)` is sha256 of the record's canonical JSON. The manifest records the order and the dropped lines, so the
-root is recomputed from the manifest and the copied files alone (mtimes are not needed again). Output:
+`key(r)` is sha256 of the record's canonical JSON. The manifest records the order and the dropped lines, so
+the root is recomputed from the manifest and the copied files alone (mtimes are not needed again). Output:
 
     out_dir/manifest.json                  everything to recompute the root (see `DatanetManifest`)
     out_dir/contributions/<rel path>       copies of the accepted files and their .sig.json
@@ -66,7 +66,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# ----------------------------------------------------------------------------------------------- contributions
+# ------------------------------------------------------------------------------------------- contributions
 
 SIG_SUFFIX = ".sig.json"
 CONTRIBUTION_SUFFIX = ".jsonl"
@@ -87,8 +87,11 @@ class ContributionLimits:
     max_records: int = 1_000_000
 
     def to_dict(self) -> dict[str, int]:
-        return {"max_file_bytes": self.max_file_bytes, "max_record_bytes": self.max_record_bytes,
-                "max_records": self.max_records}
+        return {
+            "max_file_bytes": self.max_file_bytes,
+            "max_record_bytes": self.max_record_bytes,
+            "max_records": self.max_records,
+        }
 
 
 @dataclass(frozen=True)
@@ -120,8 +123,13 @@ class ContributionSignature:
     signature: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"version": SIGNATURE_VERSION, "file": self.file, "sha256": self.sha256,
-                "contributor": self.contributor, "signature": self.signature}
+        return {
+            "version": SIGNATURE_VERSION,
+            "file": self.file,
+            "sha256": self.sha256,
+            "contributor": self.contributor,
+            "signature": self.signature,
+        }
 
 
 def sha256_hex(data: bytes) -> Bytes32:
@@ -140,7 +148,9 @@ def signature_path(path: str | os.PathLike[str]) -> Path:
     return p.with_name(p.name + SIG_SUFFIX)
 
 
-def sign_contribution(path: str | os.PathLike[str], account: LocalAccount, *, overwrite: bool = False) -> Path:
+def sign_contribution(
+    path: str | os.PathLike[str], account: LocalAccount, *, overwrite: bool = False
+) -> Path:
     """Sign the file at `path` with `account` and write `path.sig.json`; returns the signature path.
 
     The file is parsed first (a contributor should not sign a file every datanet would refuse).
@@ -152,8 +162,12 @@ def sign_contribution(path: str | os.PathLike[str], account: LocalAccount, *, ov
     parse_records(data, p.name)
     digest = sha256_hex(data)
     signed = account.sign_message(encode_defunct(text=signing_text(digest)))
-    sig = ContributionSignature(file=p.name, sha256=digest, contributor=Address(account.address),
-                                signature="0x" + bytes(signed.signature).hex())
+    sig = ContributionSignature(
+        file=p.name,
+        sha256=digest,
+        contributor=Address(account.address),
+        signature="0x" + bytes(signed.signature).hex(),
+    )
     out = signature_path(p)
     if out.exists() and not overwrite:
         raise ContributionError(f"{out} already exists; remove it first to sign {p.name} again")
@@ -165,8 +179,10 @@ def read_signature(sig_path: str | os.PathLike[str]) -> ContributionSignature:
     """Parse a `.sig.json`; ContributionError naming the missing or malformed field."""
     p = Path(sig_path)
     if not p.is_file():
-        raise ContributionError(f"no signature file {p.name}; sign the contribution with "
-                                f"`loraledger contribution sign --key-file KEY {p.name[: -len(SIG_SUFFIX)]}`")
+        raise ContributionError(
+            f"no signature file {p.name}; sign the contribution with "
+            f"`loraledger contribution sign --key-file KEY {p.name[: -len(SIG_SUFFIX)]}`"
+        )
     try:
         d = json.loads(p.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -181,13 +197,17 @@ def read_signature(sig_path: str | os.PathLike[str]) -> ContributionSignature:
     digest = d["sha256"].lower()
     if len(digest) != 66 or not digest.startswith("0x"):
         raise ContributionError(f"{p.name}: sha256 {d['sha256']!r} is not 0x + 64 hex")
-    return ContributionSignature(file=d["file"], sha256=Bytes32(digest),
-                                 contributor=Address(to_checksum_address(d["contributor"])),
-                                 signature=d["signature"])
+    return ContributionSignature(
+        file=d["file"],
+        sha256=Bytes32(digest),
+        contributor=Address(to_checksum_address(d["contributor"])),
+        signature=d["signature"],
+    )
 
 
 def recover_signer(file_sha256: str, signature: str) -> Address:
-    """The address whose key produced `signature` over `signing_text(file_sha256)`; ContributionError if malformed."""
+    """The address whose key produced `signature` over `signing_text(file_sha256)`; ContributionError if
+    malformed."""
     try:
         addr = Account.recover_message(encode_defunct(text=signing_text(file_sha256)), signature=signature)
     except (ValueError, TypeError) as e:
@@ -198,27 +218,32 @@ def recover_signer(file_sha256: str, signature: str) -> Address:
 def verify_contribution(data: bytes, sig: ContributionSignature, name: str) -> Address:
     """Check that `sig` signs exactly `data` and was made by `sig.contributor`; returns that address.
 
-    Refuses (ContributionError) when the file's sha256 is not the signed one (file changed after signing) or the
-    signature recovers another address (signed with another key than the one claimed).
+    Refuses (ContributionError) when the file's sha256 is not the signed one (file changed after signing) or
+    the signature recovers another address (signed with another key than the one claimed).
     """
     actual = sha256_hex(data)
     if sig.file != name:
-        raise ContributionError(f"{name}: its signature file names {sig.file!r}; the signature belongs to another file")
+        raise ContributionError(
+            f"{name}: its signature file names {sig.file!r}; the signature belongs to another file"
+        )
     if actual != sig.sha256:
-        raise ContributionError(f"{name}: file sha256 {actual} differs from the signed {sig.sha256} "
-                                "(the file was changed after signing; sign it again)")
+        raise ContributionError(
+            f"{name}: file sha256 {actual} differs from the signed {sig.sha256} "
+            "(the file was changed after signing; sign it again)"
+        )
     signer = recover_signer(actual, sig.signature)
     if signer != sig.contributor:
-        raise ContributionError(f"{name}: signature was made by {signer}, not by the claimed contributor "
-                                f"{sig.contributor}")
+        raise ContributionError(
+            f"{name}: signature was made by {signer}, not by the claimed contributor {sig.contributor}"
+        )
     return signer
 
 
 def parse_records(data: bytes, name: str, limits: ContributionLimits | None = None) -> list[Record]:
     """Parse JSONL bytes into records, enforcing UTF-8, the two schemas and `limits`.
 
-    One JSON object per line; a final newline is optional; empty lines, unknown keys, non-string or empty values
-    are refused with the 1-based line number. An empty file (no record) is refused.
+    One JSON object per line; a final newline is optional; empty lines, unknown keys, non-string or empty
+    values are refused with the 1-based line number. An empty file (no record) is refused.
     """
     lim = limits or ContributionLimits()
     if len(data) > lim.max_file_bytes:
@@ -255,8 +280,10 @@ def _parse_line(line: str, name: str, lineno: int) -> Record:
     if not line.strip():
         raise ContributionError(f"{where} is empty; remove blank lines")
     if any(c in line for c in _AMBIGUOUS_BREAKS):
-        raise ContributionError(f"{where} holds a raw U+0085/U+2028/U+2029 line separator; write it escaped "
-                                "(\\u2028) so that every reader sees the same lines")
+        raise ContributionError(
+            f"{where} holds a raw U+0085/U+2028/U+2029 line separator; write it escaped "
+            "(\\u2028) so that every reader sees the same lines"
+        )
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as e:
@@ -270,8 +297,9 @@ def _parse_line(line: str, name: str, lineno: int) -> Record:
     elif keys == {"prompt", "completion"}:
         fields = ("prompt", "completion")
     else:
-        raise ContributionError(f"{where} has keys {sorted(keys)}; expected {{\"text\"}} or "
-                                "{\"prompt\", \"completion\"}")
+        raise ContributionError(
+            f'{where} has keys {sorted(keys)}; expected {{"text"}} or {{"prompt", "completion"}}'
+        )
     for f in fields:
         if not isinstance(obj[f], str) or obj[f] == "":
             raise ContributionError(f"{where}: {f!r} must be a non-empty string")
@@ -299,7 +327,8 @@ class EmptyDatanetError(DatanetError):
 
 
 class DatanetMismatchError(DatanetError):
-    """A manifest disagrees with its files or with the chain (root, count, hash, signature); names what differs."""
+    """A manifest disagrees with its files or with the chain (root, count, hash, signature); names what
+    differs."""
 
 
 class ContributorCheck(Protocol):
@@ -321,8 +350,10 @@ class TokenCounter:
 
         path = Path(model_dir) / "tokenizer.json"
         if not path.is_file():
-            raise DatanetError(f"{model_dir}: no tokenizer.json; pass a checkpoint directory with a fast tokenizer "
-                               "(e.g. one written by `loraledger model init-tiny`)")
+            raise DatanetError(
+                f"{model_dir}: no tokenizer.json; pass a checkpoint directory with a fast tokenizer "
+                "(e.g. one written by `loraledger model init-tiny`)"
+            )
         raw = path.read_bytes()
         self.sha256 = "0x" + hashlib.sha256(raw).hexdigest()
         self.source = str(model_dir)
@@ -338,7 +369,8 @@ class TokenCounter:
 
 
 def record_weight(record: Record, counter: TokenCounter | None) -> int:
-    """Weight of one record: len(prompt ids) + len(completion ids), or UTF-8 bytes of both without a tokenizer."""
+    """Weight of one record: len(prompt ids) + len(completion ids), or UTF-8 bytes of both without a
+    tokenizer."""
     if counter is None:
         return len(record.prompt.encode("utf-8")) + len(record.completion.encode("utf-8"))
     p, c = counter.record_ids(record)
@@ -357,7 +389,8 @@ class Rejection:
 class ManifestEntry:
     """One accepted contribution: its leaf `(contributor, contribution_hash, weight)` and how it was derived.
 
-    `duplicate_lines` are the 1-based lines whose record an earlier contribution already holds (no weight here).
+    `duplicate_lines` are the 1-based lines whose record an earlier contribution already holds (no weight
+    here).
     """
 
     file: str
@@ -373,16 +406,27 @@ class ManifestEntry:
         return [self.contributor, self.contribution_hash, self.weight]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"file": self.file, "contributor": self.contributor, "contribution_hash": self.contribution_hash,
-                "signature": self.signature, "records": self.records,
-                "duplicate_lines": list(self.duplicate_lines), "weight": self.weight}
+        return {
+            "file": self.file,
+            "contributor": self.contributor,
+            "contribution_hash": self.contribution_hash,
+            "signature": self.signature,
+            "records": self.records,
+            "duplicate_lines": list(self.duplicate_lines),
+            "weight": self.weight,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ManifestEntry:
-        return cls(file=str(d["file"]), contributor=as_address(d["contributor"]),
-                   contribution_hash=as_bytes32(d["contribution_hash"]), signature=str(d["signature"]),
-                   records=int(d["records"]), duplicate_lines=tuple(int(x) for x in d["duplicate_lines"]),
-                   weight=int(d["weight"]))
+        return cls(
+            file=str(d["file"]),
+            contributor=as_address(d["contributor"]),
+            contribution_hash=as_bytes32(d["contribution_hash"]),
+            signature=str(d["signature"]),
+            records=int(d["records"]),
+            duplicate_lines=tuple(int(x) for x in d["duplicate_lines"]),
+            weight=int(d["weight"]),
+        )
 
 
 @dataclass(frozen=True)
@@ -396,13 +440,23 @@ class DatanetRegistration:
     uri: str
 
     def to_dict(self) -> dict[str, Any]:
-        return {"chain_id": self.chain_id, "registry": self.registry, "datanet_id": self.datanet_id,
-                "tx_hash": self.tx_hash, "uri": self.uri}
+        return {
+            "chain_id": self.chain_id,
+            "registry": self.registry,
+            "datanet_id": self.datanet_id,
+            "tx_hash": self.tx_hash,
+            "uri": self.uri,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> DatanetRegistration:
-        return cls(chain_id=int(d["chain_id"]), registry=as_address(d["registry"]),
-                   datanet_id=DatanetId(int(d["datanet_id"])), tx_hash=TxHash(str(d["tx_hash"])), uri=str(d["uri"]))
+        return cls(
+            chain_id=int(d["chain_id"]),
+            registry=as_address(d["registry"]),
+            datanet_id=DatanetId(int(d["datanet_id"])),
+            tx_hash=TxHash(str(d["tx_hash"])),
+            uri=str(d["uri"]),
+        )
 
 
 @dataclass
@@ -465,7 +519,9 @@ class DatanetManifest:
             if d.get("version") != MANIFEST_VERSION:
                 raise DatanetError(f"manifest version {d.get('version')!r} is not {MANIFEST_VERSION}")
             if list(d.get("leaf_encoding", [])) != list(LEAF_ENCODING):
-                raise DatanetError(f"manifest leaf encoding {d.get('leaf_encoding')} is not {list(LEAF_ENCODING)}")
+                raise DatanetError(
+                    f"manifest leaf encoding {d.get('leaf_encoding')} is not {list(LEAF_ENCODING)}"
+                )
             reg = d.get("registration")
             return cls(
                 name=str(d["name"]),
@@ -486,7 +542,8 @@ class DatanetManifest:
 
 
 def contributions_root(leaves: Sequence[Sequence[Any]]) -> Bytes32:
-    """StandardMerkleTree root over `(address, bytes32, uint256)` leaves (node.merkle, OpenZeppelin-compatible)."""
+    """StandardMerkleTree root over `(address, bytes32, uint256)` leaves (node.merkle,
+    OpenZeppelin-compatible)."""
     from node.merkle import StandardMerkleTree
 
     if not leaves:
@@ -542,18 +599,27 @@ def _discover(from_dir: Path) -> tuple[list[tuple[str, Path]], list[Rejection]]:
             if rel[: -len(SIG_SUFFIX)] not in names:
                 rejected.append(Rejection(rel, "signature file without its contribution"))
         else:
-            rejected.append(Rejection(rel, f"not a contribution (expected *{CONTRIBUTION_SUFFIX} with a "
-                                           f"*{CONTRIBUTION_SUFFIX}{SIG_SUFFIX} beside it)"))
+            rejected.append(
+                Rejection(
+                    rel,
+                    f"not a contribution (expected *{CONTRIBUTION_SUFFIX} with a "
+                    f"*{CONTRIBUTION_SUFFIX}{SIG_SUFFIX} beside it)",
+                )
+            )
     return contributions, rejected
 
 
-def _check_contributor(registry: ContributorCheck | None, address: Address, cache: dict[str, str | None]) -> None:
+def _check_contributor(
+    registry: ContributorCheck | None, address: Address, cache: dict[str, str | None]
+) -> None:
     if registry is None:
         return
     if address not in cache:
         if not registry.is_registered(address):
-            cache[address] = (f"contributor {address} is not registered in the ContributorRegistry "
-                              "(`loraledger contributor register`)")
+            cache[address] = (
+                f"contributor {address} is not registered in the ContributorRegistry "
+                "(`loraledger contributor register`)"
+            )
         elif not registry.is_active(address):
             cache[address] = f"contributor {address} is suspended in the ContributorRegistry"
         else:
@@ -563,8 +629,13 @@ def _check_contributor(registry: ContributorCheck | None, address: Address, cach
         raise ContributionError(reason)
 
 
-def _validate(rel: str, path: Path, limits: ContributionLimits, registry: ContributorCheck | None,
-              cache: dict[str, str | None]) -> _Candidate:
+def _validate(
+    rel: str,
+    path: Path,
+    limits: ContributionLimits,
+    registry: ContributorCheck | None,
+    cache: dict[str, str | None],
+) -> _Candidate:
     """Read and check one contribution; ContributionError with the reason when it is refused."""
     size = path.stat().st_size
     if size > limits.max_file_bytes:
@@ -577,8 +648,10 @@ def _validate(rel: str, path: Path, limits: ContributionLimits, registry: Contri
     return _Candidate(rel, path, data, signer, sig.signature, records, path.stat().st_mtime_ns)
 
 
-def _credit(ordered: Sequence[tuple[str, Address, Bytes32, str, list[Record]]], counter: TokenCounter | None,
-            ) -> tuple[list[ManifestEntry], list[Rejection]]:
+def _credit(
+    ordered: Sequence[tuple[str, Address, Bytes32, str, list[Record]]],
+    counter: TokenCounter | None,
+) -> tuple[list[ManifestEntry], list[Rejection]]:
     """Deduplicate across `ordered` contributions (earlier keeps the credit) and weigh what is left."""
     seen: dict[str, str] = {}
     entries: list[ManifestEntry] = []
@@ -596,8 +669,14 @@ def _credit(ordered: Sequence[tuple[str, Address, Bytes32, str, list[Record]]], 
             seen[k] = rel
             weight += record_weight(rec, counter)
         if weight == 0:
-            rejected.append(Rejection(rel, f"every record duplicates an earlier contribution (e.g. {first_holder})"
-                                      if first_holder else "its records weigh 0 tokens"))
+            rejected.append(
+                Rejection(
+                    rel,
+                    f"every record duplicates an earlier contribution (e.g. {first_holder})"
+                    if first_holder
+                    else "its records weigh 0 tokens",
+                )
+            )
             for rec in records:  # a refused file holds no credit
                 if seen.get(rec.key()) == rel:
                     del seen[rec.key()]
@@ -646,7 +725,8 @@ def build_datanet(
             rejected.append(Rejection(rel, str(e)))
     candidates.sort(key=lambda c: (c.mtime_ns, c.rel))
     entries, dup_rejected = _credit(
-        [(c.rel, c.contributor, sha256_hex(c.data), c.signature, c.records) for c in candidates], counter)
+        [(c.rel, c.contributor, sha256_hex(c.data), c.signature, c.records) for c in candidates], counter
+    )
     rejected.extend(dup_rejected)
     rejected.sort(key=lambda r: r.file)
     if not entries:
@@ -654,9 +734,13 @@ def build_datanet(
         raise EmptyDatanetError(f"datanet {name!r} would be empty: no contribution was accepted ({detail})")
 
     manifest = DatanetManifest(
-        name=name, root=contributions_root([e.leaf() for e in entries]), entries=entries, rejected=rejected,
+        name=name,
+        root=contributions_root([e.leaf() for e in entries]),
+        entries=entries,
+        rejected=rejected,
         weight_unit="tokens" if counter else "utf8_bytes",
-        tokenizer_sha256=counter.sha256 if counter else None, limits=lim,
+        tokenizer_sha256=counter.sha256 if counter else None,
+        limits=lim,
     )
     _write_datanet(out, manifest, {c.rel: c.path for c in candidates}, overwrite)
     for r in rejected:
@@ -688,8 +772,9 @@ def _write_datanet(out: Path, manifest: DatanetManifest, sources: dict[str, Path
         shutil.rmtree(old, ignore_errors=True)
 
 
-def read_entry_records(manifest_dir: str | os.PathLike[str], entry: ManifestEntry,
-                       limits: ContributionLimits | None = None) -> list[Record]:
+def read_entry_records(
+    manifest_dir: str | os.PathLike[str], entry: ManifestEntry, limits: ContributionLimits | None = None
+) -> list[Record]:
     """The records of one entry's copied file, after checking its sha256 and signature against the entry."""
     path = Path(manifest_dir) / FILES_DIR / entry.file
     if not path.is_file():
@@ -697,15 +782,18 @@ def read_entry_records(manifest_dir: str | os.PathLike[str], entry: ManifestEntr
     data = path.read_bytes()
     actual = sha256_hex(data)
     if actual != entry.contribution_hash:
-        raise DatanetMismatchError(f"{manifest_dir}: {entry.file} has sha256 {actual}, the manifest says "
-                                   f"{entry.contribution_hash} (the file was changed)")
+        raise DatanetMismatchError(
+            f"{manifest_dir}: {entry.file} has sha256 {actual}, the manifest says "
+            f"{entry.contribution_hash} (the file was changed)"
+        )
     try:
         signer = recover_signer(actual, entry.signature)
     except ContributionError as e:
         raise DatanetMismatchError(f"{manifest_dir}: {entry.file}: {e}") from e
     if signer != entry.contributor:
-        raise DatanetMismatchError(f"{manifest_dir}: {entry.file} is signed by {signer}, the manifest credits "
-                                   f"{entry.contributor}")
+        raise DatanetMismatchError(
+            f"{manifest_dir}: {entry.file} is signed by {signer}, the manifest credits {entry.contributor}"
+        )
     return parse_records(data, entry.file, limits)
 
 
@@ -724,12 +812,14 @@ def verify_manifest(
     contracts: Contracts | None = None,
     tokenizer_dir: str | os.PathLike[str] | None = None,
 ) -> DatanetManifest:
-    """Recompute a datanet's root from its files and compare with the manifest and, given `contracts`, the chain.
+    """Recompute a datanet's root from its files and compare with the manifest and, given `contracts`, the
+    chain.
 
-    Checks: every copied file's sha256 and signature; dedup and weights recomputed (tokens when `tokenizer_dir`
-    is given and its sha256 matches, bytes for a "utf8_bytes" datanet; else the manifest's weights are taken);
-    root of the leaves == manifest root; with `contracts` (node.contracts_client.Contracts) the registration's
-    chain id and registry address match and the on-chain root and count equal the manifest's.
+    Checks: every copied file's sha256 and signature; dedup and weights recomputed (tokens when
+    `tokenizer_dir` is given and its sha256 matches, bytes for a "utf8_bytes" datanet; else the manifest's
+    weights are taken); root of the leaves == manifest root; with `contracts`
+    (node.contracts_client.Contracts) the registration's chain id and registry address match and the on-chain
+    root and count equal the manifest's.
     Raises DatanetMismatchError naming the first difference; returns the manifest when all agree.
     """
     manifest = load_manifest(manifest_dir)
@@ -740,75 +830,129 @@ def verify_manifest(
     if tokenizer_dir is not None and manifest.weight_unit == "tokens":
         counter = TokenCounter(tokenizer_dir)
         if counter.sha256 != manifest.tokenizer_sha256:
-            raise DatanetMismatchError(f"{manifest_dir}: tokenizer of {tokenizer_dir} ({counter.sha256}) is not the "
-                                       f"one the weights were counted with ({manifest.tokenizer_sha256})")
+            raise DatanetMismatchError(
+                f"{manifest_dir}: tokenizer of {tokenizer_dir} ({counter.sha256}) is not the "
+                f"one the weights were counted with ({manifest.tokenizer_sha256})"
+            )
         recompute = True
-    ordered = [(e.file, e.contributor, e.contribution_hash, e.signature,
-                read_entry_records(manifest_dir, e, manifest.limits)) for e in manifest.entries]
+    ordered = [
+        (
+            e.file,
+            e.contributor,
+            e.contribution_hash,
+            e.signature,
+            read_entry_records(manifest_dir, e, manifest.limits),
+        )
+        for e in manifest.entries
+    ]
     if recompute:
         entries, rejected = _credit(ordered, counter)
         if rejected:
-            raise DatanetMismatchError(f"{manifest_dir}: {rejected[0].file} would be rejected: {rejected[0].reason}")
+            raise DatanetMismatchError(
+                f"{manifest_dir}: {rejected[0].file} would be rejected: {rejected[0].reason}"
+            )
         for got, want in zip(entries, manifest.entries, strict=True):
             if (got.weight, got.duplicate_lines) != (want.weight, want.duplicate_lines):
                 raise DatanetMismatchError(
                     f"{manifest_dir}: {want.file}: recomputed weight {got.weight} (duplicate lines "
                     f"{list(got.duplicate_lines)}) differs from the manifest's {want.weight} "
-                    f"({list(want.duplicate_lines)})")
+                    f"({list(want.duplicate_lines)})"
+                )
     root = contributions_root(manifest.leaves())
     if root != manifest.root:
-        raise DatanetMismatchError(f"{manifest_dir}: root of the manifest's leaves is {root}, the manifest says "
-                                   f"{manifest.root}")
+        raise DatanetMismatchError(
+            f"{manifest_dir}: root of the manifest's leaves is {root}, the manifest says {manifest.root}"
+        )
     if contracts is not None:
         _verify_on_chain(manifest_dir, manifest, contracts)
     return manifest
 
 
-def _verify_on_chain(manifest_dir: str | os.PathLike[str], manifest: DatanetManifest, contracts: Contracts) -> None:
+def _verify_on_chain(
+    manifest_dir: str | os.PathLike[str], manifest: DatanetManifest, contracts: Contracts
+) -> None:
     reg = manifest.registration
     if reg is None:
-        raise DatanetMismatchError(f"{manifest_dir}: datanet is not registered; run `loraledger datanet register`")
+        raise DatanetMismatchError(
+            f"{manifest_dir}: datanet is not registered; run `loraledger datanet register`"
+        )
     chain_id = contracts.datanets.client.chain_id
     if reg.chain_id != chain_id:
-        raise DatanetMismatchError(f"{manifest_dir}: registered on chain {reg.chain_id}, but connected to "
-                                   f"chain {chain_id}")
+        raise DatanetMismatchError(
+            f"{manifest_dir}: registered on chain {reg.chain_id}, but connected to chain {chain_id}"
+        )
     if reg.registry != contracts.datanets.address:
-        raise DatanetMismatchError(f"{manifest_dir}: registered in DatanetRegistry {reg.registry}, but the "
-                                   f"deployment's is {contracts.datanets.address}")
+        raise DatanetMismatchError(
+            f"{manifest_dir}: registered in DatanetRegistry {reg.registry}, but the "
+            f"deployment's is {contracts.datanets.address}"
+        )
     if not contracts.datanets.exists(reg.datanet_id):
-        raise DatanetMismatchError(f"{manifest_dir}: datanet id {reg.datanet_id} does not exist on chain {chain_id}")
+        raise DatanetMismatchError(
+            f"{manifest_dir}: datanet id {reg.datanet_id} does not exist on chain {chain_id}"
+        )
     info = contracts.datanets.get_datanet(reg.datanet_id)
     if info.contributions_root != manifest.root:
-        raise DatanetMismatchError(f"{manifest_dir}: datanet {reg.datanet_id} has root {info.contributions_root} on "
-                                   f"chain, the manifest has {manifest.root}")
+        raise DatanetMismatchError(
+            f"{manifest_dir}: datanet {reg.datanet_id} has root {info.contributions_root} on "
+            f"chain, the manifest has {manifest.root}"
+        )
     if info.contribution_count != manifest.contribution_count:
-        raise DatanetMismatchError(f"{manifest_dir}: datanet {reg.datanet_id} has {info.contribution_count} "
-                                   f"contributions on chain, the manifest has {manifest.contribution_count}")
+        raise DatanetMismatchError(
+            f"{manifest_dir}: datanet {reg.datanet_id} has {info.contribution_count} "
+            f"contributions on chain, the manifest has {manifest.contribution_count}"
+        )
 
 
-def register_datanet(manifest_dir: str | os.PathLike[str], contracts: Contracts, uri: str | None = None,
-                     ) -> DatanetRegistration:
-    """Verify the manifest locally, call `DatanetRegistry.registerDatanet(root, count, uri)`, store the result.
+def register_datanet(
+    manifest_dir: str | os.PathLike[str],
+    contracts: Contracts,
+    uri: str | None = None,
+    *,
+    check_contributors: bool = True,
+) -> DatanetRegistration:
+    """Verify the manifest locally, call `DatanetRegistry.registerDatanet(root, count, uri)`, store the
+    result.
 
-    `contracts` is a node.contracts_client.Contracts bound to the curator's client. The id, tx hash, chain id,
-    registry address and URI are written into the manifest. Refuses a manifest already registered.
-    `uri` defaults to `file://<abs manifest_dir>/manifest.json`.
+    `contracts` is a node.contracts_client.Contracts bound to the curator's client. With `check_contributors`
+    every credited contributor must be registered and not suspended in the ContributorRegistry now (even when
+    the datanet was built offline). The id, tx hash, chain id, registry address and URI are written into the
+    manifest. Refuses a manifest already registered. `uri` defaults to `file://<abs
+    manifest_dir>/manifest.json`.
     """
     manifest = verify_manifest(manifest_dir)
     if manifest.registration is not None:
         r = manifest.registration
-        raise DatanetError(f"{manifest_dir}: already registered as datanet {r.datanet_id} on chain {r.chain_id} "
-                           f"(tx {r.tx_hash}); a datanet is registered once")
+        raise DatanetError(
+            f"{manifest_dir}: already registered as datanet {r.datanet_id} on chain {r.chain_id} "
+            f"(tx {r.tx_hash}); a datanet is registered once"
+        )
+    if check_contributors:
+        inactive = sorted(
+            {e.contributor for e in manifest.entries if not contracts.contributors.is_active(e.contributor)}
+        )
+        if inactive:
+            raise DatanetError(
+                f"{manifest_dir}: contributors {inactive} are not registered or are suspended in the "
+                "ContributorRegistry; rebuild the datanet with --deployment to drop their files"
+            )
     where = uri if uri is not None else (Path(manifest_dir).resolve() / MANIFEST_FILE).as_uri()
     datanets = contracts.datanets
-    fn = datanets.contract.functions.registerDatanet(bytes.fromhex(manifest.root[2:]),
-                                                     manifest.contribution_count, where)
+    fn = datanets.contract.functions.registerDatanet(
+        bytes.fromhex(manifest.root[2:]), manifest.contribution_count, where
+    )
     result = datanets.result(datanets.client.transact(fn))
     ids = [e["args"]["id"] for e in result["events"] if e["event"] == "DatanetRegistered"]
     if len(ids) != 1:
-        raise DatanetError(f"registerDatanet tx {result['tx_hash']} emitted {len(ids)} DatanetRegistered events")
-    registration = DatanetRegistration(chain_id=datanets.client.chain_id, registry=datanets.address,
-                                       datanet_id=DatanetId(int(ids[0])), tx_hash=result["tx_hash"], uri=where)
+        raise DatanetError(
+            f"registerDatanet tx {result['tx_hash']} emitted {len(ids)} DatanetRegistered events"
+        )
+    registration = DatanetRegistration(
+        chain_id=datanets.client.chain_id,
+        registry=datanets.address,
+        datanet_id=DatanetId(int(str(ids[0]))),
+        tx_hash=result["tx_hash"],
+        uri=where,
+    )
     manifest.registration = registration
     write_manifest(manifest_dir, manifest)
     return registration

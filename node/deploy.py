@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import is_address, keccak, to_checksum_address
@@ -154,27 +154,27 @@ class _Sender:
         self.address = _checksum(deployer.address if isinstance(deployer, LocalAccount) else deployer, "deployer")
         self.chain_id = w3.eth.chain_id
         self.receipt_timeout = receipt_timeout
-        self.nonce = w3.eth.get_transaction_count(self.address, "pending")  # type: ignore[arg-type]
+        self.nonce: int = int(w3.eth.get_transaction_count(self.address, "pending"))  # type: ignore[arg-type]
 
     def send(self, tx: TxParams, what: str) -> TxReceipt:
         """Fill nonce/chain id/fees/gas, sign (or let the unlocked node sign), send, wait; ChainError on failure."""
-        tx = dict(tx)  # type: ignore[assignment]
-        tx["from"] = self.address  # type: ignore[typeddict-item]
-        tx["nonce"] = self.nonce  # type: ignore[typeddict-unknown-key]
-        tx["chainId"] = self.chain_id
-        if "maxFeePerGas" not in tx:
+        params: dict[str, Any] = dict(tx)
+        params["from"] = self.address
+        params["nonce"] = self.nonce
+        params["chainId"] = self.chain_id
+        if "maxFeePerGas" not in params:
             base = self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0
             tip = self.w3.eth.max_priority_fee
-            tx["maxPriorityFeePerGas"] = tip
-            tx["maxFeePerGas"] = 2 * int(base) + int(tip)
+            params["maxPriorityFeePerGas"] = int(tip)
+            params["maxFeePerGas"] = 2 * int(base) + int(tip)
         try:
-            if "gas" not in tx:
-                tx["gas"] = int(self.w3.eth.estimate_gas(tx) * 1.2) + 10_000
+            if "gas" not in params:
+                params["gas"] = int(self.w3.eth.estimate_gas(cast(TxParams, params)) * 1.2) + 10_000
             if self.account is not None:
-                signed = self.account.sign_transaction(tx)  # type: ignore[arg-type]
+                signed = self.account.sign_transaction(params)
                 tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
             else:
-                tx_hash = self.w3.eth.send_transaction(tx)
+                tx_hash = self.w3.eth.send_transaction(cast(TxParams, params))
         except (Web3Exception, ValueError) as e:
             raise ChainError(f"{what}: the node refused the transaction from {self.address}: {e}") from e
         self.nonce += 1

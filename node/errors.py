@@ -38,3 +38,11 @@ class KeyError_(NodeError, KeyError):
 
 class AttributionError(NodeError, ValueError):
     """Token-level attribution failed: a malformed or missing suffix-array index, bad answer ids, bad weights."""
+
+
+class NotFoundError(NodeError, LookupError):
+    """A request names something the node does not know (record, epoch, account, adapter id)."""
+
+
+class LineageMismatchError(NodeError, ValueError):
+    """An adapter's files do not match what the chain registered (weights hash, base model, datanets)."""

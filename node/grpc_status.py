@@ -22,15 +22,9 @@ from inference.errors import (
     InvalidRequestError,
     ModelLoadError,
 )
-from node.errors import ChainError, ConfigError, NodeError
+from node.errors import ChainError, ConfigError, LineageMismatchError, NodeError, NotFoundError
 
-
-class NotFoundError(NodeError, LookupError):
-    """A request names something the node does not know (record, epoch, account, adapter id)."""
-
-
-class LineageMismatchError(NodeError, ValueError):
-    """An adapter's files do not match what the chain registered (weights hash, base model, datanets)."""
+__all__ = ["LineageMismatchError", "NotFoundError", "status_for"]
 
 
 _TABLE: tuple[tuple[type[BaseException], grpc.StatusCode], ...] = (

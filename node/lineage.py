@@ -1,7 +1,7 @@
 """Adapter lineage on chain: register a trained adapter, and check an adapter against its registration.
 
     reg = register_adapter(adapter_dir, contracts, fee_per_token=3)
-        # AdapterRegistry.registerAdapter(weightsHash, baseModelHash, trainingConfigHash, datanetIds, fee, uri)
+        # AdapterRegistry.registerAdapter(weightsHash, baseHash, trainingConfigHash, datanetIds, fee, uri)
         # -> reg.adapter_id, also written into adapter_dir/lineage.json
     info = verify_adapter_against_chain(adapter_dir, adapter_id, contracts, base_model_dir)
         # what the node calls before serving adapter `adapter_id` from `adapter_dir` on `base_model_dir`
@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any
 from inference.identity import base_model_hash, config_hash, parse_hash, weights_hash
 from node.datanet import MANIFEST_FILE, load_manifest
 from node.errors import ConfigError, NodeError
-from node.grpc_status import LineageMismatchError, NotFoundError
+from node.errors import LineageMismatchError, NotFoundError
 from node.training import load_lineage, write_lineage
 from node.types import AdapterId, Address, DatanetId, TxHash, as_wei
 
@@ -35,13 +35,20 @@ if TYPE_CHECKING:
     from node.contracts_client import AdapterInfo, Contracts
 
 __all__ = [
-    "AdapterHashes", "AdapterLineageError", "AdapterNotRegisteredError", "AdapterRegistration", "LineageError",
-    "LineageMismatchError", "register_adapter", "verify_adapter_against_chain",
+    "AdapterHashes",
+    "AdapterLineageError",
+    "AdapterNotRegisteredError",
+    "AdapterRegistration",
+    "LineageError",
+    "LineageMismatchError",
+    "register_adapter",
+    "verify_adapter_against_chain",
 ]
 
 
 class LineageError(NodeError, ValueError):
-    """An adapter cannot be registered as asked (already registered, datanet not registered, lineage edited)."""
+    """An adapter cannot be registered as asked (already registered, datanet not registered, lineage
+    edited)."""
 
 
 class AdapterLineageError(LineageMismatchError):
@@ -83,9 +90,15 @@ class AdapterRegistration:
     datanet_ids: tuple[DatanetId, ...]
 
     def to_dict(self) -> dict[str, Any]:
-        return {"adapter_id": self.adapter_id, "chain_id": self.chain_id, "registry": self.registry,
-                "tx_hash": self.tx_hash, "fee_per_token": self.fee_per_token, "uri": self.uri,
-                "datanet_ids": list(self.datanet_ids)}
+        return {
+            "adapter_id": self.adapter_id,
+            "chain_id": self.chain_id,
+            "registry": self.registry,
+            "tx_hash": self.tx_hash,
+            "fee_per_token": self.fee_per_token,
+            "uri": self.uri,
+            "datanet_ids": list(self.datanet_ids),
+        }
 
 
 def _datanet_ids(lineage: dict[str, Any], contracts: Contracts) -> list[DatanetId]:
@@ -104,16 +117,22 @@ def _datanet_ids(lineage: dict[str, Any], contracts: Contracts) -> list[DatanetI
                 if m.root == d["root"] and m.registration is not None:
                     did, dchain = m.registration.datanet_id, m.registration.chain_id
         if did is None:
-            raise LineageError(f"datanet {d['name']!r} (root {d['root']}) is not registered; run "
-                               f"`loraledger datanet register {d.get('manifest_dir', 'MANIFEST_DIR')}` first")
+            raise LineageError(
+                f"datanet {d['name']!r} (root {d['root']}) is not registered; run "
+                f"`loraledger datanet register {d.get('manifest_dir', 'MANIFEST_DIR')}` first"
+            )
         if dchain != chain_id:
-            raise LineageError(f"datanet {d['name']!r} is registered on chain {dchain}, not on chain {chain_id}")
+            raise LineageError(
+                f"datanet {d['name']!r} is registered on chain {dchain}, not on chain {chain_id}"
+            )
         if not contracts.datanets.exists(int(did)):
             raise LineageError(f"datanet {did} ({d['name']!r}) does not exist on chain {chain_id}")
         onchain_root = contracts.datanets.get_datanet(int(did)).contributions_root
         if onchain_root != d["root"]:
-            raise LineageError(f"datanet {did} has root {onchain_root} on chain, but the adapter was trained on "
-                               f"root {d['root']}")
+            raise LineageError(
+                f"datanet {did} has root {onchain_root} on chain, but the adapter was trained on "
+                f"root {d['root']}"
+            )
         ids.append(DatanetId(int(did)))
     if len(set(ids)) != len(ids):
         raise LineageError(f"the adapter names datanet ids {ids} with a repeat")
@@ -137,29 +156,48 @@ def register_adapter(
     lineage = load_lineage(root)
     if lineage.get("registration"):
         r = lineage["registration"]
-        raise LineageError(f"{root} is already registered as adapter {r['adapter_id']} on chain {r['chain_id']}")
+        raise LineageError(
+            f"{root} is already registered as adapter {r['adapter_id']} on chain {r['chain_id']}"
+        )
     fee = int(as_wei(fee_per_token))
     wh = weights_hash(root)
     if wh != lineage["weights_hash"]:
-        raise LineageError(f"{root}: weights hash is {wh} but lineage.json says {lineage['weights_hash']} "
-                           "(the weights changed after training)")
+        raise LineageError(
+            f"{root}: weights hash is {wh} but lineage.json says {lineage['weights_hash']} "
+            "(the weights changed after training)"
+        )
     ch = config_hash(lineage["training_config"])
     if ch != lineage["training_config_hash"]:
-        raise LineageError(f"{root}: training config hashes to {ch} but lineage.json says "
-                           f"{lineage['training_config_hash']} (lineage.json was edited)")
+        raise LineageError(
+            f"{root}: training config hashes to {ch} but lineage.json says "
+            f"{lineage['training_config_hash']} (lineage.json was edited)"
+        )
     ids = _datanet_ids(lineage, contracts)
     where = uri if uri is not None else root.resolve().as_uri()
     adapters = contracts.adapters
     fn = adapters.contract.functions.registerAdapter(
-        bytes.fromhex(wh[2:]), bytes.fromhex(parse_hash(lineage["base_model_hash"])[2:]), bytes.fromhex(ch[2:]),
-        [int(i) for i in ids], fee, where)
+        bytes.fromhex(wh[2:]),
+        bytes.fromhex(parse_hash(lineage["base_model_hash"])[2:]),
+        bytes.fromhex(ch[2:]),
+        [int(i) for i in ids],
+        fee,
+        where,
+    )
     result = adapters.result(adapters.client.transact(fn))
     found = [e["args"]["id"] for e in result["events"] if e["event"] == "AdapterRegistered"]
     if len(found) != 1:
-        raise LineageError(f"registerAdapter tx {result['tx_hash']} emitted {len(found)} AdapterRegistered events")
-    reg = AdapterRegistration(adapter_id=AdapterId(int(found[0])), chain_id=adapters.client.chain_id,
-                              registry=adapters.address, tx_hash=result["tx_hash"], fee_per_token=fee, uri=where,
-                              datanet_ids=tuple(ids))
+        raise LineageError(
+            f"registerAdapter tx {result['tx_hash']} emitted {len(found)} AdapterRegistered events"
+        )
+    reg = AdapterRegistration(
+        adapter_id=AdapterId(int(str(found[0]))),
+        chain_id=adapters.client.chain_id,
+        registry=adapters.address,
+        tx_hash=result["tx_hash"],
+        fee_per_token=fee,
+        uri=where,
+        datanet_ids=tuple(ids),
+    )
     for d, did in zip(lineage["datanets"], ids, strict=True):
         d["datanet_id"], d["chain_id"] = int(did), reg.chain_id
     lineage["registration"] = reg.to_dict()
@@ -177,9 +215,10 @@ def verify_adapter_against_chain(
 ) -> AdapterInfo:
     """Check an adapter copy against registration `adapter_id` before serving it (module docstring).
 
-    `adapter`: the adapter directory (its weights are hashed now) or precomputed `AdapterHashes`. The base hash
-    comes from `base_model_dir` (cached beside the checkpoint) or else from `AdapterHashes.base_model_hash`.
-    Returns the on-chain `AdapterInfo`. Raises AdapterNotRegisteredError (unknown id), AdapterLineageError
+    `adapter`: the adapter directory (its weights are hashed now) or precomputed `AdapterHashes`. The base
+    hash comes from `base_model_dir` (cached beside the checkpoint) or else from
+    `AdapterHashes.base_model_hash`. Returns the on-chain `AdapterInfo`. Raises AdapterNotRegisteredError
+    (unknown id), AdapterLineageError
     naming every field that differs, ConfigError when no base is given.
     """
     if isinstance(adapter, AdapterHashes):
@@ -191,11 +230,14 @@ def verify_adapter_against_chain(
     if base_model_dir is not None:
         local_base = base_model_hash(base_model_dir)
     if local_base is None:
-        raise ConfigError("verify_adapter_against_chain needs the base model: pass base_model_dir "
-                          "(or AdapterHashes.base_model_hash)")
+        raise ConfigError(
+            "verify_adapter_against_chain needs the base model: pass base_model_dir "
+            "(or AdapterHashes.base_model_hash)"
+        )
     if not 0 < int(adapter_id) <= contracts.adapters.adapter_count():
-        raise AdapterNotRegisteredError(f"no adapter {adapter_id} in the AdapterRegistry at "
-                                        f"{contracts.adapters.address}")
+        raise AdapterNotRegisteredError(
+            f"no adapter {adapter_id} in the AdapterRegistry at {contracts.adapters.address}"
+        )
     info = contracts.adapters.get_adapter(int(adapter_id))
     diff: dict[str, tuple[object, object]] = {}
     if info.weights_hash != local_weights:

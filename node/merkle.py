@@ -415,8 +415,8 @@ class StandardMerkleTree:
             raise MerkleError(f"value {value!r} is not a leaf of this tree") from None
 
     def _value_index(self, leaf: int | Sequence[Any]) -> int:
-        if isinstance(leaf, int) and not isinstance(leaf, bool):
-            if not 0 <= leaf < len(self.values):
+        if isinstance(leaf, int):
+            if isinstance(leaf, bool) or not 0 <= leaf < len(self.values):
                 raise MerkleError(f"leaf index {leaf} out of range (tree has {len(self.values)} values)")
             return leaf
         return self.index_of(leaf)
@@ -436,7 +436,7 @@ class StandardMerkleTree:
 
     def verify(self, leaf: int | Sequence[Any], proof: Sequence[bytes | str]) -> bool:
         """True when `proof` leads from the leaf of `leaf` (index or value) to this tree's root."""
-        value = self.values[leaf] if isinstance(leaf, int) and not isinstance(leaf, bool) else leaf
+        value = self.values[self._value_index(leaf)] if isinstance(leaf, int) else leaf
         return verify(self.root, self.leaf_encoding, value, proof)
 
     def validate(self) -> None:

@@ -33,10 +33,10 @@ from urllib.parse import unquote, urlparse
 import torch
 
 from inference.engine import Engine, EngineConfig
-from inference.errors import AdapterNotFoundError, InvalidRequestError
-from inference.identity import base_model_hash
+from inference.errors import AdapterNotFoundError, EngineError, InvalidRequestError
+from inference.identity import base_model_hash, weights_hash
 from inference.loader import load_model
-from inference.lora.adapter import BaseDims
+from inference.lora.adapter import BaseDims, read_adapter_config
 from inference.lora.layers import apply_lora
 from inference.lora.store import AdapterStore
 from node.config import NodeConfig
@@ -56,7 +56,7 @@ from node.servicer import (
     RecordView,
     RewardProofView,
 )
-from node.types import Address
+from node.types import Address, as_address
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,14 @@ class AdapterTerms:
     fee_per_token: int = 0
     datanet_ids: tuple[int, ...] = ()
     lineage: dict[Address, int] = field(default_factory=dict)  # contributor -> tokens trained on
+
+    @property
+    def rank(self) -> int:
+        """The adapter's LoRA rank r from its adapter_config.json (0 if unreadable)."""
+        try:
+            return int(read_adapter_config(self.path)[0].r)
+        except EngineError:
+            return 0
 
 
 def local_uri_path(uri: str) -> Path | None:
@@ -206,6 +214,8 @@ class StoreCatalog:
                 terms = AdapterTerms(key=name, path=source, alias=name,
                                      weights_hash=expected_weights_hash.lower())
             self.store.load(terms.key, terms.path, terms.weights_hash or None, terms.base_model_hash or None)
+            if not terms.weights_hash:  # loaded fine: name the weights it holds
+                terms.weights_hash = str(weights_hash(terms.path))
             self._terms[terms.key] = terms
             return self._describe(terms)
 
@@ -226,7 +236,7 @@ class StoreCatalog:
         return AdapterDescription(
             key=t.key, alias=t.alias, onchain_id=t.onchain_id,
             weights_hash=t.weights_hash or (info.weights_hash if info and info.weights_hash else ""),
-            base_model_hash=t.base_model_hash, resident=bool(info and info.tier == "gpu"),
+            base_model_hash=t.base_model_hash, rank=t.rank, resident=bool(info and info.tier == "gpu"),
             datanet_ids=t.datanet_ids, fee_per_token=t.fee_per_token,
         )
 
@@ -315,7 +325,7 @@ class LogQueries:
         )
 
     def reward_proof(self, account: str) -> RewardProofView | None:
-        p = self.proofs.reward_proof(account)
+        p = self.proofs.reward_proof(as_address(account))  # ConfigError for a malformed address
         if p is None:
             return None
         return RewardProofView(p.operator, p.account, int(p.cumulative_amount), p.epoch, p.rewards_root,
@@ -390,23 +400,24 @@ class NodeApp:
         """Load the model, start the engine, open the record log, start settlement and the server; returns the
         bound port. Health turns SERVING at the end."""
         cfg = self.config
-        self.engine, self.store = await asyncio.to_thread(build_engine, cfg)
+        engine, store = await asyncio.to_thread(build_engine, cfg)
+        self.engine, self.store = engine, store
         chain = await asyncio.to_thread(connect_chain, cfg)
         self.records = open_record_log(cfg.records.path, cfg.records.postgres_dsn)
-        catalog = StoreCatalog(self.store, cfg, chain.contracts if chain else None)
+        catalog = StoreCatalog(store, cfg, chain.contracts if chain else None)
         inference = InferenceServicer(
-            self.engine, catalog=catalog, records=LedgerRecordSink(self.records, catalog),
+            engine, catalog=catalog, records=LedgerRecordSink(self.records, catalog),
             max_queue=cfg.server.max_queue, default_max_tokens=cfg.model.default_max_tokens,
         )
         operator = str(chain.contracts.ledger.client.address) if chain and chain.can_sign else ""
         attribution = AttributionServicer(LogQueries(self.records, operator))
-        self.engine.start()
+        engine.start()
         self.server = NodeServer(cfg.server, inference, attribution)
         self.port = await self.server.start()
         if chain is not None and chain.can_sign and cfg.settlement.enabled:
             self._start_settlement(chain)
         await self.server.set_serving(True)
-        log.info("node ready on port %d (model %s, device %s)", self.port, cfg.model.dir, self.engine.device)
+        log.info("node ready on port %d (model %s, device %s)", self.port, cfg.model.dir, engine.device)
         return self.port
 
     def _start_settlement(self, chain: ChainHandles) -> None:

@@ -70,7 +70,7 @@ def _checksum(account: str) -> Address:
     return as_address(account)
 
 
-def sort_contributors(contributors: Iterable[tuple[str, int]] | Mapping[str, int]) -> tuple[Contributor, ...]:
+def sort_contributors(contributors: Iterable[tuple[str, int]] | Mapping[Any, int]) -> tuple[Contributor, ...]:
     """Normalise a contributor list: checksummed addresses, duplicates summed, zero weights dropped, sorted.
 
     out = sorted({as_address(a): sum(w for a' == a)} items with w > 0, key = int(address, 16))
@@ -148,7 +148,7 @@ class AttributionRecord:
         completion_tokens: int,
         fee: int,
         output_hash: str | bytes,
-        contributors: Iterable[tuple[str, int]] | Mapping[str, int],
+        contributors: Iterable[tuple[str, int]] | Mapping[Any, int],
         epoch: int = UNASSIGNED_EPOCH,
     ) -> AttributionRecord:
         """Build a validated record; the contributor list is normalised and its hash computed here."""
@@ -278,7 +278,7 @@ class AttributionRecord:
                 fee=Wei(int(d["fee"])),
                 output_hash=as_bytes32(d["outputHash"]),
                 attribution_hash=as_bytes32(d["attributionHash"]),
-                contributors=tuple((Address(str(a)), int(w)) for a, w in d["contributors"]),
+                contributors=tuple((_checksum(str(a)), int(w)) for a, w in d["contributors"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise RecordError(f"malformed record JSON ({e!r}): {json.dumps(d)[:200]}") from e

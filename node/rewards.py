@@ -32,7 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from node.errors import NodeError
 from node.merkle import REWARD_LEAF_ENCODING, StandardMerkleTree
@@ -149,8 +149,8 @@ def contributor_weights(
     adapter_ids: Sequence[int],
     weights_bps: Sequence[int],
     fees_per_token: Sequence[int],
-    lineage: Mapping[int, Mapping[str, int]],
-    token_level: Mapping[str, int] | None = None,
+    lineage: Mapping[int, Mapping[Any, int]],
+    token_level: Mapping[Any, int] | None = None,
 ) -> dict[Address, int]:
     """A record's contributor weights (module docstring): token-level map if given, else from lineage.
 

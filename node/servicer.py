@@ -38,8 +38,8 @@ import grpc
 from inference.engine import Engine, GenerationRequest, GenerationResult, RequestHandle, TokenDelta
 from inference.errors import AdapterNotFoundError, CapacityError, EngineError, InvalidRequestError
 from inference.sequence import SamplingParams
-from node.errors import NodeError
-from node.grpc_status import NotFoundError, status_for
+from node.errors import NodeError, NotFoundError
+from node.grpc_status import status_for
 from proto.loraledger.v1 import loraledger_pb2 as pb
 from proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
 
@@ -581,20 +581,10 @@ class AttributionServicer(pb_grpc.AttributionServicer):
             if view is None:
                 raise NotFoundError(f"no record for request {request.request_id!r} ({rid}); only requests that "
                                     "finished through an on-chain adapter have one")
+            return _record_response(view, self.queries.operator)
         except (EngineError, NodeError) as e:
             await _abort(context, e)
-        r = view.record
-        record = pb.Record(
-            epoch=int(r["epoch"]), request_id=r["requestId"], adapter_ids=[str(i) for i in r["adapterIds"]],
-            weights_bps=[int(w) for w in r["weightsBps"]], prompt_tokens=int(r["promptTokens"]),
-            completion_tokens=int(r["completionTokens"]), fee=str(r["fee"]), output_hash=r["outputHash"],
-            attribution_hash=r["attributionHash"],
-            contributors=_shares([(str(a), int(w)) for a, w in r["contributors"]]),
-            spans=[pb.MatchedSpan(**s) for s in view.spans],
-        )
-        return pb.GetRecordResponse(record=record, leaf=view.leaf, settled=view.settled,
-                                    records_root=view.records_root, proof=list(view.proof),
-                                    operator=self.queries.operator)
+            raise  # unreachable: abort raises
 
     async def GetRewardProof(self, request: pb.GetRewardProofRequest, context: grpc.aio.ServicerContext
                              ) -> pb.GetRewardProofResponse:
@@ -603,11 +593,12 @@ class AttributionServicer(pb_grpc.AttributionServicer):
             if view is None:
                 raise NotFoundError(f"account {request.account!r} has no rewards in a confirmed epoch of this "
                                     "operator yet")
+            return pb.GetRewardProofResponse(operator=view.operator, account=view.account,
+                                             cumulative_amount=str(view.cumulative_amount), epoch=view.epoch,
+                                             rewards_root=view.rewards_root, proof=list(view.proof))
         except (EngineError, NodeError) as e:
             await _abort(context, e)
-        return pb.GetRewardProofResponse(operator=view.operator, account=view.account,
-                                         cumulative_amount=str(view.cumulative_amount), epoch=view.epoch,
-                                         rewards_root=view.rewards_root, proof=list(view.proof))
+            raise  # unreachable: abort raises
 
     async def ListEpochs(self, request: pb.ListEpochsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListEpochsResponse:
@@ -619,6 +610,20 @@ class AttributionServicer(pb_grpc.AttributionServicer):
             pb.EpochInfo(epoch=e.epoch, records_root=e.records_root, record_count=e.record_count,
                          rewards_root=e.rewards_root, cumulative_total=str(e.cumulative_total), state=e.state,
                          tx_hash=e.tx_hash) for e in epochs])
+
+
+def _record_response(view: RecordView, operator: str) -> pb.GetRecordResponse:
+    r = view.record
+    record = pb.Record(
+        epoch=int(r["epoch"]), request_id=r["requestId"], adapter_ids=[str(i) for i in r["adapterIds"]],
+        weights_bps=[int(w) for w in r["weightsBps"]], prompt_tokens=int(r["promptTokens"]),
+        completion_tokens=int(r["completionTokens"]), fee=str(r["fee"]), output_hash=r["outputHash"],
+        attribution_hash=r["attributionHash"],
+        contributors=_shares([(str(a), int(w)) for a, w in r["contributors"]]),
+        spans=[pb.MatchedSpan(**s) for s in view.spans],
+    )
+    return pb.GetRecordResponse(record=record, leaf=view.leaf, settled=view.settled, records_root=view.records_root,
+                                proof=list(view.proof), operator=operator)
 
 
 def _shares(contributors: Sequence[tuple[str, int]]) -> list[pb.ContributorShare]:

@@ -317,7 +317,7 @@ def _decode_type2(raw_hex: str) -> dict[str, Any]:
     if not raw or raw[0] != 2:
         raise SettlementError("stored transaction is not an EIP-1559 (type 2) transaction")
     f = rlp.decode(raw[1:])
-    as_int = lambda b: int.from_bytes(b, "big")  # noqa: E731
+    as_int = lambda b: int.from_bytes(b, "big")
     return {"chainId": as_int(f[0]), "nonce": as_int(f[1]), "maxPriorityFeePerGas": as_int(f[2]),
             "maxFeePerGas": as_int(f[3]), "gas": as_int(f[4]), "to": "0x" + bytes(f[5]).hex(),
             "value": as_int(f[6]), "data": "0x" + bytes(f[7]).hex()}
@@ -428,8 +428,8 @@ class Settler:
                 log.warning("contributor %s is not registered: its share goes to the record's other contributors", a)
                 contributors[a] = ContributorStatus(a, False)
                 continue
-            info = c.contributors.get_contributor(a)
-            contributors[a] = ContributorStatus(as_address(info.payout), not info.suspended)
+            cinfo = c.contributors.get_contributor(a)
+            contributors[a] = ContributorStatus(as_address(cinfo.payout), not cinfo.suspended)
         terms = EpochTerms(Shares(s.data_bps, s.adapter_owner_bps, s.operator_bps), self.operator, adapters,
                            contributors)
         return terms, block

@@ -9,12 +9,12 @@
 
 The base is loaded in float32 ("lora") or 4-bit nf4 through bitsandbytes ("qlora", float32 compute; runs on
 CPU). LoRA A is initialised from `torch.manual_seed(seed)`, B at zero, dropout 0, and
-`torch.use_deterministic_algorithms(True)` is on during the run, so on one CPU machine the same inputs and seed
-give the same weights, hence the same weights hash.
+`torch.use_deterministic_algorithms(True)` is on during the run, so on one CPU machine the same inputs and
+seed give the same weights, hence the same weights hash.
 
 Output directory (written to a temp sibling and renamed at the end):
 
-    adapter_config.json, adapter_model.safetensors   PEFT format (loads with plain `PeftModel.from_pretrained`)
+    adapter_config.json, adapter_model.safetensors   PEFT format (plain `PeftModel.from_pretrained` loads it)
     lineage.json                                     see `lineage_record`
     loss.png                                         loss per step (matplotlib, Agg canvas)
 
@@ -53,8 +53,13 @@ IGNORE_INDEX = -100
 
 # Short target names of the Llama family -> module names peft matches.
 TARGET_ALIASES: dict[str, str] = {
-    "q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-    "gate": "gate_proj", "up": "up_proj", "down": "down_proj",
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
 }
 
 _ADAM_BETAS = (0.9, 0.999)
@@ -62,11 +67,12 @@ _ADAM_EPS = 1e-8
 
 
 class TrainingError(NodeError, RuntimeError):
-    """A training run failed or produced an unusable adapter (e.g. no trainable example, lora_B left at zero)."""
+    """A training run failed or produced an unusable adapter (e.g. no trainable example, lora_B left at
+    zero)."""
 
 
 def parse_targets(targets: str | Sequence[str]) -> list[str]:
-    """"q,k,v" or ["q_proj", ...] -> sorted unique module names; ConfigError for an unknown short name."""
+    """ "q,k,v" or ["q_proj", ...] -> sorted unique module names; ConfigError for an unknown short name."""
     items = targets.split(",") if isinstance(targets, str) else list(targets)
     names = set()
     for raw in items:
@@ -78,8 +84,10 @@ def parse_targets(targets: str | Sequence[str]) -> list[str]:
         elif t in TARGET_ALIASES.values():
             names.add(t)
         else:
-            raise ConfigError(f"unknown LoRA target {t!r}; use some of {','.join(TARGET_ALIASES)} "
-                              f"(or {','.join(TARGET_ALIASES.values())})")
+            raise ConfigError(
+                f"unknown LoRA target {t!r}; use some of {','.join(TARGET_ALIASES)} "
+                f"(or {','.join(TARGET_ALIASES.values())})"
+            )
     if not names:
         raise ConfigError("no LoRA targets given; e.g. --targets q,k,v,o")
     return sorted(names)
@@ -137,7 +145,8 @@ class TrainingResult:
 
 
 def _special_ids(base_dir: Path) -> tuple[int | None, int, int]:
-    """(bos, eos, pad) ids from the checkpoint's config.json (pad falls back to eos; a list of eos -> first)."""
+    """(bos, eos, pad) ids from the checkpoint's config.json (pad falls back to eos; a list of eos ->
+    first)."""
     try:
         cfg = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError) as e:
@@ -148,17 +157,23 @@ def _special_ids(base_dir: Path) -> tuple[int | None, int, int]:
             return int(v[0]) if v else None
         return None if v is None else int(v)
 
-    bos, eos, pad = first(cfg.get("bos_token_id")), first(cfg.get("eos_token_id")), first(cfg.get("pad_token_id"))
+    bos, eos, pad = (
+        first(cfg.get("bos_token_id")),
+        first(cfg.get("eos_token_id")),
+        first(cfg.get("pad_token_id")),
+    )
     if eos is None:
         raise ConfigError(f"{base_dir}: config.json has no eos_token_id; training needs one to end examples")
     return bos, eos, pad if pad is not None else eos
 
 
-def build_examples(manifest_dirs: Sequence[Path], counter: TokenCounter, bos: int | None, eos: int,
-                   max_seq_len: int) -> list[Example]:
+def build_examples(
+    manifest_dirs: Sequence[Path], counter: TokenCounter, bos: int | None, eos: int, max_seq_len: int
+) -> list[Example]:
     """Tokenize every credited record of every datanet (module docstring layout), in manifest order.
 
-    Examples whose prompt fills the whole window (no completion token left to learn) are dropped with a warning.
+    Examples whose prompt fills the whole window (no completion token left to learn) are dropped with a
+    warning.
     """
     examples: list[Example] = []
     dropped = 0
@@ -194,7 +209,8 @@ def collate(batch: Sequence[Example], pad: int) -> dict[str, torch.Tensor]:
 
 
 def _load_base(base_dir: Path, method: str) -> torch.nn.Module:
-    """The base model on CPU: float32, or nf4 via bitsandbytes (float32 compute) prepared for k-bit training."""
+    """The base model on CPU: float32, or nf4 via bitsandbytes (float32 compute) prepared for k-bit
+    training."""
     from transformers import AutoModelForCausalLM
 
     if method == "lora":
@@ -206,17 +222,23 @@ def _load_base(base_dir: Path, method: str) -> torch.nn.Module:
         raise ConfigError("method 'qlora' needs bitsandbytes (pip install 'loraledger[quant]')") from e
     from peft import prepare_model_for_kbit_training
 
-    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32,
-                               bnb_4bit_use_double_quant=False)
-    model = AutoModelForCausalLM.from_pretrained(base_dir, quantization_config=quant, device_map={"": "cpu"},
-                                                 dtype=torch.float32)
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=False,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=quant, device_map={"": "cpu"}, dtype=torch.float32
+    )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
 
 def library_versions(method: str) -> dict[str, str]:
     """Versions of the libraries that shape the weights."""
-    names = ["torch", "transformers", "peft", "tokenizers", "safetensors"] + (["bitsandbytes"] if method == "qlora"
-                                                                              else [])
+    names = ["torch", "transformers", "peft", "tokenizers", "safetensors"] + (
+        ["bitsandbytes"] if method == "qlora" else []
+    )
     out = {"python": platform.python_version()}
     for n in names:
         try:
@@ -226,9 +248,11 @@ def library_versions(method: str) -> dict[str, str]:
     return out
 
 
-def training_config(args: TrainingArgs, base_hash: str, manifests: Sequence[DatanetManifest],
-                    tokenizer_sha256: str) -> dict[str, Any]:
-    """The dict whose canonical-JSON sha256 is the training config hash: every input that shapes the weights."""
+def training_config(
+    args: TrainingArgs, base_hash: str, manifests: Sequence[DatanetManifest], tokenizer_sha256: str
+) -> dict[str, Any]:
+    """The dict whose canonical-JSON sha256 is the training config hash: every input that shapes the
+    weights."""
     return {
         "format": TRAINING_FORMAT,
         "method": args.method,
@@ -244,7 +268,8 @@ def training_config(args: TrainingArgs, base_hash: str, manifests: Sequence[Data
         "optimizer": {"name": "adamw", "betas": list(_ADAM_BETAS), "eps": _ADAM_EPS, "weight_decay": 0.0},
         "loss": "mean cross-entropy over completion tokens and eos",
         "quantization": {"type": "nf4", "compute_dtype": "float32", "double_quant": False}
-        if args.method == "qlora" else None,
+        if args.method == "qlora"
+        else None,
         "base_model_hash": base_hash,
         "tokenizer_sha256": tokenizer_sha256,
         "datanets": [{"name": m.name, "root": m.root} for m in manifests],
@@ -278,12 +303,15 @@ def _check_lora_b(adapter_dir: Path) -> None:
         raise TrainingError(f"saved adapter has no lora_B tensors (keys: {sorted(tensors)[:4]}...)")
     zero = [k for k, v in bs.items() if not bool(torch.any(v != 0))]
     if zero:
-        raise TrainingError(f"lora_B still zero after training in {zero[:3]} ({len(zero)} tensors): the adapter "
-                            "would change nothing; train longer or with a larger lr")
+        raise TrainingError(
+            f"lora_B still zero after training in {zero[:3]} ({len(zero)} tensors): the adapter "
+            "would change nothing; train longer or with a larger lr"
+        )
 
 
-def _run(model: torch.nn.Module, examples: list[Example], args: TrainingArgs, pad: int,
-         progress: bool) -> list[float]:
+def _run(
+    model: torch.nn.Module, examples: list[Example], args: TrainingArgs, pad: int, progress: bool
+) -> list[float]:
     """The optimisation loop (module docstring); returns the loss of every step."""
     from tqdm import tqdm
 
@@ -292,13 +320,17 @@ def _run(model: torch.nn.Module, examples: list[Example], args: TrainingArgs, pa
     steps_per_epoch = (len(examples) + args.batch_size - 1) // args.batch_size
     losses: list[float] = []
     model.train()
-    bar = tqdm(total=steps_per_epoch * args.epochs, desc=f"train {args.method}", unit="step", disable=not progress)
+    bar = tqdm(
+        total=steps_per_epoch * args.epochs, desc=f"train {args.method}", unit="step", disable=not progress
+    )
     try:
         for epoch in range(args.epochs):
             gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
             order = torch.randperm(len(examples), generator=gen).tolist()
             for s in range(steps_per_epoch):
-                batch = collate([examples[j] for j in order[s * args.batch_size:(s + 1) * args.batch_size]], pad)
+                batch = collate(
+                    [examples[j] for j in order[s * args.batch_size : (s + 1) * args.batch_size]], pad
+                )
                 out = model(**batch)
                 loss = out.loss
                 if not torch.isfinite(loss):
@@ -331,17 +363,28 @@ def train_adapter(
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainingResult:
-    """Train a LoRA (or QLoRA) adapter of `base_dir` on the datanets at `manifests`; write it with its lineage.
+    """Train a LoRA (or QLoRA) adapter of `base_dir` on the datanets at `manifests`; write it with its
+    lineage.
 
-    Each manifest is verified (file hashes, signatures, root) before use. Raises ConfigError for bad arguments,
-    DatanetError for a bad datanet, TrainingError when training yields nothing usable. See the module docstring.
+    Each manifest is verified (file hashes, signatures, root) before use. Raises ConfigError for bad
+    arguments, DatanetError for a bad datanet, TrainingError when training yields nothing usable. See the
+    module docstring.
     """
     from peft import LoraConfig, get_peft_model
 
     from inference.identity import base_model_hash, config_hash, weights_hash
 
-    args = TrainingArgs(method, rank, float(alpha), tuple(parse_targets(targets)), epochs, float(lr), seed,
-                        max_seq_len, batch_size)
+    args = TrainingArgs(
+        method,
+        rank,
+        float(alpha),
+        tuple(parse_targets(targets)),
+        epochs,
+        float(lr),
+        seed,
+        max_seq_len,
+        batch_size,
+    )
     base = Path(base_dir)
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -359,8 +402,11 @@ def train_adapter(
     counter = TokenCounter(base)
     for m, d in zip(loaded, mdirs, strict=True):
         if m.weight_unit == "tokens" and m.tokenizer_sha256 != counter.sha256:
-            log.warning("datanet %s was weighed with another tokenizer than %s's; lineage weights use the latter",
-                        d, base)
+            log.warning(
+                "datanet %s was weighed with another tokenizer than %s's; lineage weights use the latter",
+                d,
+                base,
+            )
     bos, eos, pad = _special_ids(base)
     examples = build_examples(mdirs, counter, bos, eos, args.max_seq_len)
     if not examples:
@@ -375,8 +421,14 @@ def train_adapter(
         torch.manual_seed(args.seed)
         model = _load_base(base, args.method)
         # peft annotates lora_alpha as int but computes scaling = alpha / r, which a float serves as well
-        lora = LoraConfig(r=args.rank, lora_alpha=args.alpha, target_modules=list(args.targets),  # type: ignore[arg-type]
-                          lora_dropout=0.0, bias="none", task_type="CAUSAL_LM")
+        lora = LoraConfig(
+            r=args.rank,
+            lora_alpha=args.alpha,  # type: ignore[arg-type]
+            target_modules=list(args.targets),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
         torch.manual_seed(args.seed)
         try:
             peft_model = get_peft_model(model, lora)
@@ -395,8 +447,17 @@ def train_adapter(
         peft_model.save_pretrained(str(tmp))
         _check_lora_b(tmp)
         lineage = lineage_record(
-            base=base, base_hash=base_hash, manifests=loaded, manifest_dirs=mdirs, examples=examples, config=cfg,
-            config_hash_value=config_hash(cfg), losses=losses, weights_hash_value=weights_hash(tmp), args=args)
+            base=base,
+            base_hash=base_hash,
+            manifests=loaded,
+            manifest_dirs=mdirs,
+            examples=examples,
+            config=cfg,
+            config_hash_value=config_hash(cfg),
+            losses=losses,
+            weights_hash_value=weights_hash(tmp),
+            args=args,
+        )
         (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
         _plot_losses(losses, tmp / LOSS_PLOT_FILE, f"{args.method} r={args.rank} on {len(examples)} examples")
         if out.exists():
@@ -405,21 +466,36 @@ def train_adapter(
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
-    log.info("trained %s adapter %s: final loss %.4f, weights %s", args.method, out, losses[-1],
-             lineage["weights_hash"])
+    log.info(
+        "trained %s adapter %s: final loss %.4f, weights %s",
+        args.method,
+        out,
+        losses[-1],
+        lineage["weights_hash"],
+    )
     return TrainingResult(out, lineage, losses)
 
 
-def lineage_record(*, base: Path, base_hash: str, manifests: Sequence[DatanetManifest], manifest_dirs: Sequence[Path],
-                   examples: Sequence[Example], config: dict[str, Any], config_hash_value: str,
-                   losses: Sequence[float], weights_hash_value: str, args: TrainingArgs) -> dict[str, Any]:
+def lineage_record(
+    *,
+    base: Path,
+    base_hash: str,
+    manifests: Sequence[DatanetManifest],
+    manifest_dirs: Sequence[Path],
+    examples: Sequence[Example],
+    config: dict[str, Any],
+    config_hash_value: str,
+    losses: Sequence[float],
+    weights_hash_value: str,
+    args: TrainingArgs,
+) -> dict[str, Any]:
     """The `lineage.json` document:
 
-        {version, weights_hash, base_model_hash, base_model_dir, training_config, training_config_hash,
-         datanets: [{name, root, datanet_id|null, chain_id|null, registry|null, manifest_dir, tokens_used,
-                     contributors: {address: tokens}}],
-         lineage_weights: [{contributor, tokens}]   # sorted by address, summed over datanets
-         total_tokens, examples, steps, seed, final_loss, losses, library_versions, registration: null}
+    {version, weights_hash, base_model_hash, base_model_dir, training_config, training_config_hash,
+     datanets: [{name, root, datanet_id|null, chain_id|null, registry|null, manifest_dir, tokens_used,
+                 contributors: {address: tokens}}],
+     lineage_weights: [{contributor, tokens}]   # sorted by address, summed over datanets
+     total_tokens, examples, steps, seed, final_loss, losses, library_versions, registration: null}
     """
     per_datanet: list[dict[str, int]] = [defaultdict(int) for _ in manifests]  # type: ignore[misc]
     for e in examples:
@@ -431,13 +507,18 @@ def lineage_record(*, base: Path, base_hash: str, manifests: Sequence[DatanetMan
     datanets = []
     for m, d, counts in zip(manifests, manifest_dirs, per_datanet, strict=True):
         reg = m.registration
-        datanets.append({
-            "name": m.name, "root": m.root,
-            "datanet_id": reg.datanet_id if reg else None, "chain_id": reg.chain_id if reg else None,
-            "registry": reg.registry if reg else None, "manifest_dir": str(d.resolve()),
-            "tokens_used": sum(counts.values()),
-            "contributors": dict(sorted(counts.items(), key=lambda kv: kv[0].lower())),
-        })
+        datanets.append(
+            {
+                "name": m.name,
+                "root": m.root,
+                "datanet_id": reg.datanet_id if reg else None,
+                "chain_id": reg.chain_id if reg else None,
+                "registry": reg.registry if reg else None,
+                "manifest_dir": str(d.resolve()),
+                "tokens_used": sum(counts.values()),
+                "contributors": dict(sorted(counts.items(), key=lambda kv: kv[0].lower())),
+            }
+        )
     return {
         "version": LINEAGE_VERSION,
         "weights_hash": weights_hash_value,
@@ -446,8 +527,9 @@ def lineage_record(*, base: Path, base_hash: str, manifests: Sequence[DatanetMan
         "training_config": config,
         "training_config_hash": config_hash_value,
         "datanets": datanets,
-        "lineage_weights": [{"contributor": a, "tokens": n}
-                            for a, n in sorted(total.items(), key=lambda kv: kv[0].lower())],
+        "lineage_weights": [
+            {"contributor": a, "tokens": n} for a, n in sorted(total.items(), key=lambda kv: kv[0].lower())
+        ],
         "total_tokens": sum(total.values()),
         "examples": len(examples),
         "steps": len(losses),
@@ -455,7 +537,11 @@ def lineage_record(*, base: Path, base_hash: str, manifests: Sequence[DatanetMan
         "final_loss": losses[-1],
         "losses": list(losses),
         "library_versions": library_versions(args.method),
-        "runtime": {"device": "cpu", "torch_threads": torch.get_num_threads(), "deterministic_algorithms": True},
+        "runtime": {
+            "device": "cpu",
+            "torch_threads": torch.get_num_threads(),
+            "deterministic_algorithms": True,
+        },
         "registration": None,
     }
 
@@ -481,4 +567,3 @@ def write_lineage(adapter_dir: str | os.PathLike[str], lineage: dict[str, Any]) 
     tmp.write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
-

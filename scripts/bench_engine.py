@@ -57,6 +57,7 @@ def machine(device: torch.device) -> dict[str, Any]:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "platform": platform.platform(),
+        "load_average_1m": os.getloadavg()[0],  # other work on the machine skews CPU timings
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -238,11 +238,12 @@ def matching_statistics(
     n = answer.size
     if n == 0 or index.n_positions == 0:
         return np.zeros(n, dtype=np.int64), np.zeros(n, dtype=np.int64)
+    valid = (answer >= 0) & (answer < index.vocab_size)
+    answer = np.where(valid, answer, _NO_TOKEN)  # an out-of-vocabulary id (or SEP) must match nothing
     pats, plen = _patterns(answer, min(max_match, n))
     prow = np.arange(n, dtype=np.int64)
     # start each row in the SA block of its first token; ids outside the vocabulary insert at rank 0, match 0
     first = index.first_rank()
-    valid = (answer >= 0) & (answer < index.vocab_size)
     tok = np.where(valid, answer, 0)
     lo0 = np.where(valid, first[tok], 0)
     hi0 = np.where(valid, first[tok + 1], 0)
@@ -275,6 +276,7 @@ class IndexMatches:
 
 def longest_suffix_matches(index: DatanetIndex, answer: npt.NDArray[np.int64], cfg: MatcherConfig) -> IndexMatches:
     """Steps 1-3 of the module docstring for one index."""
+    answer = _as_answer(answer, index.vocab_size)
     n = answer.size
     ms, pos = matching_statistics(index, answer, cfg.max_match, cfg.block)
     j = np.arange(n, dtype=np.int64)

@@ -10,8 +10,8 @@
     loraledger adapter register ADAPTER_DIR --fee-per-token X
     loraledger adapter verify ADAPTER_DIR --id N --base MODEL_DIR
 
-Chain access: `--deployment PATH` (deployment.json from `devnet up` or `deploy`; RPC URL from its record unless
-`--rpc-url`). Keys (node.keys): `--key-file` keystore (password from $LORALEDGER_KEY_PASSWORD or
+Chain access: `--deployment PATH` (deployment.json from `devnet up` or `deploy`; RPC URL from its record
+unless `--rpc-url`). Keys (node.keys): `--key-file` keystore (password from $LORALEDGER_KEY_PASSWORD or
 `--password-file`), else $LORALEDGER_PRIVATE_KEY; on a devnet `--dev-account I` picks anvil's account I.
 """
 
@@ -31,17 +31,26 @@ Parsers = argparse._SubParsersAction  # type: ignore[type-arg]
 
 
 def _chain_args(p: argparse.ArgumentParser, *, default: str | None = DEFAULT_DEPLOYMENT) -> None:
-    p.add_argument("--deployment", default=default, metavar="PATH",
-                   help=f"deployment.json of the contracts (default: {default or 'none: no chain check'})")
+    p.add_argument(
+        "--deployment",
+        default=default,
+        metavar="PATH",
+        help=f"deployment.json of the contracts (default: {default or 'none: no chain check'})",
+    )
     p.add_argument("--rpc-url", help="JSON-RPC endpoint (default: the one recorded in the deployment)")
 
 
 def _key_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
-    p.add_argument("--key-file", required=required,
-                   help=f"keystore (password in ${PASSWORD_ENV} or --password-file); else ${PRIVATE_KEY_ENV}")
+    p.add_argument(
+        "--key-file",
+        required=required,
+        help=f"keystore (password in ${PASSWORD_ENV} or --password-file); else ${PRIVATE_KEY_ENV}",
+    )
     p.add_argument("--password-file", help="file whose first line is the keystore password")
     if not required:
-        p.add_argument("--dev-account", type=int, metavar="I", help="devnet only: sign with anvil's account I")
+        p.add_argument(
+            "--dev-account", type=int, metavar="I", help="devnet only: sign with anvil's account I"
+        )
 
 
 def add_commands(subparsers: Parsers) -> None:
@@ -53,7 +62,9 @@ def add_commands(subparsers: Parsers) -> None:
 
 
 def _add_contributor(subparsers: Parsers) -> None:
-    p = subparsers.add_parser("contributor", help="data contributors: register on chain, set a payout address")
+    p = subparsers.add_parser(
+        "contributor", help="data contributors: register on chain, set a payout address"
+    )
     sub = p.add_subparsers(dest="contributor_command", metavar="ACTION", required=True)
     reg = sub.add_parser("register", help="register the key's account in the ContributorRegistry")
     _key_args(reg)
@@ -82,10 +93,15 @@ def _add_datanet(subparsers: Parsers) -> None:
     sub = p.add_subparsers(dest="datanet_command", metavar="ACTION", required=True)
     build = sub.add_parser("build", help="validate signed contributions and write a datanet manifest")
     build.add_argument("--name", required=True, help="datanet name")
-    build.add_argument("--from", dest="from_dir", required=True, metavar="DIR", help="folder of *.jsonl + .sig.json")
+    build.add_argument(
+        "--from", dest="from_dir", required=True, metavar="DIR", help="folder of *.jsonl + .sig.json"
+    )
     build.add_argument("--out", required=True, metavar="MANIFEST_DIR", help="output folder (must not exist)")
-    build.add_argument("--tokenizer", metavar="MODEL_DIR", help="weigh records in tokens of this checkpoint's "
-                                                                 "tokenizer (default: UTF-8 bytes)")
+    build.add_argument(
+        "--tokenizer",
+        metavar="MODEL_DIR",
+        help="weigh records in tokens of this checkpoint's tokenizer (default: UTF-8 bytes)",
+    )
     build.add_argument("--strict", action="store_true", help="fail when any file is rejected")
     build.add_argument("--force", action="store_true", help="replace an existing --out")
     _chain_args(build, default=None)
@@ -96,7 +112,9 @@ def _add_datanet(subparsers: Parsers) -> None:
     _key_args(reg)
     _chain_args(reg)
     reg.set_defaults(handler=_datanet_register)
-    ver = sub.add_parser("verify", help="recompute a datanet's root and compare with the manifest and the chain")
+    ver = sub.add_parser(
+        "verify", help="recompute a datanet's root and compare with the manifest and the chain"
+    )
     ver.add_argument("manifest_dir", metavar="MANIFEST_DIR")
     ver.add_argument("--tokenizer", metavar="MODEL_DIR", help="also recount the weights with this tokenizer")
     ver.add_argument("--offline", action="store_true", help="do not compare with the chain")
@@ -105,14 +123,25 @@ def _add_datanet(subparsers: Parsers) -> None:
 
 
 def _add_train(subparsers: Parsers) -> None:
-    p = subparsers.add_parser("train", help="train a LoRA/QLoRA adapter on datanets (peft), write its lineage")
+    p = subparsers.add_parser(
+        "train", help="train a LoRA/QLoRA adapter on datanets (peft), write its lineage"
+    )
     p.add_argument("--base", required=True, metavar="MODEL_DIR", help="base checkpoint (Hugging Face format)")
-    p.add_argument("--datanet", action="append", required=True, metavar="MANIFEST_DIR",
-                   help="a built datanet (repeat for several)")
-    p.add_argument("--method", choices=("lora", "qlora"), default="lora", help="qlora: base in nf4 (bitsandbytes)")
+    p.add_argument(
+        "--datanet",
+        action="append",
+        required=True,
+        metavar="MANIFEST_DIR",
+        help="a built datanet (repeat for several)",
+    )
+    p.add_argument(
+        "--method", choices=("lora", "qlora"), default="lora", help="qlora: base in nf4 (bitsandbytes)"
+    )
     p.add_argument("--rank", type=int, default=8)
     p.add_argument("--alpha", type=float, default=16.0)
-    p.add_argument("--targets", default="q,k,v,o", help="comma list of q,k,v,o,gate,up,down (default: %(default)s)")
+    p.add_argument(
+        "--targets", default="q,k,v,o", help="comma list of q,k,v,o,gate,up,down (default: %(default)s)"
+    )
     p.add_argument("--epochs", type=int, default=1)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--seed", type=int, default=0)
@@ -144,6 +173,7 @@ def _add_adapter(subparsers: Parsers) -> None:
 
 # ----------------------------------------------------------------------------------------------- helpers
 
+
 def _account(args: argparse.Namespace) -> Any:
     from node.keys import dev_account, load_account
 
@@ -169,11 +199,14 @@ def _contracts(args: argparse.Namespace, account: Any | None = None) -> Any:
         raise ConfigError(f"{args.deployment} records no RPC URL; pass --rpc-url")
     w3 = web3_for(str(rpc))
     if int(w3.eth.chain_id) != dep.chain_id:
-        raise ConfigError(f"{rpc} serves chain {w3.eth.chain_id}, but {args.deployment} is for chain {dep.chain_id}")
+        raise ConfigError(
+            f"{rpc} serves chain {w3.eth.chain_id}, but {args.deployment} is for chain {dep.chain_id}"
+        )
     return Contracts.at(ChainClient(w3, account if account is not None else Account.create()), dep.addresses)
 
 
 # ---------------------------------------------------------------------------------------------- handlers
+
 
 def _contributor_register(args: argparse.Namespace) -> int:
     account = _account(args)
@@ -214,8 +247,10 @@ def _datanet_build(args: argparse.Namespace) -> int:
     m = build_datanet(args.name, args.from_dir, args.out, args.tokenizer, registry, overwrite=args.force)
     for r in m.rejected:
         print(f"rejected {r.file}: {r.reason}")
-    print(f"datanet {m.name!r}: {m.contribution_count} contributions, weight {m.total_weight} {m.weight_unit}, "
-          f"root {m.root} -> {Path(args.out) / 'manifest.json'}")
+    print(
+        f"datanet {m.name!r}: {m.contribution_count} contributions, weight {m.total_weight} {m.weight_unit}, "
+        f"root {m.root} -> {Path(args.out) / 'manifest.json'}"
+    )
     if args.strict and m.rejected:
         print(f"--strict: {len(m.rejected)} file(s) rejected")
         return 1
@@ -243,12 +278,27 @@ def _datanet_verify(args: argparse.Namespace) -> int:
 def _train(args: argparse.Namespace) -> int:
     from node.training import train_adapter
 
-    r = train_adapter(args.base, args.datanet, args.method, args.rank, args.alpha, args.targets, args.epochs,
-                      args.lr, args.seed, args.out, args.max_seq_len, args.batch_size, overwrite=args.force,
-                      progress=not args.no_progress)
+    r = train_adapter(
+        args.base,
+        args.datanet,
+        args.method,
+        args.rank,
+        args.alpha,
+        args.targets,
+        args.epochs,
+        args.lr,
+        args.seed,
+        args.out,
+        args.max_seq_len,
+        args.batch_size,
+        overwrite=args.force,
+        progress=not args.no_progress,
+    )
     weights = ", ".join(f"{w['contributor']}={w['tokens']}" for w in r.lineage["lineage_weights"])
-    print(f"trained {args.method} adapter -> {r.out_dir}: {r.lineage['steps']} steps, final loss "
-          f"{r.lineage['final_loss']:.4f}\n  weights hash {r.weights_hash}\n  lineage tokens {weights}")
+    print(
+        f"trained {args.method} adapter -> {r.out_dir}: {r.lineage['steps']} steps, final loss "
+        f"{r.lineage['final_loss']:.4f}\n  weights hash {r.weights_hash}\n  lineage tokens {weights}"
+    )
     return 0
 
 
@@ -256,9 +306,13 @@ def _adapter_register(args: argparse.Namespace) -> int:
     from node.lineage import register_adapter
     from node.types import as_wei
 
-    reg = register_adapter(args.adapter_dir, _contracts(args, _account(args)), as_wei(args.fee_per_token), args.uri)
-    print(f"registered adapter {reg.adapter_id} on chain {reg.chain_id} (datanets {list(reg.datanet_ids)}, "
-          f"tx {reg.tx_hash})")
+    reg = register_adapter(
+        args.adapter_dir, _contracts(args, _account(args)), as_wei(args.fee_per_token), args.uri
+    )
+    print(
+        f"registered adapter {reg.adapter_id} on chain {reg.chain_id} (datanets {list(reg.datanet_ids)}, "
+        f"tx {reg.tx_hash})"
+    )
     return 0
 
 
@@ -273,7 +327,16 @@ def _adapter_verify(args: argparse.Namespace) -> int:
             raise ConfigError(f"{args.adapter_dir} is not registered; pass --id N")
         adapter_id = int(reg["adapter_id"])
     info = verify_adapter_against_chain(args.adapter_dir, adapter_id, _contracts(args), args.base)
-    print(json.dumps({"adapter_id": adapter_id, "ok": True, "weights_hash": info.weights_hash,
-                      "base_model_hash": info.base_model_hash,
-                      "datanet_ids": [int(i) for i in info.datanet_ids]}, indent=2))
+    print(
+        json.dumps(
+            {
+                "adapter_id": adapter_id,
+                "ok": True,
+                "weights_hash": info.weights_hash,
+                "base_model_hash": info.base_model_hash,
+                "datanet_ids": [int(i) for i in info.datanet_ids],
+            },
+            indent=2,
+        )
+    )
     return 0
