@@ -17,8 +17,10 @@ $(PY_STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --disable-pip-version-check -c constraints.txt -e '.[dev]'
 	touch $@
 
+# `npm install` from the committed lock (not `npm ci`): the lock pins every version, but the registry mirror
+# these machines use lacks the other platforms' optional anvil/forge binaries, which makes `npm ci` refuse it.
 $(NODE_STAMP): package.json package-lock.json
-	npm ci --no-audit --no-fund --loglevel=error
+	npm install --no-save --no-audit --no-fund --loglevel=error
 	touch $@
 
 run: deps
