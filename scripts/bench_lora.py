@@ -1,0 +1,635 @@
+"""Benchmark: multi-LoRA serving throughput and latency vs the base model (the ceiling) and peft (mixed batches).
+
+Traffic as in S-LoRA and Punica (`inference.bench_traffic`): closed loop (default) or Poisson arrivals (--rate),
+adapter choice by S-LoRA's power law (--distribution power --alpha 1 | 0.3) or Punica's modes (identical,
+distinct, uniform, zipf with --alpha 1.5), N adapters in --num-adapters, lengths uniform in [lo, hi).
+
+Side by side in one run, on the same random model and the same trace:
+  base   the engine with no LoRA at all (every request on the base model): the throughput ceiling
+  ours   the engine with LoRA slots, an `AdapterStore` over N adapters on disk (disk -> CPU -> slots)
+  peft   transformers + peft with the N adapters loaded, static batches of --max-num-seqs requests in order,
+         `generate(..., adapter_names=[one per row])` (peft's mixed-adapter batch)
+
+Per (system, N): output tokens/s over the makespan, p50/p99 time to first token (TTFT) and time per output token
+(TPOT = (t_last - t_first) / (n - 1)), memory (CUDA: peak allocated; CPU: process peak RSS), and for ours the
+distinct adapters per decode step and the physical limit of the slowdown, decode being memory bound:
+
+    limit = (base bytes + distinct adapters in the step * bytes of one adapter) / base bytes   (mean over steps)
+
+base bytes = every weight a decode step reads (all but the input embedding). A decode-step table times B running
+sequences spread over d distinct adapters against the same B on the base model (step ratio vs limit(d)), and
+adapter load times are measured from the OS page cache and from the CPU tier into a slot.
+
+Models are random (no downloads): the transformers Llama is built in memory (CPU sizes: tiny, 20m, 100m; CUDA:
+a Llama-3-8B shape in bf16) and our runner shares its tensors; adapters (rank 16 on all 7 projections) are made
+with peft on that model and saved to a temp dir (beyond --distinct-files adapters, directories link to earlier
+files so that 1000 adapters of an 8B model fit the disk). Writes benchmarks/results/lora_<device>.json and a
+PNG of throughput vs N with the ceiling and the limit drawn in.
+
+    python scripts/bench_lora.py                                  # CPU: tiny + 20m, a few minutes
+    python scripts/bench_lora.py --sizes tiny --num-adapters 1,8  # seconds
+    python scripts/bench_lora.py --device cuda                    # Llama-3-8B shape, bf16, rank 16
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import gc
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from inference.bench_traffic import ADAPTER_DISTRIBUTIONS, TrafficRequest, TrafficSpec, make_traffic
+from inference.config import ModelConfig, parse_dtype
+from inference.engine import Engine, EngineConfig, GenerationRequest
+from inference.lora.adapter import BaseDims
+from inference.lora.layers import LoRASlots, apply_lora
+from inference.lora.store import AdapterStore
+from inference.model import LlamaModel
+from inference.quant import module_nbytes
+from inference.sequence import SamplingParams
+from inference.tiny import init_tiny
+from inference.tokenizer import Tokenizer
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+SIZES: dict[str, dict[str, Any]] = {
+    "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 512},
+    "20m": {"layers": 4, "hidden": 512, "heads": 8, "kv_heads": 4, "intermediate": 1536, "vocab": 8192},
+    "100m": {"layers": 12, "hidden": 768, "heads": 12, "kv_heads": 4, "intermediate": 2048, "vocab": 32000},
+    "llama3-8b": {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 8, "intermediate": 14336, "vocab": 128256,
+                  "rope_theta": 500000.0},
+}
+FIRST_ID = 6  # prompt ids start past the tiny tokenizer's special tokens
+
+
+# ---- machine, timing ------------------------------------------------------------------------------------
+
+
+def machine(device: torch.device) -> dict[str, Any]:
+    """CPU model, cores, torch version, and the GPU name on CUDA."""
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
+        cpu = names[0] if names else cpu
+    info: dict[str, Any] = {"cpu": cpu, "cpu_cores_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                            "torch": torch.__version__, "python": platform.python_version(),
+                            "platform": platform.platform()}
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
+    return info
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def memory_mark(device: torch.device) -> None:
+    """Start a new peak-memory window (CUDA); on CPU the process peak RSS cannot be reset."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory(device: torch.device) -> dict[str, float]:
+    if device.type == "cuda":
+        return {"cuda_peak_allocated_gib": torch.cuda.max_memory_allocated(device) / 2**30}
+    return {"process_peak_rss_gib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+
+
+def pct(values: list[float], q: float) -> float | None:
+    """The q-th percentile (0..100, linear interpolation) of `values`; None when empty."""
+    if not values:
+        return None
+    v = sorted(values)
+    k = (len(v) - 1) * q / 100
+    lo, hi = math.floor(k), math.ceil(k)
+    return v[lo] + (v[hi] - v[lo]) * (k - lo)
+
+
+# ---- random models and adapters ------------------------------------------------------------------------
+
+
+@dataclass
+class Models:
+    """The transformers model (peft's base), our runner sharing its tensors, the tokenizer, sizes in bytes."""
+
+    hf: Any
+    runner: LlamaModel
+    tokenizer: Tokenizer
+    tokenizer_dir: Path
+    base_bytes: int  # weights a decode step reads: all but the input embedding
+    total_bytes: int
+
+
+def build_models(size: str, dtype: torch.dtype, device: torch.device, workdir: Path) -> Models:
+    """A random transformers Llama of `size` built on `device`, and our runner holding the very same tensors.
+
+    runner[name] is hf["model." + name] (lm_head as is), shared with `load_state_dict(assign=True)`.
+    The tokenizer comes from a tiny init_tiny checkpoint of the same vocabulary (so every id decodes).
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sz = SIZES[size]
+    tok_dir = init_tiny(workdir / f"tokenizer_{size}", layers=1, hidden=64, heads=2, kv_heads=1, intermediate=64,
+                        vocab=sz["vocab"], max_positions=2048, overwrite=True)
+    config = LlamaConfig(vocab_size=sz["vocab"], hidden_size=sz["hidden"], intermediate_size=sz["intermediate"],
+                         num_hidden_layers=sz["layers"], num_attention_heads=sz["heads"],
+                         num_key_value_heads=sz["kv_heads"], max_position_embeddings=2048, rms_norm_eps=1e-5,
+                         rope_theta=sz.get("rope_theta", 10000.0), tie_word_embeddings=False,
+                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    torch.manual_seed(0)
+    with torch.device(device):
+        hf = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    cfg_dir = workdir / f"config_{size}"
+    config.save_pretrained(cfg_dir)
+    with torch.device("meta"):
+        runner = LlamaModel(ModelConfig.from_pretrained(cfg_dir))
+    state = {k.removeprefix("model."): v for k, v in hf.state_dict().items() if "rotary_emb" not in k}
+    runner.load_state_dict(state, assign=True, strict=True)
+    runner.tie_weights()
+    runner.set_attention_backend(None)
+    runner.eval()
+    total = module_nbytes(runner)
+    return Models(hf, runner, Tokenizer.from_pretrained(tok_dir), tok_dir, total - runner.embed_tokens.weight.nbytes,
+                  total)
+
+
+def adapter_nbytes(dims: BaseDims, rank: int, dtype: torch.dtype) -> int:
+    """Bytes of one rank-`rank` adapter on all 7 projections: sum over layers, modules of (in + out) * r * item."""
+    item = torch.empty(0, dtype=dtype).element_size()
+    return dims.num_layers * sum(sum(dims.module_shape(m)) * rank * item for m in TARGETS)
+
+
+def make_adapters(hf: Any, n: int, rank: int, root: Path, distinct_files: int, dtype: torch.dtype) -> list[Path]:
+    """`n` PEFT adapters of `hf` (rank, alpha = 2 * rank, all 7 projections): the first saved by peft, the next
+    `distinct_files - 1` with the same keys and fresh N(0, 0.02) values, the rest linking to those files."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import load_file, save_file
+
+    first = root / "adapter_0"
+    peft_model = get_peft_model(hf, LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=TARGETS,
+                                               init_lora_weights=False, lora_dropout=0.0))
+    peft_model.save_pretrained(str(first))
+    peft_model.unload()  # hf is back to its plain modules (get_peft_model wrapped them in place)
+    template = load_file(str(first / "adapter_model.safetensors"))
+    config_text = (first / "adapter_config.json").read_text()
+    g = torch.Generator().manual_seed(0)
+    paths = [first]
+    for i in range(1, n):
+        out = root / f"adapter_{i}"
+        out.mkdir()
+        (out / "adapter_config.json").write_text(config_text)
+        if i < distinct_files:
+            tensors = {k: (torch.randn(t.shape, generator=g) * 0.02).to(dtype) for k, t in template.items()}
+            save_file(tensors, str(out / "adapter_model.safetensors"))
+        else:
+            (out / "adapter_model.safetensors").symlink_to(paths[i % distinct_files] / "adapter_model.safetensors")
+        paths.append(out)
+    return paths
+
+
+# ---- running our engine --------------------------------------------------------------------------------
+
+
+@dataclass
+class StepLog:
+    """What each forward of the runner saw (a forward pre/post hook): decode-only or not, seqs, distinct adapters."""
+
+    steps: list[tuple[bool, int, int, float]] = field(default_factory=list)  # decode_only, seqs, distinct, seconds
+    _t0: float = 0.0
+    _current: tuple[bool, int, int] = (False, 0, 0)
+
+    def attach(self, model: nn.Module, device: torch.device) -> Callable[[], None]:
+        def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            batch = args[0]
+            slots = batch.token_adapter_slots
+            distinct = int(torch.unique(slots[slots >= 0]).numel()) if slots.numel() else 0
+            self._current = (batch.is_decode_only, batch.num_seqs, distinct)
+            sync(device)
+            self._t0 = time.perf_counter()
+
+        def post(_m: nn.Module, _args: tuple[Any, ...], _out: Any) -> None:
+            sync(device)
+            self.steps.append((*self._current, time.perf_counter() - self._t0))
+
+        h1, h2 = model.register_forward_pre_hook(pre), model.register_forward_hook(post)
+
+        def detach() -> None:
+            h1.remove()
+            h2.remove()
+
+        return detach
+
+
+@dataclass
+class RequestTiming:
+    arrival: float
+    first: float | None = None
+    last: float | None = None
+    tokens: int = 0
+
+
+def prompt_ids(r: TrafficRequest, vocab: int) -> list[int]:
+    """A deterministic prompt of r.input_len ids in [FIRST_ID, vocab)."""
+    g = torch.Generator().manual_seed(1000 + r.index)
+    return torch.randint(FIRST_ID, vocab, (r.input_len,), generator=g).tolist()
+
+
+async def _drive(engine: Engine, trace: list[TrafficRequest], keys: list[str] | None, concurrency: int,
+                 vocab: int) -> tuple[list[RequestTiming], float]:
+    """Send the trace to the running engine (open loop at arrival times, else `concurrency` in flight)."""
+    timings: list[RequestTiming] = [RequestTiming(0.0) for _ in trace]
+    start = time.perf_counter()
+
+    async def one(r: TrafficRequest) -> None:
+        adapters = [(keys[r.adapter], 1.0)] if keys is not None and r.adapter is not None else []
+        params = SamplingParams(max_tokens=r.output_len, temperature=0.0, ignore_eos=True)
+        t = timings[r.index]
+        t.arrival = time.perf_counter()
+        handle = engine.submit(GenerationRequest(prompt_ids(r, vocab), params, adapters=adapters))
+        async for item in handle:
+            now = time.perf_counter()
+            if hasattr(item, "token_id"):
+                t.first = t.first if t.first is not None else now
+                t.last = now
+                t.tokens += 1
+            elif item.finish_reason != "length":  # a GenerationResult
+                raise RuntimeError(f"request {r.index} ended with {item.finish_reason}: {item.error}")
+
+    if trace and trace[0].arrival_s is not None:
+        async def at(r: TrafficRequest) -> None:
+            await asyncio.sleep(max(0.0, start + (r.arrival_s or 0.0) - time.perf_counter()))
+            await one(r)
+
+        await asyncio.gather(*(at(r) for r in trace))
+    else:
+        queue = list(reversed(trace))
+
+        async def worker() -> None:
+            while queue:
+                await one(queue.pop())
+
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return timings, time.perf_counter() - start
+
+
+def summarize(timings: list[RequestTiming], makespan: float) -> dict[str, Any]:
+    ttft = [t.first - t.arrival for t in timings if t.first is not None]
+    tpot = [(t.last - t.first) / (t.tokens - 1) for t in timings if t.first and t.last and t.tokens > 1]
+    out_tokens = sum(t.tokens for t in timings)
+    return {"requests": len(timings), "output_tokens": out_tokens, "makespan_s": makespan,
+            "throughput_tok_s": out_tokens / makespan if makespan > 0 else 0.0,
+            "ttft_p50_s": pct(ttft, 50), "ttft_p99_s": pct(ttft, 99),
+            "tpot_p50_s": pct(tpot, 50), "tpot_p99_s": pct(tpot, 99)}
+
+
+def engine_config(models: Models, device: torch.device, dtype: torch.dtype, args: argparse.Namespace) -> EngineConfig:
+    max_len = args.input_len[1] + args.output_len[1]
+    return EngineConfig(model_dir=models.tokenizer_dir, dtype=str(dtype).removeprefix("torch."), device=str(device),
+                        max_num_seqs=args.max_num_seqs, max_tokens_per_step=args.max_tokens_per_step,
+                        max_model_len=max_len,
+                        num_blocks=args.max_num_seqs * -(-max_len // 16) + args.max_num_seqs if device.type == "cpu"
+                        else None)
+
+
+def run_engine(models: Models, store: AdapterStore | None, keys: list[str] | None, trace: list[TrafficRequest],
+               cfg: EngineConfig, concurrency: int, limit: Callable[[int], float] | None) -> dict[str, Any]:
+    """One trace through our engine (background loop); latency summary, memory and per-step adapter counts."""
+    device = torch.device(cfg.device)
+    memory_mark(device)
+    engine = Engine(cfg, adapter_slots=store, model=models.runner, tokenizer=models.tokenizer)
+    log = StepLog()
+    detach = log.attach(models.runner, device)
+    try:
+        with engine:
+            timings, makespan = asyncio.run(_drive(engine, trace, keys, concurrency, models.runner.config.vocab_size))
+    finally:
+        detach()
+    result = summarize(timings, makespan)
+    result.update(peak_memory(device))
+    decode = [s for s in log.steps if s[0]]
+    result["steps"] = len(log.steps)
+    result["decode_steps"] = len(decode)
+    result["mean_seqs_per_decode_step"] = statistics.fmean(s[1] for s in decode) if decode else None
+    result["mean_distinct_adapters_per_decode_step"] = statistics.fmean(s[2] for s in decode) if decode else 0.0
+    if limit is not None and decode:
+        result["physical_limit"] = statistics.fmean(limit(s[2]) for s in decode)
+    del engine
+    return result
+
+
+def decode_step_time(models: Models, store: AdapterStore | None, keys: list[str] | None, distinct: int,
+                     cfg: EngineConfig, batch: int, new_tokens: int) -> float:
+    """Median decode-step seconds of `batch` running sequences spread round-robin over `distinct` adapters."""
+    device = torch.device(cfg.device)
+    memory_mark(device)  # the previous engine's KV cache is gone before this one sizes its own
+    engine = Engine(cfg, adapter_slots=store, model=models.runner, tokenizer=models.tokenizer)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    reqs = [GenerationRequest(list(range(FIRST_ID, FIRST_ID + 16)), params,
+                              adapters=[(keys[i % distinct], 1.0)] if keys else []) for i in range(batch)]
+    log = StepLog()
+    detach = log.attach(models.runner, device)
+    try:
+        engine.generate(reqs)
+    finally:
+        detach()
+    times = [s[3] for s in log.steps if s[0] and s[1] == batch]
+    if not times:
+        raise RuntimeError(f"no decode step ran all {batch} sequences together; raise max_num_seqs")
+    return statistics.median(times[1:] if len(times) > 2 else times)
+
+
+def load_times(store: AdapterStore, keys: list[str], device: torch.device, samples: int) -> dict[str, float | None]:
+    """Median ms of acquire() for an adapter from the OS page cache (disk tier) and from the CPU tier into a slot."""
+    fresh = keys[-samples:]
+    disk, cpu = [], []
+    for k in fresh:  # never acquired yet: parse + hash + copy into a slot (files just written: in page cache)
+        sync(device)
+        t0 = time.perf_counter()
+        store.acquire([k])
+        sync(device)
+        disk.append(time.perf_counter() - t0)
+        store.release([k])
+    for k in fresh:  # push k out of its slot with other keys, keep it in the CPU tier, then time it again
+        others = [o for o in keys if o not in fresh][: store.num_slots]
+        for o in others:
+            store.acquire([o])
+            store.release([o])
+        sync(device)
+        t0 = time.perf_counter()
+        store.acquire([k])
+        sync(device)
+        cpu.append(time.perf_counter() - t0)
+        store.release([k])
+    return {"page_cache_to_slot_ms": statistics.median(disk) * 1e3 if disk else None,
+            "cpu_tier_to_slot_ms": statistics.median(cpu) * 1e3 if cpu else None}
+
+
+# ---- peft ------------------------------------------------------------------------------------------------
+
+
+def run_peft(models: Models, adapter_paths: list[Path], trace: list[TrafficRequest], batch: int,
+             device: torch.device) -> dict[str, Any]:
+    """peft: N adapters loaded into the transformers model; FCFS static batches of `batch` requests, each row its
+    own adapter via `generate(adapter_names=...)`; per-token times from a streamer."""
+    from peft import PeftModel
+    from transformers.generation.streamers import BaseStreamer
+
+    memory_mark(device)
+    base = models.hf
+    pm = PeftModel.from_pretrained(base, str(adapter_paths[0]), adapter_name="a0").eval()
+    for i, p in enumerate(adapter_paths[1:], start=1):
+        pm.load_adapter(str(p), adapter_name=f"a{i}")
+
+    class Stamps(BaseStreamer):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: torch.Tensor) -> None:
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    vocab = models.runner.config.vocab_size
+    with torch.inference_mode():  # warm-up
+        pm.generate(input_ids=torch.full((1, 8), FIRST_ID, device=device), adapter_names=["a0"], max_new_tokens=2,
+                    do_sample=False, pad_token_id=0)
+    timings: list[RequestTiming] = [RequestTiming(0.0) for _ in trace]
+    start = time.perf_counter()
+    pending = list(trace)
+    while pending:
+        now = time.perf_counter() - start
+        if pending[0].arrival_s is not None and pending[0].arrival_s > now:
+            time.sleep(pending[0].arrival_s - now)
+            now = time.perf_counter() - start
+        group = [r for r in pending[:batch] if r.arrival_s is None or r.arrival_s <= now]
+        pending = pending[len(group):]
+        width = max(r.input_len for r in group)
+        new = max(r.output_len for r in group)
+        ids = torch.zeros(len(group), width, dtype=torch.int64)
+        mask = torch.zeros(len(group), width, dtype=torch.int64)
+        for j, r in enumerate(group):  # left padding
+            ids[j, width - r.input_len:] = torch.tensor(prompt_ids(r, vocab))
+            mask[j, width - r.input_len:] = 1
+        names = [f"a{r.adapter}" if r.adapter is not None else "__base__" for r in group]
+        stamps = Stamps()
+        t_submit = time.perf_counter()
+        with torch.inference_mode():
+            pm.generate(input_ids=ids.to(device), attention_mask=mask.to(device), adapter_names=names,
+                        max_new_tokens=new, min_new_tokens=new, do_sample=False, eos_token_id=None, pad_token_id=0,
+                        streamer=stamps)
+        sync(device)
+        for r in group:
+            t = timings[r.index]
+            t.arrival = start + r.arrival_s if r.arrival_s is not None else t_submit
+            t.first, t.last, t.tokens = stamps.times[1], stamps.times[r.output_len], r.output_len
+    makespan = time.perf_counter() - start
+    result = summarize(timings, makespan)
+    result.update(peak_memory(device))
+    models.hf = pm.unload()  # plain modules again for the next N
+    del pm
+    return result
+
+
+# ---- main ------------------------------------------------------------------------------------------------
+
+
+def bench_size(size: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
+               workdir: Path) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    models = build_models(size, dtype, device, workdir)
+    dims = BaseDims.from_model_config(models.runner.config)
+    ad_bytes = adapter_nbytes(dims, args.rank, dtype)
+    ns = sorted(n for n in args.num_adapters if n <= args.max_adapters)
+    print(f"[{size}] built in {time.perf_counter() - t_start:.1f} s: base {models.base_bytes / 2**20:.1f} MiB read per "
+          f"step, adapter {ad_bytes / 2**20:.2f} MiB", flush=True)
+    paths = make_adapters(models.hf, max(ns), args.rank, workdir / f"adapters_{size}", args.distinct_files, dtype)
+    cfg = engine_config(models, device, dtype, args)
+
+    def limit(d: int) -> float:
+        return (models.base_bytes + d * ad_bytes) / models.base_bytes
+
+    report: dict[str, Any] = {
+        "model": {"size": size, **SIZES[size], "dtype": str(dtype), "total_bytes": models.total_bytes,
+                  "base_bytes_per_step": models.base_bytes},
+        "adapter": {"rank": args.rank, "targets": TARGETS, "bytes": ad_bytes, "files": min(max(ns), args.distinct_files)},
+        "runs": [],
+    }
+
+    def spec(n: int) -> TrafficSpec:
+        return TrafficSpec(num_requests=args.num_requests, num_adapters=n, distribution=args.distribution,
+                           alpha=args.alpha, batch=args.max_num_seqs, rate=args.rate, concurrency=args.concurrency,
+                           input_len=tuple(args.input_len), output_len=tuple(args.output_len), seed=args.seed)
+
+    base_trace = make_traffic(spec(0))
+    run_engine(models, None, None, base_trace[: args.max_num_seqs], cfg, args.concurrency, None)  # warm-up
+    report["base"] = run_engine(models, None, None, base_trace, cfg, args.concurrency, None)
+    print(f"[{size}] base: {json.dumps(report['base'])}", flush=True)
+    step_base = decode_step_time(models, None, None, 1, cfg, args.max_num_seqs, args.step_tokens)
+
+    slots_n = min(max(ns), args.slots or 2 * args.max_num_seqs)
+    # from here on the runner carries LoRA layers (the base runs above are done)
+    slots: LoRASlots = apply_lora(models.runner, num_slots=slots_n, max_rank=args.rank, dtype=dtype)
+    keys = [f"a{i}" for i in range(max(ns))]
+    report["lora_slots"] = {"slots": slots_n, "slot_bytes": slots.slot_nbytes()}
+    steps: list[dict[str, Any]] = []
+    for n in ns:
+        store = AdapterStore(slots, dims, cpu_cache_bytes=args.cpu_cache_mb << 20)
+        for k, p in zip(keys[:n], paths[:n], strict=True):
+            store.register(k, p)
+        trace = make_traffic(spec(n))
+        ours = run_engine(models, store, keys[:n], trace, cfg, args.concurrency, limit)
+        ours["slowdown_vs_base"] = report["base"]["throughput_tok_s"] / ours["throughput_tok_s"]
+        ours["store"] = asdict(store.stats)
+        row: dict[str, Any] = {"num_adapters": n, "ours": ours}
+        print(f"[{size}] N={n} ours: {json.dumps(ours)}", flush=True)
+        d = min(n, args.max_num_seqs)  # a step of B sequences holds at most B distinct adapters
+        if d not in {s["distinct_adapters"] for s in steps}:
+            t = decode_step_time(models, store, keys[:n], d, cfg, args.max_num_seqs, args.step_tokens)
+            steps.append({"distinct_adapters": d, "batch": args.max_num_seqs, "step_s": t, "base_step_s": step_base,
+                          "step_ratio": t / step_base, "limit": limit(d), "ratio_over_limit": t / step_base / limit(d)})
+        if n <= args.peft_max_adapters:
+            row["peft"] = run_peft(models, paths[:n], trace[: args.peft_max_requests], args.max_num_seqs, device)
+            row["ours_over_peft"] = ours["throughput_tok_s"] / row["peft"]["throughput_tok_s"]
+            print(f"[{size}] N={n} peft: {json.dumps(row['peft'])}", flush=True)
+        report["runs"].append(row)
+    report["decode_step"] = steps
+    if len(keys) > slots_n:
+        store = AdapterStore(slots, dims, cpu_cache_bytes=args.cpu_cache_mb << 20)
+        for k, p in zip(keys, paths, strict=True):
+            store.register(k, p)
+        report["adapter_load"] = load_times(store, keys, device, samples=min(5, len(keys) - slots_n))
+    report["seconds"] = time.perf_counter() - t_start
+    return report
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """Throughput vs number of adapters per model size: ours, peft, the base ceiling and ceiling / limit."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    sizes = report["sizes"]
+    fig, axes = plt.subplots(1, len(sizes), figsize=(5.5 * len(sizes), 4.2), squeeze=False)
+    for ax, (size, r) in zip(axes[0], sizes.items(), strict=True):
+        ns = [row["num_adapters"] for row in r["runs"]]
+        ceiling = r["base"]["throughput_tok_s"]
+        ax.plot(ns, [row["ours"]["throughput_tok_s"] for row in r["runs"]], "o-", label="loraledger")
+        peft = [(row["num_adapters"], row["peft"]["throughput_tok_s"]) for row in r["runs"] if "peft" in row]
+        if peft:
+            ax.plot(*zip(*peft, strict=True), "s-", label="peft (adapter_names)")
+        ax.axhline(ceiling, color="k", ls="--", label="base model (ceiling)")
+        lim = [ceiling / row["ours"]["physical_limit"] for row in r["runs"] if "physical_limit" in row["ours"]]
+        if len(lim) == len(ns):
+            ax.plot(ns, lim, "k:", label="ceiling / physical limit")
+        ax.set_xscale("log")
+        ax.set_xlabel("adapters (N)")
+        ax.set_ylabel("output tokens/s")
+        ax.set_title(f"{size} ({r['model']['dtype'].removeprefix('torch.')}, rank {r['adapter']['rank']})")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"multi-LoRA throughput on {report['device_name']} ({report['traffic']['distribution']}, "
+                 f"alpha {report['traffic']['alpha']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--sizes", default=None, help=f"comma list of {', '.join(SIZES)} (CPU: tiny,20m; CUDA: llama3-8b)")
+    ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
+    ap.add_argument("--num-adapters", default="1,8,32,100,1000", help="comma list of N")
+    ap.add_argument("--max-adapters", type=int, default=None, help="drop N above this (default 1000)")
+    ap.add_argument("--distinct-files", type=int, default=100, help="adapters beyond this link to earlier files")
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--distribution", choices=ADAPTER_DISTRIBUTIONS, default="power")
+    ap.add_argument("--alpha", type=float, default=1.0, help="power: 1 uniform, 0.3 skewed; zipf: growth (1.5)")
+    ap.add_argument("--rate", type=float, default=None, help="Poisson arrivals in requests/s (default: closed loop)")
+    ap.add_argument("--concurrency", type=int, default=None, help="closed loop: requests in flight (= max-num-seqs)")
+    ap.add_argument("--num-requests", type=int, default=None, help="per run (CPU 32, CUDA 512)")
+    ap.add_argument("--input-len", type=int, nargs=2, default=None, metavar=("LO", "HI"), help="CPU 8 32, CUDA 8 512")
+    ap.add_argument("--output-len", type=int, nargs=2, default=None, metavar=("LO", "HI"), help="CPU 8 16, CUDA 8 512")
+    ap.add_argument("--max-num-seqs", type=int, default=None, help="engine and peft batch (CPU 8, CUDA 64)")
+    ap.add_argument("--max-tokens-per-step", type=int, default=None, help="CPU 256, CUDA 4096")
+    ap.add_argument("--slots", type=int, default=None, help="LoRA slots (default 2 x max-num-seqs, at most max N)")
+    ap.add_argument("--cpu-cache-mb", type=int, default=None, help="CPU tier size (CPU 512, CUDA 16384)")
+    ap.add_argument("--peft-max-adapters", type=int, default=None, help="run peft only up to this N (CPU 32, CUDA 100)")
+    ap.add_argument("--peft-max-requests", type=int, default=None,
+                    help="peft runs the first this many requests of the trace (CPU all, CUDA 128: peft is slow)")
+    ap.add_argument("--step-tokens", type=int, default=None, help="new tokens of the decode-step table (CPU 12, CUDA 32)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", default=None, help="default: benchmarks/results/lora_<device>.json (+ .png)")
+    args = ap.parse_args(argv)
+    cuda = args.device.startswith("cuda")
+    defaults = {"sizes": "llama3-8b" if cuda else "tiny,20m", "dtype": "bfloat16" if cuda else "float32",
+                "max_adapters": 1000, "num_requests": 512 if cuda else 32,
+                "input_len": [8, 512] if cuda else [8, 32], "output_len": [8, 512] if cuda else [8, 16],
+                "max_num_seqs": 64 if cuda else 8, "max_tokens_per_step": 4096 if cuda else 256,
+                "cpu_cache_mb": 16384 if cuda else 512, "peft_max_adapters": 100 if cuda else 32,
+                "step_tokens": 32 if cuda else 12, "peft_max_requests": 128 if cuda else 1 << 30}
+    for k, v in defaults.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    args.concurrency = args.concurrency or args.max_num_seqs
+    args.num_adapters = [int(x) for x in str(args.num_adapters).split(",") if x]
+    if not args.num_adapters or min(args.num_adapters) < 1:
+        ap.error("--num-adapters must list positive integers")
+    if not any(n <= args.max_adapters for n in args.num_adapters):
+        ap.error(f"every N in --num-adapters is above --max-adapters {args.max_adapters}")
+    unknown = [s for s in args.sizes.split(",") if s not in SIZES]
+    if unknown:
+        ap.error(f"unknown size(s) {unknown}; choose from {', '.join(SIZES)}")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    dtype = parse_dtype(args.dtype)
+    report: dict[str, Any] = {
+        "benchmark": "multi-LoRA serving: loraledger engine vs base model (ceiling) vs peft adapter_names",
+        "device": device.type,
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine(device)["cpu"],
+        "machine": machine(device),
+        "traffic": {"distribution": args.distribution, "alpha": args.alpha, "rate": args.rate,
+                    "closed_loop_concurrency": args.concurrency if args.rate is None else None,
+                    "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
+                    "max_num_seqs": args.max_num_seqs, "seed": args.seed},
+        "sizes": {},
+    }
+    out = Path(args.out or f"benchmarks/results/lora_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="bench_lora_") as tmp:
+        for size in args.sizes.split(","):
+            report["sizes"][size] = bench_size(size, args, device, dtype, Path(tmp))
+            out.write_text(json.dumps(report, indent=2) + "\n")  # keep what is done if a later size fails
+    plot(report, out.with_suffix(".png"))
+    print(f"wrote {out} and {out.with_suffix('.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
