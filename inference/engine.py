@@ -58,6 +58,9 @@ log = logging.getLogger(__name__)
 # ---- configuration and request / result types ----------------------------------------------------------
 
 
+# Merge weights of one request must sum to 1 within this tolerance (they arrive as floats over gRPC).
+MERGE_WEIGHT_TOLERANCE = 1e-6
+
 @dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs at start-up; validated once here.
@@ -403,7 +406,18 @@ class Engine:
                 raise InvalidRequestError(f"adapter key must be a non-empty string, got {key!r}")
             if not isinstance(weight, (int, float)) or not math.isfinite(weight):
                 raise InvalidRequestError(f"adapter {key!r}: weight must be a finite number, got {weight!r}")
+            if weight <= 0:
+                raise InvalidRequestError(f"adapter {key!r}: merge weight must be positive, got {weight!r}")
             out.append((key, float(weight)))
+        keys = [k for k, _ in out]
+        if len(set(keys)) != len(keys):
+            raise InvalidRequestError(f"an adapter is named twice in {keys}; name each adapter once")
+        total = sum(w for _, w in out)
+        if out and abs(total - 1.0) > MERGE_WEIGHT_TOLERANCE:
+            raise InvalidRequestError(
+                f"adapter merge weights must sum to 1, got {total:.6g} for {keys}; "
+                "normalise them (a single adapter takes weight 1)"
+            )
         return tuple(out)
 
     def cancel(self, request_id: str) -> bool:

@@ -240,6 +240,9 @@ def test_bad_requests_fail_clearly_and_others_finish(engine: Engine, hf_greedy: 
         (lambda: GenerationRequest([1, 100000]), InvalidRequestError, "not a token id"),
         (lambda: GenerationRequest("hi", adapters=[("ghost", 1.0)]), AdapterNotFoundError, "base model only"),
         (lambda: GenerationRequest("hi", adapters=[("ghost", float("nan"))]), InvalidRequestError, "finite"),
+        (lambda: GenerationRequest("hi", adapters=[("a", 0.5), ("b", -0.5)]), InvalidRequestError, "positive"),
+        (lambda: GenerationRequest("hi", adapters=[("a", 0.5), ("b", 0.4)]), InvalidRequestError, "sum to 1"),
+        (lambda: GenerationRequest("hi", adapters=[("a", 0.5), ("a", 0.5)]), InvalidRequestError, "twice"),
     ]
     for make, exc, msg in bad:
         with pytest.raises(exc, match=msg):
