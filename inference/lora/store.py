@@ -22,11 +22,14 @@ scheduler fails that request only) and never reaches a slot. A slot write that f
 from __future__ import annotations
 
 import builtins
+import functools
 import logging
+import threading
 from collections import OrderedDict
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar
 
 import torch
 
@@ -90,6 +93,21 @@ def default_num_slots(
     return max(1, budget_bytes // per_slot)
 
 
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _locked(method: _F) -> _F:
+    """Run `method` under the store's re-entrant lock: the engine thread acquires and releases slots while
+    the node's worker threads load and unload adapters at run time."""
+
+    @functools.wraps(method)
+    def wrapper(self: AdapterStore, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
+
+
 class AdapterStore:
     """Disk -> CPU -> slot tiers for the LoRA layers of one model (see the module docstring)."""
 
@@ -101,6 +119,7 @@ class AdapterStore:
         cpu_cache_bytes: int = 2 << 30,
         dtype: torch.dtype | None = None,
     ) -> None:
+        self._lock = threading.RLock()
         self._slots = slots
         self._dims = dims
         self._base_hash = parse_hash(base_hash) if base_hash is not None else None
@@ -127,6 +146,7 @@ class AdapterStore:
     def max_rank(self) -> int:
         return self._slots.context.max_rank
 
+    @_locked
     def register(self, key: str, path: str | Path, weights_hash: str | None = None, base_hash: str | None = None) -> None:
         """Make `key` known (nothing is read yet). Re-registering a key that is not in use replaces it."""
         if not key:
@@ -143,6 +163,7 @@ class AdapterStore:
             self._drop(key)
         self._entries[key] = entry
 
+    @_locked
     def load(self, key: str, path: str | Path, weights_hash: str | None = None, base_hash: str | None = None) -> AdapterInfo:
         """Register `key` and load it into the CPU tier now, so a bad adapter is refused at once (run time API).
 
@@ -156,6 +177,7 @@ class AdapterStore:
             raise
         return self._info(key)
 
+    @_locked
     def unload(self, key: str) -> None:
         """Forget `key` in every tier; refused while a running request holds it."""
         self._entry(key)
@@ -166,6 +188,7 @@ class AdapterStore:
         self._drop(key)
         del self._entries[key]
 
+    @_locked
     def list(self) -> builtins.list[AdapterInfo]:
         """Every known adapter with its tier, slot and reference count, by key."""
         return [self._info(k) for k in sorted(self._entries)]
@@ -226,6 +249,7 @@ class AdapterStore:
     def num_slots(self) -> int:
         return self._slots.num_slots
 
+    @_locked
     def validate(self, keys: Sequence[str]) -> None:
         """AdapterNotFoundError for an unknown key; InvalidRequestError for more distinct keys than slots."""
         for k in keys:
@@ -242,6 +266,7 @@ class AdapterStore:
         idle.sort(key=lambda s: self._last_use[s])
         return empty + idle
 
+    @_locked
     def acquire(self, keys: Sequence[str]) -> tuple[int, ...] | None:
         """Pin `keys` in slots and return their slot ids in key order, or None (nothing changed) if slots are short.
 
@@ -294,6 +319,7 @@ class AdapterStore:
         self._key_slot[key] = slot
         self._last_use[slot] = self._tick
 
+    @_locked
     def release(self, keys: Sequence[str]) -> None:
         """Undo one `acquire(keys)`; the adapters stay resident (unpinned) until their slot is needed."""
         unique = list(dict.fromkeys(keys))
@@ -303,6 +329,7 @@ class AdapterStore:
         for k in unique:
             self._refs[k] -= 1
 
+    @_locked
     def prefetch(self, keys: Sequence[str]) -> None:
         """Warm the tiers for a waiting request: CPU tier now; on CUDA also empty slots, on a side stream."""
         for k in dict.fromkeys(keys):
@@ -320,10 +347,12 @@ class AdapterStore:
                 log.warning("prefetch of adapter %r failed: %s", k, e)
 
     # ---- introspection -------------------------------------------------------------------------------------
+    @_locked
     def pinned(self) -> dict[str, int]:
         """Keys held by running sequences -> reference count (empty when nothing runs: no leak)."""
         return {k: n for k, n in self._refs.items() if n > 0}
 
+    @_locked
     def resident(self) -> dict[int, str]:
         """slot -> key of every filled slot."""
         return {s: k for s, k in enumerate(self._slot_key) if k is not None}
@@ -332,6 +361,7 @@ class AdapterStore:
     def cpu_bytes(self) -> int:
         return self._cpu_bytes
 
+    @_locked
     def cpu_keys(self) -> builtins.list[str]:
         """Keys in the CPU tier, least recently used first."""
         return list(self._cpu)
