@@ -46,7 +46,7 @@ from inference.block_manager import BlockManager
 from inference.config import ModelConfig, parse_dtype
 from inference.errors import CapacityError, EngineConfigError, EngineError, InvalidRequestError
 from inference.kv_cache import PagedKVCache, bytes_per_block, num_blocks_for_budget
-from inference.loader import load_model
+from inference.quant import check_quantize_mode, load_model_quantized
 from inference.model import LlamaModel
 from inference.sampling import SampleRequest, make_generator, sample
 from inference.scheduler import AdapterSlots, Scheduler, SchedulerConfig, SchedulerOutput
@@ -73,6 +73,7 @@ class EngineConfig:
     model_dir: str | Path
     dtype: str = "float32"
     device: str = "cpu"
+    quantize: str = "none"  # "none" | "nf4": the base's projections in bitsandbytes 4-bit (QLoRA serving)
     block_size: int = 16
     kv_cache_bytes: int | None = None
     num_blocks: int | None = None
@@ -84,6 +85,10 @@ class EngineConfig:
     seed: int = 0  # generator of unseeded sampled requests
 
     def __post_init__(self) -> None:
+        try:
+            check_quantize_mode(self.quantize)
+        except ValueError as e:
+            raise EngineConfigError(f"EngineConfig.quantize: {e}") from e
         for name in ("block_size", "max_num_seqs", "max_tokens_per_step", "max_queue"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
@@ -279,7 +284,7 @@ class Engine:
         dtype = parse_dtype(config.dtype)
         attention = get_attention_backend(config.attention_backend, self.device)
         self.model = (
-            model if model is not None else load_model(config.model_dir, dtype, self.device, attention)
+            model if model is not None else load_model_quantized(config.model_dir, config.quantize, dtype, self.device, attention)
         )
         if model is not None and config.attention_backend is not None:
             self.model.set_attention_backend(config.attention_backend)

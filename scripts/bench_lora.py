@@ -152,7 +152,8 @@ def build_models(size: str, dtype: torch.dtype, device: torch.device, workdir: P
     config = LlamaConfig(vocab_size=sz["vocab"], hidden_size=sz["hidden"], intermediate_size=sz["intermediate"],
                          num_hidden_layers=sz["layers"], num_attention_heads=sz["heads"],
                          num_key_value_heads=sz["kv_heads"], max_position_embeddings=2048, rms_norm_eps=1e-5,
-                         rope_theta=sz.get("rope_theta", 10000.0), tie_word_embeddings=False,
+                         rope_theta=sz.get("rope_theta", 10000.0),  # type: ignore[call-arg]  # -> rope_parameters
+                         tie_word_embeddings=False,
                          bos_token_id=1, eos_token_id=2, pad_token_id=0)
     torch.manual_seed(0)
     with torch.device(device):

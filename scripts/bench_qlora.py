@@ -34,7 +34,7 @@ from inference.model import LlamaModel
 from inference.quant import load_model_quantized, module_nbytes, projections_nbytes, quantize_nf4
 from inference.tiny import init_tiny
 
-SIZES: dict[str, dict[str, int]] = {
+SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 512},
     "20m": {"layers": 4, "hidden": 512, "heads": 8, "kv_heads": 4, "intermediate": 1536, "vocab": 8192},
 }
@@ -62,8 +62,9 @@ def weight_error(ref: LlamaModel, quant: LlamaModel) -> float:
     import bitsandbytes.functional as F
 
     num = den = 0.0
-    refs = ref.named_linears()
-    for name, q in quant.named_linears().items():
+    refs: dict[str, Any] = ref.named_linears()
+    quants: dict[str, Any] = quant.named_linears()
+    for name, q in quants.items():
         w = refs[name].weight.detach().float()
         deq = F.dequantize_4bit(q.weight.data, q.weight.quant_state).float()
         num += float((deq - w).pow(2).sum())
