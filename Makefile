@@ -26,8 +26,9 @@ $(NODE_STAMP): package.json package-lock.json
 run: deps
 	$(VENV)/bin/loraledger demo --state-dir $(STATE)
 
+# Stops the demo's node (it drains and exits), then its devnet.
 stop: deps
-	$(VENV)/bin/loraledger devnet down --state-dir $(STATE)/devnet
+	$(VENV)/bin/loraledger demo --stop --state-dir $(STATE)
 
 test: deps
 	$(PY) -m pytest -q
