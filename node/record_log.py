@@ -165,6 +165,10 @@ class _Backend:
     def begin_exclusive(self, conn: Any) -> None:
         raise NotImplementedError
 
+    def begin_write(self, conn: Any) -> None:
+        """Start a transaction that will write (takes the write lock up front where the database needs it)."""
+        conn.execute("BEGIN")
+
     def init_schema(self, conn: Any) -> None:
         raise NotImplementedError
 
@@ -186,6 +190,11 @@ class _SQLiteBackend(_Backend):
         return conn
 
     def begin_exclusive(self, conn: Any) -> None:
+        conn.execute("BEGIN IMMEDIATE")
+
+    def begin_write(self, conn: Any) -> None:
+        # A deferred BEGIN that reads and then writes cannot upgrade its lock in WAL mode once the appender
+        # thread committed in between (SQLITE_BUSY at once, the busy timeout does not apply): take it first.
         conn.execute("BEGIN IMMEDIATE")
 
     def init_schema(self, conn: Any) -> None:
@@ -404,7 +413,7 @@ class RecordLog:
             if exclusive:
                 self._backend.begin_exclusive(conn)
             else:
-                conn.execute("BEGIN")
+                self._backend.begin_write(conn)
             try:
                 yield conn
             except BaseException:

@@ -14,6 +14,17 @@ Admission: at most `max_queue` requests in flight in this servicer; beyond it Ca
 Client cancel or deadline: grpc.aio cancels the handler task; its `finally` cancels the engine request at once,
 which frees its KV blocks. Every error becomes a status through `node.grpc_status.status_for`.
 
+Records (`RecordSink`), one per request that produced tokens:
+    finished ("stop" / "length")         committed BEFORE the final response is sent (shielded: a client leaving
+                                         or shutdown cancelling the call does not stop it)
+    abandoned after tokens were produced the client left, its deadline passed, or the grace period of a shutdown
+    (or cancelled by the engine)         ended: the engine request is cancelled and, once the engine's final
+                                         result is in, a record of the tokens it generated is committed in the
+                                         background; `flush` (shutdown) waits for these too
+    no token produced, or failed         no record
+    base model only                      no record: fees come from adapters (DESIGN.md), so a request without
+                                         one costs nothing and pays nobody; the sink returns None for it
+
 The servicers depend on small Protocols (`AdapterCatalog`, `RecordSink`, `AttributionQueries`) that the node
 process (`node.process`) implements with the adapter store, the record log and the chain; tests may plug in
 their own. One JSON line per request goes to the `loraledger.requests` logger.
@@ -385,6 +396,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         self.default_max_tokens = default_max_tokens
         self._inflight = 0
         self._commits: set[asyncio.Future[AttributionSummary | None]] = set()
+        self._abandoned: set[asyncio.Future[None]] = set()
 
     @property
     def inflight(self) -> int:
@@ -418,17 +430,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
                 f"the node holds {self._inflight} requests (server.max_queue={self.max_queue}); retry later"
             )
         self._inflight += 1
-        slot = _Admission(self)
+        slot = _Admission(self, request.client_account)
         # runs when the RPC ends for any reason (client cancel, deadline, shutdown), even before this generator
         # is finalised: the engine drops the sequence and frees its KV blocks now
         context.add_done_callback(lambda _ctx: slot.release())
         try:
             gen, client_id = await self._prepare(request, call)
+            slot.gen = gen
             slot.handle = self.engine.submit(gen)
             async for item in slot.handle:
                 if isinstance(item, TokenDelta):
                     yield item
                     continue
+                slot.finalised = True  # from here `_final` owns the record
                 yield await self._final(item, gen, client_id, request.client_account, call)
         finally:
             slot.release()
@@ -440,13 +454,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         if result.finish_reason == "error":
             raise _EngineFailure(f"the engine failed this request: {result.error}")
         summary = None
-        if result.finish_reason in ("stop", "length"):
-            finished = FinishedRequest(
-                request_id=result.request_id, adapters=tuple(gen.adapters), prompt_tokens=result.prompt_tokens,
-                completion_tokens=result.completion_tokens, text=result.text, token_ids=result.token_ids,
-                client_account=account,
-            )
-            summary = await self._commit(finished)
+        if result.finish_reason in ("stop", "length") or result.completion_tokens > 0:
+            summary = await self._commit(_finished(result, gen, account))
         return pb.GenerateResponse(
             request_id=client_id, text=result.text, token_ids=list(result.token_ids),
             finish_reason=result.finish_reason,
@@ -462,11 +471,54 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         fut.add_done_callback(self._commits.discard)
         return await asyncio.shield(fut)
 
-    async def flush(self) -> None:
-        """Wait for every record commit in progress, then flush the sink (durable on return)."""
-        pending = list(self._commits)
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+    def _record_abandoned(self, handle: RequestHandle, gen: GenerationRequest, account: str,
+                          loop: asyncio.AbstractEventLoop) -> None:
+        """Schedule the record of a request whose call ended before its final result was handled, on `loop`
+        (the servicer's); tracked so that `flush` waits for it."""
+        if not gen.adapters:
+            return  # base model only: no record (module docstring)
+
+        def spawn() -> None:
+            task = asyncio.ensure_future(self._commit_abandoned(handle, gen, account))
+            self._abandoned.add(task)
+            task.add_done_callback(self._abandoned.discard)
+
+        try:
+            here = asyncio.get_running_loop()
+        except RuntimeError:
+            here = None
+        if here is loop:
+            spawn()
+        else:  # a gRPC done-callback from another thread
+            loop.call_soon_threadsafe(spawn)
+
+    async def _commit_abandoned(self, handle: RequestHandle, gen: GenerationRequest, account: str,
+                                timeout: float = 60.0) -> None:
+        """Wait for the engine's final result of an abandoned request (it was cancelled, or finished unread);
+        commit its record when it produced tokens. Failures are logged: nobody is left to answer."""
+        try:
+            result = await asyncio.to_thread(handle.result, timeout)
+            if result.completion_tokens == 0 or result.finish_reason == "error":
+                return
+            summary = await self._commit(_finished(result, gen, account))
+            if summary is not None:
+                log.info("record %s of abandoned request %s (%d tokens, %s)", summary.record_hash,
+                         result.request_id, result.completion_tokens, result.finish_reason)
+        except (EngineError, NodeError, TimeoutError) as e:
+            log.error("could not record abandoned request %s: %s", handle.request_id, e)
+
+    async def flush(self, release_timeout: float = 10.0) -> None:
+        """Wait until every admitted request has been released (after a server stop their handlers are being
+        cancelled; at most `release_timeout` s), then for every record commit in progress (finished and
+        abandoned requests), then flush the sink (durable on return)."""
+        deadline = time.monotonic() + release_timeout
+        while self._inflight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        if self._inflight > 0:
+            log.warning("%d request(s) still held after %.1f s of shutdown; their records may be missing",
+                        self._inflight, release_timeout)
+        while self._abandoned or self._commits:
+            await asyncio.gather(*self._abandoned, *self._commits, return_exceptions=True)
         await asyncio.to_thread(self.records.flush)
 
     # ---- RPCs ----------------------------------------------------------------------------------------------
@@ -540,13 +592,25 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         return pb.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in adapters])
 
 
-class _Admission:
-    """One admitted request: `release` (idempotent) gives its queue place back and cancels the engine request
-    unless it finished."""
+def _finished(result: GenerationResult, gen: GenerationRequest, account: str) -> FinishedRequest:
+    return FinishedRequest(
+        request_id=result.request_id, adapters=tuple(gen.adapters), prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens, text=result.text, token_ids=result.token_ids,
+        client_account=account,
+    )
 
-    def __init__(self, servicer: InferenceServicer) -> None:
+
+class _Admission:
+    """One admitted request: `release` (idempotent) gives its queue place back, cancels the engine request
+    unless it finished and, unless the final result reached `_final`, has the abandoned request recorded."""
+
+    def __init__(self, servicer: InferenceServicer, account: str) -> None:
         self._servicer = servicer
+        self._account = account
+        self._loop = asyncio.get_running_loop()
         self.handle: RequestHandle | None = None
+        self.gen: GenerationRequest | None = None
+        self.finalised = False
         self._released = False
 
     def release(self) -> None:
@@ -554,8 +618,13 @@ class _Admission:
             return
         self._released = True
         self._servicer._inflight -= 1
-        if self.handle is not None and not self.handle.done:
-            self._servicer.engine.cancel(self.handle.request_id)
+        handle = self.handle
+        if handle is None or self.finalised:
+            return
+        if not handle.done:
+            self._servicer.engine.cancel(handle.request_id)
+        if self.gen is not None:
+            self._servicer._record_abandoned(handle, self.gen, self._account, self._loop)
 
 
 class _EngineFailure(EngineError, RuntimeError):

@@ -3,12 +3,14 @@
     loraledger epoch settle                         close what is pending now and settle it (resumes first)
     loraledger epoch export N --out FILE            full trees + proofs of epoch N as JSON
     loraledger rewards show ADDRESS                 owed, claimed, and per-epoch history of one account
-    loraledger rewards claim --key-file F [--operator ADDR] [--epoch-file F] [--account ADDR]
+    loraledger rewards claim --key-file F [--operator ADDR] [--server ADDR | --epoch-file F] [--account ADDR]
     loraledger rewards push [--epoch-file F] [--threshold N]
 
 The record log, the deployment and the operator key come from the node config (`--config`, env vars, defaults:
-see node.config); `--records`, `--deployment`, `--rpc-url` override them. A claim needs no node: with
-`--epoch-file` it reads the proof from an exported epoch file and checks it against the root on chain.
+see node.config); `--records`, `--deployment`, `--rpc-url` override them. A claim trusts no node: with
+`--server` it fetches the proof from a running node (gRPC `GetRewardProof`), with `--epoch-file` it reads it
+from an exported epoch file, else from the local record log; either way it is checked against the root on chain
+before anything is sent.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from node.errors import ConfigError
 from node.keys import PASSWORD_ENV, account_from_hex, load_account, load_keystore, read_password
 from node.record_log import RecordLog
 from node.settlement import EpochProofs, RewardProofData, SettlementOptions, Settler, export_epoch
-from node.types import as_address
+from node.types import Wei, as_address, as_bytes32
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -67,6 +69,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     cl.add_argument("--password-file", help="file whose first line is the keystore password")
     cl.add_argument("--operator", help="operator whose stream pays (default: the epoch file's operator)")
     cl.add_argument("--epoch-file", help="exported epoch file holding the proof (default: the local record log)")
+    cl.add_argument("--server", help="fetch the proof from the node at HOST:PORT (gRPC GetRewardProof)")
+    cl.add_argument("--timeout", type=float, default=30.0, help="gRPC deadline in seconds with --server")
     cl.add_argument("--account", help="account to claim for (default: the key's own address)")
     common(cl)
     cl.set_defaults(handler=_claim)
@@ -212,7 +216,11 @@ def _claim(args: argparse.Namespace) -> int:
     dep, w3 = _chain(args, cfg)
     sender = _key(args, cfg)
     account = as_address(args.account or sender.address)
-    if args.epoch_file:
+    if args.epoch_file and args.server:
+        raise ConfigError("give --server or --epoch-file, not both")
+    if args.server:
+        proof = proof_from_node(args.server, account, args.timeout)
+    elif args.epoch_file:
         proof = proof_from_epoch_file(args.epoch_file, account)
     else:
         with _open_log(args, cfg) as log_:
@@ -226,6 +234,28 @@ def _claim(args: argparse.Namespace) -> int:
     res = claim(contracts.ledger, proof)
     print(res.message)
     return 0
+
+
+def proof_from_node(server: str, account: str, timeout: float = 30.0) -> RewardProofData:
+    """The latest cumulative amount and proof of `account` from the node at `server` (gRPC GetRewardProof).
+    Not trusted: `claim` checks it against the operator's root on chain before sending anything."""
+    import grpc
+
+    from proto.loraledger.v1 import loraledger_pb2 as pb
+    from proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
+
+    with grpc.insecure_channel(server) as channel:
+        try:
+            r = pb_grpc.AttributionStub(channel).GetRewardProof(pb.GetRewardProofRequest(account=account),
+                                                                timeout=timeout)
+        except grpc.RpcError as e:
+            raise ConfigError(f"node {server} gave no proof for {account}: {e.code().name}: {e.details()}") from e
+    try:
+        return RewardProofData(as_address(r.operator), as_address(r.account), int(r.epoch),
+                               Wei(int(r.cumulative_amount)), as_bytes32(r.rewards_root),
+                               [as_bytes32(p) for p in r.proof])
+    except ValueError as e:
+        raise ConfigError(f"node {server} answered a malformed proof for {account}: {e}") from e
 
 
 def _push(args: argparse.Namespace) -> int:

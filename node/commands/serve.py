@@ -5,7 +5,11 @@
                         [--temperature T] [--seed S] [--chat] PROMPT
 
 `node run` prints one line `loraledger node: serving on HOST:PORT` once health is SERVING (scripts wait for it)
-and exits 0 after a clean SIGTERM / SIGINT shutdown. `generate` prints the text (streamed as it comes with
+and exits 0 after a clean SIGTERM / SIGINT shutdown (in-flight requests get `server.grace_seconds`; the record of
+every request that produced tokens is durable before exit). With a deployment (`chain.deployment`), an operator
+key (`$LORALEDGER_OPERATOR_KEY` or `chain.key_file`) and `settlement.enabled`, the node also settles epochs
+itself (`[settlement]` epoch_seconds / epoch_records / push_threshold; see node.process.SettlementLoop), and
+`attribution.token_level_lambda` > 0 turns token-level attribution on. `generate` prints the text (streamed as it comes with
 --stream), then usage and the attribution summary on stderr-free stdout lines starting with `#`.
 """
 

@@ -1,6 +1,7 @@
 """The node as a process: `loraledger node run` starts, serves, and on SIGTERM mid-load lets in-flight requests
 finish, refuses new ones and exits 0; `NodeApp.stop` with a short grace cancels what is left and frees the KV
-cache."""
+cache; SIGTERM mid-load through on-chain adapters loses no record (finished or cut after producing tokens);
+`model.quantize = "nf4"` serves adapters over a 4-bit base."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -166,3 +167,97 @@ def test_weights_to_bps_sums_exactly(weights: list[float], bps: list[int]) -> No
     from node.process import weights_to_bps
 
     assert weights_to_bps(weights) == bps and sum(bps) == 10000
+
+
+@pytest.mark.slow
+def test_sigterm_mid_load_loses_no_record(chain_world: Any, tiny_model_dir: Path, tmp_path: Path,
+                                          node_runner: Callable[..., Any]) -> None:
+    """Streams through on-chain adapters, SIGTERM while they run (grace 1 s): every stream whose final response
+    arrived has its record with the same usage, and every stream cut by the grace period after tokens were
+    produced has the record of the tokens the engine generated."""
+    import sqlite3
+
+    from node.servicer import request_id_bytes32
+
+    records = tmp_path / "records.sqlite"
+    node = node_runner(["--model", str(tiny_model_dir), "--device", "cpu", "--listen", "127.0.0.1:0",
+                        "--records", str(records), "--grace", "1", "--adapters-dir", str(tmp_path / "adapters"),
+                        "--deployment", str(chain_world.deployment_file)],
+                       {"LORALEDGER_SETTLEMENT_ENABLED": "false"})
+
+    async def one(i: int, started: asyncio.Event, seen: dict[str, int]) -> tuple[str, pb.GenerateResponse | None]:
+        rid = f"sigterm-{i}"
+        req = pb.GenerateRequest(prompt=f"Load {i}", request_id=rid, sampling=pb.SamplingParams(
+            max_tokens=12 if i % 2 else 480), adapters=[pb.AdapterRef(adapter=str(1 + i % 2))])
+        seen[rid] = 0
+        async with grpc.aio.insecure_channel(node.address) as ch:
+            try:
+                async for msg in pb_grpc.InferenceStub(ch).GenerateStream(req, timeout=120):
+                    if msg.HasField("final"):
+                        return rid, msg.final
+                    seen[rid] += 1
+                    if all(v >= 2 for v in seen.values()) and len(seen) == 8:
+                        started.set()
+            except grpc.aio.AioRpcError as e:
+                assert e.code() in (grpc.StatusCode.CANCELLED, grpc.StatusCode.UNAVAILABLE), e
+        return rid, None
+
+    async def load() -> tuple[list[tuple[str, pb.GenerateResponse | None]], dict[str, int]]:
+        started, seen = asyncio.Event(), {}
+        tasks = [asyncio.create_task(one(i, started, seen)) for i in range(8)]
+        await asyncio.wait_for(started.wait(), 60)
+        node.proc.send_signal(signal.SIGTERM)
+        return await asyncio.gather(*tasks), seen
+
+    results, seen = asyncio.run(load())
+    assert node.proc.wait(60) == 0, "\n".join(node.lines[-30:])
+    conn = sqlite3.connect(records)
+    logged = {r: c for r, c in conn.execute("SELECT request_id, completion_tokens FROM records")}
+    conn.close()
+    finished = [(rid, f) for rid, f in results if f is not None]
+    assert len(finished) >= 4, "the 12-token streams finish within the grace period"
+    for rid, final in results:
+        key = request_id_bytes32(rid)
+        assert key in logged, f"no record for {rid} ({'finished' if final else 'cut'})"
+        if final is not None:
+            assert logged[key] == final.usage.completion_tokens and final.attribution.request_id == key
+        else:
+            assert logged[key] >= seen[rid] > 0
+    assert len(logged) == 8
+
+
+def _nf4_runs_here() -> bool:
+    """bitsandbytes 4-bit works on this machine (its CPU kernels need a recent build)."""
+    try:
+        import bitsandbytes as bnb
+        import torch
+    except ImportError:
+        return False
+    q = bnb.nn.Linear4bit(64, 8, compute_dtype=torch.float32, quant_type="nf4", device="meta")
+    q.weight = bnb.nn.Params4bit(torch.randn(8, 64), requires_grad=False, quant_type="nf4", module=q)
+    q.weight = q.weight.to("cpu")
+    with torch.no_grad():
+        return bool(torch.isfinite(q(torch.randn(2, 64))).all())
+
+
+@pytest.mark.skipif(not _nf4_runs_here(), reason="bitsandbytes 4-bit cannot run on this machine")
+def test_nf4_base_serves_adapters(tiny_model_dir: Path, tmp_path: Path, random_adapter: Callable[..., Path]) -> None:
+    from inference.engine import GenerationRequest
+    from inference.quant import is_nf4
+    from inference.sequence import SamplingParams
+    from node.process import build_engine
+
+    cfg = load_config(None, {
+        "model": {"dir": str(tiny_model_dir), "device": "cpu", "quantize": "nf4"},
+        "adapters": {"slots": 2, "max_rank": 8},
+    }, environ={})
+    cfg.adapters.aliases = {"a": str(random_adapter(tiny_model_dir, tmp_path / "a", seed=5))}
+    engine, store = build_engine(cfg)
+    bases = [getattr(m, "base", m) for m in engine.model.named_linears().values()]
+    assert bases and all(is_nf4(b) for b in bases), "every base projection must be 4-bit"
+    store.register("a", cfg.adapters.aliases["a"])
+    params = SamplingParams(max_tokens=6, temperature=0.0)
+    base, tuned = engine.generate([GenerationRequest("The cat", params),
+                                   GenerationRequest("The cat", params, adapters=(("a", 1.0),))])
+    assert base.completion_tokens == tuned.completion_tokens == 6
+    assert base.token_ids != tuned.token_ids, "the adapter must act on the quantized base"

@@ -106,6 +106,39 @@ def test_group_commit_many_writer_threads(tmp_path: Path) -> None:
         assert log.commits < threads_n * per_thread  # appends shared commits
 
 
+def test_epoch_transitions_while_records_are_appended(tmp_path: Path) -> None:
+    """The settlement thread moves epochs through their states while the writer thread keeps appending: a
+    transition that read before the appender committed must still get the write lock (no "database is locked")."""
+    with RecordLog.open(tmp_path / "log.sqlite") as log:
+        log.append_many([make_record(i) for i in range(1, 41)])
+        closed = [log.close_epoch(max_records=1) for _ in range(40)]
+        assert closed == list(range(1, 41))
+        stop = threading.Event()
+        appended: list[int] = []
+
+        def writer() -> None:
+            i = 1000
+            while not stop.is_set():
+                log.append(make_record(i))
+                appended.append(i)
+                i += 1
+
+        thread = threading.Thread(target=writer)
+        thread.start()
+        root = Bytes32("0x" + "01" * 32)
+        try:
+            for n in closed:
+                log.mark_built(n, records_root=root, rewards_root=root, cumulative_total=100 * n, terms={},
+                               amounts={A: 100}, cumulative={A: 100 * n})
+                log.mark_submitted(n, tx_hash=TxHash("0x" + f"{n:064x}"), nonce=n, raw_tx="0x00")
+                log.mark_confirmed(n, block_number=n)
+        finally:
+            stop.set()
+            thread.join()
+        assert all(log.epoch(n).state == CONFIRMED for n in closed)  # type: ignore[union-attr]
+        assert appended and log.record_count() == 40 + len(appended)
+
+
 def test_open_needs_exactly_one_target(tmp_path: Path) -> None:
     with pytest.raises(RecordLogError, match="exactly one"):
         RecordLog.open()
