@@ -16,6 +16,8 @@ Layout, for B sequences contributing T tokens in total this step:
 
 M is the largest number of adapters any sequence in the batch merges (1 without merges, 0 for a batch that
 uses no adapter at all: then both adapter tensors have shape [T, 0] and LoRA costs nothing).
+`adapter_runs[m]` is the host copy of column m: runs (slot, start, end) of consecutive tokens on one slot >= 0,
+in token order, so the LoRA layers need no device-to-host copy to plan their work.
 A prefill chunk of sequence b is the tokens [context_lens[b] - q_len, context_lens[b]); a decode is q_len == 1.
 """
 
@@ -42,6 +44,7 @@ class BatchMetadata:
     block_size: int
     max_query_len: int
     max_context_len: int
+    adapter_runs: tuple[tuple[tuple[int, int, int], ...], ...] | None = None  # [M] runs (slot, start, end)
 
     @property
     def num_tokens(self) -> int:
@@ -127,6 +130,14 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device: torch.device | 
         slots.extend([row_slots] * n)
         scales.extend([row_scales] * n)
         tables.append(list(c.block_table) + [0] * (max_blocks - len(c.block_table)))
+    runs: list[list[tuple[int, int, int]]] = [[] for _ in range(max_m)]
+    for c, start in zip(chunks, query_start, strict=False):  # query_start[b]: first token of chunk b
+        for m, slot in enumerate(c.adapter_slots):
+            col, end = runs[m], start + len(c.token_ids)
+            if col and col[-1][0] == slot and col[-1][2] == start:
+                col[-1] = (slot, col[-1][1], end)  # the previous sequence ran on the same slot: one run
+            elif slot >= 0:
+                col.append((slot, start, end))
     t = len(input_ids)
     return BatchMetadata(
         input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
@@ -141,4 +152,5 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device: torch.device | 
         block_size=block_size,
         max_query_len=max(len(c.token_ids) for c in chunks),
         max_context_len=max(context_lens),
+        adapter_runs=tuple(tuple(col) for col in runs),
     )

@@ -113,10 +113,11 @@ def sample(
         torch.log_softmax(logits.float(), dim=-1) if any(n is not None for n in want_logprobs) else None
     )
 
-    z = logits.float().clone()
-    apply_repetition_penalty(
-        z, [r.history for r in requests], [r.params.repetition_penalty for r in requests]
-    )
+    z = logits.float()  # [B, V]; copied only when the penalty below writes into it
+    penalties = [r.params.repetition_penalty for r in requests]
+    if any(rp != 1.0 for rp in penalties):
+        z = z.clone()
+        apply_repetition_penalty(z, [r.history for r in requests], penalties)
     chosen = z.argmax(dim=-1)  # [B], the greedy answer; sampled rows overwrite theirs
 
     rows = [i for i, r in enumerate(requests) if not r.params.greedy]

@@ -121,6 +121,14 @@ class SchedulerOutput:
         return not self.chunks
 
 
+def _token_ids(seq: Sequence, start: int, n: int) -> tuple[int, ...]:
+    """seq.all_ids[start : start + n] without copying prompt + outputs (a decode reads one output token)."""
+    prompt_len = len(seq.prompt_ids)
+    if start >= prompt_len:
+        return tuple(seq.output_ids[start - prompt_len : start - prompt_len + n])
+    return tuple(seq.all_ids[start : start + n])
+
+
 class Scheduler:
     """Waiting queue + running set over one `BlockManager` and one `AdapterSlots`."""
 
@@ -220,7 +228,7 @@ class Scheduler:
             out.chunks.append(
                 SeqChunk(
                     seq_id=seq.seq_id,
-                    token_ids=tuple(seq.all_ids[start : start + n]),
+                    token_ids=_token_ids(seq, start, n),
                     start_pos=start,
                     block_table=self.blocks.block_table(seq.seq_id),
                     adapter_slots=seq.adapter_slots,

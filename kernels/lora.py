@@ -23,14 +23,24 @@ loaded from memory, and compute is wasted only up to the next multiple of the ra
 computes a 16-wide tile in the shrink while moving only 4 columns of A.
 
 "No adapter costs no LoRA work": `build_lora_indices` drops merge columns and segments whose slot is -1,
-and the torch path only gathers the tokens of each used slot (`groups`), so a batch without adapters does
-no LoRA work at all and an un-adapted token in a mixed batch is never gathered.
+and the torch path only touches the tokens of used, non-empty slots, so a batch without adapters does no LoRA
+work at all and an un-adapted token in a mixed batch is never gathered.
+
+The torch path (the CPU path) is bound by the number of small torch calls, not by bytes: looping over the
+slots of a decode step costs ~6 calls per slot and projection, i.e. thousands per step. So, once per step and
+per rank signature (the ranks of the used slots, shared by the projections of one adapter set),
+`LoRAIndices.plan` splits each merge column into `LoRABucket`s that take a few calls whatever the number of
+adapters (see RUN_MIN_ROWS below for the cost model):
+
+    runs  prefill chunks (long runs of one slot): x[start:end] @ A @ B added into out[start:end]; no gather
+    bmm   decodes over many slots: gather each row's A and B, two batched GEMMs, one scatter; no slot loop
+    loop  many rows on few slots: rows sorted by slot, two GEMMs per slot into one buffer, one scatter
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -50,6 +60,39 @@ class AdapterColumn:
     groups: tuple[tuple[int, torch.Tensor], ...]  # (slot, token indices [n] int64) per used slot, slot-sorted
 
 
+# How the torch path runs the tokens of one rank, counted in torch calls (each ~5 us on a CPU at decode sizes,
+# more than the arithmetic of a rank-16 LoRA on a few rows):
+#   runs   a run of >= RUN_MIN_ROWS consecutive tokens on one slot: 3 calls (GEMM, scale, GEMM-accumulate into
+#          the run's rows of out), no gather nor scatter; every prefill chunk is one such run
+#   bmm    the other tokens (decodes: runs of 1), when at most BMM_ROWS_PER_SLOT per distinct slot: gather each
+#          row's A and B, two batched GEMMs over rows: ~7 calls whatever the number d of slots, and at most
+#          BMM_ROWS_PER_SLOT times the bytes of the d adapters moved
+#   loop   else: rows sorted by slot, two GEMMs per slot into one buffer, one scatter: 2 * d + 4 calls
+RUN_MIN_ROWS = 4
+BMM_ROWS_PER_SLOT = 2
+
+
+@dataclass(frozen=True)
+class LoRABucket:
+    """Tokens of one merge column whose slots share one rank `r`, and how the torch path runs them.
+
+        form         "runs" | "bmm" | "loop" (see RUN_MIN_ROWS above)
+        parts        ((slot, start, end), ...): runs: token rows [start, end) of x and out use `slot`;
+                     loop: rows [start, end) of the gathered, slot-sorted `rows` use `slot`; bmm: ()
+        rows         [n] int64 gathered token rows (bmm, loop); None for runs
+        scales       [n, 1] float32 merge weight per gathered row (bmm, loop); [T, 1] of every token for runs;
+                     None when every weight is 1 (single-adapter requests: no scaling call)
+        slot_of_row  [n] int64 slot of each gathered row (bmm only)
+    """
+
+    rank: int
+    form: str
+    parts: tuple[tuple[int, int, int], ...]
+    rows: torch.Tensor | None
+    scales: torch.Tensor | None
+    slot_of_row: torch.Tensor | None = None
+
+
 @dataclass(frozen=True)
 class LoRAIndices:
     """Everything the LoRA layers need about a step's adapter assignment; `columns` is empty if none is used."""
@@ -57,10 +100,84 @@ class LoRAIndices:
     num_tokens: int
     columns: tuple[AdapterColumn, ...]
     decode_only: bool
+    _plans: dict[tuple[int, tuple[int, ...]], tuple[LoRABucket, ...]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    _runs: dict[int, tuple[tuple[int, int, int], ...]] = field(default_factory=dict, compare=False, repr=False)
+    _unit: dict[int, bool] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def active(self) -> bool:
         return bool(self.columns)
+
+    def plan(self, column: int, ranks_host: list[int]) -> tuple[LoRABucket, ...]:
+        """The buckets of merge column `column` for a projection whose slots have ranks `ranks_host` [S].
+
+        Memoized by the ranks of the column's used slots: the 7 projections x L layers of a model usually
+        share one signature, so the index tensors are built once per step, not once per projection.
+        """
+        col = self.columns[column]
+        key = (column, tuple(ranks_host[slot] for slot, _ in col.groups))
+        buckets = self._plans.get(key)
+        if buckets is None:
+            runs = self._runs.get(column)
+            if runs is None:  # host copy of the runs (given by build_batch, else read back once per step)
+                runs = _runs_from_segments(col)
+                self._runs[column] = runs
+            unit = self._unit.get(column)
+            if unit is None:
+                unit = bool(((col.slots < 0) | (col.scales == 1.0)).all())
+                self._unit[column] = unit
+            rank_of = {slot: r for (slot, _), r in zip(col.groups, key[1], strict=True)}
+            buckets = _plan_column(runs, rank_of, None if unit else col.scales[:, None], col.slots.device)
+            self._plans[key] = buckets
+        return buckets
+
+
+def _plan_column(
+    runs: tuple[tuple[int, int, int], ...],
+    rank_of: dict[int, int],
+    scales: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[LoRABucket, ...]:
+    """Buckets for one column: its runs (slot, start, end) grouped by rank (rank 0: skipped), each rank's long
+    runs as a "runs" bucket and its other tokens as one "bmm" or "loop" bucket. scales: [T, 1] or None (all 1)."""
+    by_rank: dict[int, list[tuple[int, int, int]]] = {}
+    for run in runs:
+        r = rank_of[run[0]]
+        if r > 0:  # an empty slot (or a projection this adapter does not adapt) costs nothing
+            by_rank.setdefault(r, []).append(run)
+    buckets = []
+    for r, rank_runs in by_rank.items():
+        long = tuple(run for run in rank_runs if run[2] - run[1] >= RUN_MIN_ROWS)
+        if long:
+            buckets.append(LoRABucket(r, "runs", long, None, scales))
+        short = tuple(run for run in rank_runs if run[2] - run[1] < RUN_MIN_ROWS)
+        by_slot: dict[int, list[int]] = {}
+        for slot, start, end in short:
+            by_slot.setdefault(slot, []).extend(range(start, end))
+        if not by_slot:
+            continue
+        order = sorted(by_slot)
+        rows_host = [t for slot in order for t in by_slot[slot]]
+        bmm = len(order) > 1 and len(rows_host) <= BMM_ROWS_PER_SLOT * len(order)
+        if 3 * len(short) <= (7 if bmm else 2 * len(order) + 4):  # few short runs: cheaper sliced as runs too
+            buckets.append(LoRABucket(r, "runs", short, None, scales))
+            continue
+        rows = torch.tensor(rows_host, dtype=torch.int64, device=device)
+        row_scales = scales.index_select(0, rows) if scales is not None else None  # [n, 1]
+        if bmm:
+            slot_of_row = torch.tensor(
+                [slot for slot in order for _ in by_slot[slot]], dtype=torch.int64, device=rows.device
+            )
+            buckets.append(LoRABucket(r, "bmm", (), rows, row_scales, slot_of_row))
+            continue
+        parts, start = [], 0
+        for slot in order:
+            parts.append((slot, start, start + len(by_slot[slot])))
+            start += len(by_slot[slot])
+        buckets.append(LoRABucket(r, "loop", tuple(parts), rows, row_scales))
+    return tuple(buckets)
 
 
 def segments_from_slots(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -108,13 +225,28 @@ def groups_from_slots(slots: torch.Tensor) -> tuple[tuple[int, torch.Tensor], ..
     return tuple((int(s), p) for s, p in zip(uniq.tolist(), parts, strict=True))
 
 
-def build_lora_indices(
-    token_adapter_slots: torch.Tensor, token_adapter_scales: torch.Tensor, num_slots: int, decode_only: bool
-) -> LoRAIndices:
-    """Prepare a step's indices once (one host sync) from `BatchMetadata.token_adapter_slots/scales` [T, M].
+def _runs_from_segments(col: AdapterColumn) -> tuple[tuple[int, int, int], ...]:
+    """The column's segments as host tuples (slot, start, end)."""
+    starts, lens = col.seg_starts.tolist(), col.seg_lens.tolist()
+    return tuple((slot, st, st + n) for slot, st, n in zip(col.seg_slots.tolist(), starts, lens, strict=True))
 
-    Columns in which no token uses an adapter are dropped. Raises ValueError for a slot outside [-1, num_slots).
+
+def build_lora_indices(
+    token_adapter_slots: torch.Tensor,
+    token_adapter_scales: torch.Tensor,
+    num_slots: int,
+    decode_only: bool,
+    runs: tuple[tuple[tuple[int, int, int], ...], ...] | None = None,
+) -> LoRAIndices:
+    """Prepare a step's indices once from `BatchMetadata.token_adapter_slots/scales` [T, M].
+
+    `runs` (`BatchMetadata.adapter_runs`, the same assignment as host runs (slot, start, end) per column)
+    lets the indices be built from host lists in a few calls instead of sorting and scanning the device
+    tensors. Columns in which no token uses an adapter are dropped. Raises ValueError for a slot outside
+    [-1, num_slots).
     """
+    if runs is not None:
+        return _indices_from_runs(token_adapter_slots, token_adapter_scales, num_slots, decode_only, runs)
     if token_adapter_slots.dim() != 2 or token_adapter_slots.shape != token_adapter_scales.shape:
         raise ValueError(
             f"token adapter slots/scales must both be [T, M], got {tuple(token_adapter_slots.shape)} "
@@ -144,6 +276,52 @@ def build_lora_indices(
             )
         )
     return LoRAIndices(num_tokens=int(t), columns=tuple(columns), decode_only=decode_only)
+
+
+def _indices_from_runs(
+    token_adapter_slots: torch.Tensor,
+    token_adapter_scales: torch.Tensor,
+    num_slots: int,
+    decode_only: bool,
+    runs: tuple[tuple[tuple[int, int, int], ...], ...],
+) -> LoRAIndices:
+    """`build_lora_indices` from host runs: per used column one tensor for the segments and one for the
+    slot-sorted token rows (split into `groups`), no sort, scan or read-back on the device."""
+    t, m = token_adapter_slots.shape
+    if len(runs) != m or token_adapter_scales.shape != (t, m):
+        raise ValueError(f"adapter runs name {len(runs)} columns but the slot/scale tensors are "
+                         f"{tuple(token_adapter_slots.shape)} and {tuple(token_adapter_scales.shape)}")
+    device = token_adapter_slots.device
+    columns: list[AdapterColumn] = []
+    host_runs: dict[int, tuple[tuple[int, int, int], ...]] = {}
+    for j, col_runs in enumerate(runs):
+        if not col_runs:
+            continue
+        for slot, start, end in col_runs:
+            if not (0 <= slot < num_slots and 0 <= start < end <= t):
+                raise ValueError(f"adapter run (slot {slot}, tokens [{start}, {end})) outside [0, {num_slots}) "
+                                 f"slots or [0, {t}) tokens")
+        seg = torch.tensor([[r[0] for r in col_runs], [r[1] for r in col_runs], [r[2] - r[1] for r in col_runs]],
+                           dtype=torch.int32, device=device)  # [3, G]: slots, starts, lens
+        by_slot: dict[int, list[int]] = {}
+        for slot, start, end in col_runs:
+            by_slot.setdefault(slot, []).extend(range(start, end))
+        order = sorted(by_slot)
+        rows = torch.tensor([i for s in order for i in by_slot[s]], dtype=torch.int64, device=device)
+        parts = torch.split(rows, [len(by_slot[s]) for s in order])
+        host_runs[len(columns)] = col_runs
+        columns.append(
+            AdapterColumn(
+                slots=token_adapter_slots[:, j].to(torch.int32).contiguous(),
+                scales=token_adapter_scales[:, j].to(torch.float32).contiguous(),
+                seg_starts=seg[1],
+                seg_lens=seg[2],
+                seg_slots=seg[0],
+                max_seg_len=max(r[2] - r[1] for r in col_runs),
+                groups=tuple(zip(order, parts, strict=True)),
+            )
+        )
+    return LoRAIndices(num_tokens=int(t), columns=tuple(columns), decode_only=decode_only, _runs=host_runs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,25 +372,57 @@ def add_lora_ref(
     ranks_host: list[int],
     indices: LoRAIndices,
 ) -> torch.Tensor:
-    """The CPU path: out[t] += sum_m scale[t, m] * (x[t] @ A[s] @ B[s]) over used (column, slot) groups only.
+    """The CPU path: out[t] += sum_m scale[t, m] * (x[t] @ A[s] @ B[s]) over used (column, slot) pairs only.
 
-    Each used slot costs one gather of its tokens and two small GEMMs at its true rank; unused tokens, empty
-    slots and padded ranks cost nothing. `ranks_host` is the host copy of ranks (no device sync per layer).
+    out: [T, out], x: [T, in], A: [S, in, R], B: [S, R, out]; in place, returns out. Works through
+    `indices.plan(m, ranks_host)` (see the module docstring): unused tokens, empty slots and padded rank
+    columns are never read. `ranks_host` is the host copy of ranks (no device sync per layer).
     """
-    for col in indices.columns:
-        for slot, idx in col.groups:
-            r = ranks_host[slot]
-            if r == 0:
-                continue
-            if idx.numel() == x.shape[0]:  # one slot for the whole step (idx == arange(T)): no gather/scatter
-                delta = (x @ A[slot, :, :r]) @ B[slot, :r, :]
-                out.add_(delta * col.scales[:, None].to(delta.dtype))
-                continue
-            xs = x.index_select(0, idx)  # [n, in]
-            delta = (xs @ A[slot, :, :r]) @ B[slot, :r, :]  # [n, out]
-            delta = delta * col.scales.index_select(0, idx)[:, None].to(delta.dtype)
-            out.index_add_(0, idx, delta.to(out.dtype))
+    for m in range(len(indices.columns)):
+        for bucket in indices.plan(m, ranks_host):
+            _add_bucket(out, x, A, B, bucket)
     return out
+
+
+def _add_bucket(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bucket: LoRABucket) -> None:
+    """out[t] += scale[t] * (x[t] @ A[slot, :, :r] @ B[slot, :r, :]) for the tokens of one rank-r bucket."""
+    r, scales = bucket.rank, bucket.scales
+    if bucket.form == "runs":  # contiguous token ranges: slice, never gather
+        for slot, start, end in bucket.parts:
+            y = x[start:end] @ A[slot, :, :r]  # [len, r]
+            if scales is not None:
+                y.mul_(scales[start:end].to(y.dtype))
+            _add_rows(out[start:end], y, B[slot, :r, :])
+        return
+    rows = bucket.rows
+    assert rows is not None
+    xs = x.index_select(0, rows)  # [n, in], sorted by slot
+    if bucket.form == "bmm":  # few rows per slot: one batched GEMM over rows, no loop over slots
+        assert bucket.slot_of_row is not None
+        a = A[:, :, :r].index_select(0, bucket.slot_of_row)  # [n, in, r]
+        y = torch.bmm(xs.unsqueeze(1), a)  # [n, 1, r]
+        if scales is not None:
+            y.mul_(scales.to(y.dtype).unsqueeze(2))
+        b = B[:, :r, :].index_select(0, bucket.slot_of_row)  # [n, r, out]
+        delta = torch.bmm(y, b).squeeze(1)  # [n, out]
+    else:  # "loop": each slot's GEMMs write their slice of one buffer
+        y = xs.new_empty(xs.shape[0], r)
+        for slot, start, end in bucket.parts:
+            torch.mm(xs[start:end], A[slot, :, :r], out=y[start:end])
+        if scales is not None:
+            y.mul_(scales.to(y.dtype))
+        delta = xs.new_empty(xs.shape[0], B.shape[2])
+        for slot, start, end in bucket.parts:
+            torch.mm(y[start:end], B[slot, :r, :], out=delta[start:end])
+    out.index_add_(0, rows, delta if delta.dtype == out.dtype else delta.to(out.dtype))
+
+
+def _add_rows(out: torch.Tensor, y: torch.Tensor, b: torch.Tensor) -> None:
+    """out += y @ b in place (out: a contiguous row range [n, out], y: [n, r], b: [r, out])."""
+    if out.dtype == b.dtype:
+        out.addmm_(y, b)
+    else:
+        out.add_((y @ b).to(out.dtype))
 
 
 def _add_lora_triton(

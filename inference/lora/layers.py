@@ -3,8 +3,9 @@
     LoRALinear(x [T, in], batch) = base(x) + sum_m scale[t, m] * (x[t] @ A[s] @ B[s]),  s = slots[t, m] >= 0
 
 with A: [S, in, R], B: [S, R, out] (B already multiplied by the adapter's alpha/r scaling) and ranks [S].
-The step's `BatchMetadata.token_adapter_slots/scales` are turned into `kernels.lora.LoRAIndices` once per step
-by the shared `LoRAContext` (not once per layer), then each layer calls the kernel backend.
+The step's `BatchMetadata.token_adapter_slots/scales` (and its host copy `adapter_runs`) are turned into
+`kernels.lora.LoRAIndices` once per step by the shared `LoRAContext` (not once per layer), then each layer calls
+the kernel backend; on the torch path the per-rank plans (`LoRAIndices.plan`) are memoized per step as well.
 
 `apply_lora(model, num_slots, max_rank)` wraps the projections of an `inference.model.LlamaModel` (through its
 `named_linears()` / `set_linear()` hook) and returns the `LoRASlots` the adapter store fills.
@@ -40,7 +41,8 @@ class LoRAContext:
         """The step's indices, built on the first layer's call and reused by the others (keyed by the batch)."""
         if batch is not self._batch or self._indices is None:
             self._indices = build_lora_indices(
-                batch.token_adapter_slots, batch.token_adapter_scales, self.num_slots, batch.is_decode_only
+                batch.token_adapter_slots, batch.token_adapter_scales, self.num_slots, batch.is_decode_only,
+                runs=batch.adapter_runs,
             )
             self._batch = batch
         return self._indices
