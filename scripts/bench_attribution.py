@@ -16,13 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
+from benchlib import machine_info  # scripts/benchlib.py, beside this script
 
 from node.attribution import Contribution, MatcherConfig, attribute, build_index, open_index, write_index
 from node.attribution.matcher import longest_suffix_matches
@@ -71,19 +71,6 @@ def naive_longest(corpus: npt.NDArray[np.unsignedinteger], answer: npt.NDArray[n
     return np.where(start <= j, j - start + 1, 0)
 
 
-def machine() -> dict[str, object]:
-    model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"node": platform.node(), "cpu": model, "cores": os.cpu_count(), "python": platform.python_version(),
-            "numpy": np.__version__, "load_avg_1m_at_start": os.getloadavg()[0]}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tokens", type=int, default=10_000_000, help="datanet size in tokens")
@@ -98,7 +85,7 @@ def main() -> None:
     args = ap.parse_args()
 
     rng = np.random.default_rng(args.seed)
-    info = machine()
+    info = machine_info(numpy=np.__version__)
     corpus = zipf_tokens(rng, args.tokens, args.vocab, args.zipf)
     cuts = np.sort(rng.choice(np.arange(1, args.tokens), size=args.contributions - 1, replace=False))
     parts = np.split(corpus, cuts)

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import tempfile
 import time
 from collections.abc import Callable
@@ -27,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import machine_info  # scripts/benchlib.py, beside this script
 
 from inference.engine import Engine, EngineConfig, GenerationRequest
 from inference.sequence import SamplingParams
@@ -37,32 +36,6 @@ SIZES: dict[str, dict[str, int]] = {
     "100m": {"layers": 12, "hidden": 768, "heads": 12, "kv_heads": 4, "intermediate": 2048, "vocab": 32000},
     "1b": {"layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8, "intermediate": 8192, "vocab": 32000},
 }
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    """CPU model, cores, torch version, and the GPU name on CUDA."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():  # Linux: the marketing name
-        names = [
-            ln.split(":", 1)[1].strip()
-            for ln in cpuinfo.read_text().splitlines()
-            if ln.startswith("model name")
-        ]
-        cpu = names[0] if names else cpu
-    info: dict[str, Any] = {
-        "cpu": cpu,
-        "cpu_cores_visible": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "load_average_1m": os.getloadavg()[0],  # other work on the machine skews CPU timings
-    }
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
-    return info
 
 
 def sync(device: torch.device) -> None:
@@ -185,7 +158,7 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "benchmark": "engine vs transformers.generate",
         "device": str(device),
-        "machine": machine(device),
+        "machine": machine_info(str(device)),
         "model": {
             "size": size,
             **SIZES[size],

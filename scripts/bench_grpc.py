@@ -22,8 +22,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -34,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+from benchlib import machine_info  # scripts/benchlib.py, beside this script
 
 from proto.loraledger.v1 import loraledger_pb2 as pb
 from proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
@@ -69,18 +68,6 @@ async def _client(address: str, n: int, adapters: int, max_tokens: int) -> dict[
 
 
 # ---- server side ---------------------------------------------------------------------------------------------
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-             if ln.startswith("model name")] if Path("/proc/cpuinfo").is_file() else []
-    return {"cpu": names[0] if names else platform.processor() or platform.machine(),
-            "cpu_cores_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "grpcio": grpc.__version__, "python": platform.python_version(), "platform": platform.platform(),
-            "load_average_1m": os.getloadavg()[0],
-            "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
 
 
 def write_adapter(model_dir: Path, out_dir: Path, seed: int, r: int = 8) -> Path:
@@ -193,7 +180,7 @@ def main() -> int:
     ratio = med["grpc"] / med["direct"]
     result = {
         "benchmark": "gRPC API layer vs the engine called directly",
-        "device": args.device, "machine": machine(),
+        "device": args.device, "machine": machine_info(args.device, grpcio=grpc.__version__),
         "model": {"layers": args.layers, "hidden": args.hidden, "heads": heads, "dtype": "float32"},
         "workload": {"streams": args.streams, "max_tokens": args.max_tokens, "adapters": args.adapters,
                      "rounds": args.rounds, "decoding": "greedy", "client": "separate process, one channel"},

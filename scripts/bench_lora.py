@@ -38,8 +38,6 @@ import asyncio
 import gc
 import json
 import math
-import os
-import platform
 import resource
 import statistics
 import tempfile
@@ -50,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from benchlib import machine_info  # scripts/benchlib.py, beside this script
 from torch import nn
 
 from inference.bench_traffic import ADAPTER_DISTRIBUTIONS, TrafficRequest, TrafficSpec, make_traffic
@@ -76,22 +75,6 @@ FIRST_ID = 6  # prompt ids start past the tiny tokenizer's special tokens
 
 
 # ---- machine, timing ------------------------------------------------------------------------------------
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    """CPU model, cores, torch version, and the GPU name on CUDA."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [ln.split(":", 1)[1].strip() for ln in cpuinfo.read_text().splitlines() if ln.startswith("model name")]
-        cpu = names[0] if names else cpu
-    info: dict[str, Any] = {"cpu": cpu, "cpu_cores_visible": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-                            "torch": torch.__version__, "python": platform.python_version(),
-                            "platform": platform.platform()}
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-        info["gpu_memory_gib"] = round(torch.cuda.get_device_properties(device).total_memory / 2**30, 1)
-    return info
 
 
 def sync(device: torch.device) -> None:
@@ -613,8 +596,8 @@ def main(argv: list[str] | None = None) -> int:
     report: dict[str, Any] = {
         "benchmark": "multi-LoRA serving: loraledger engine vs base model (ceiling) vs peft adapter_names",
         "device": device.type,
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine(device)["cpu"],
-        "machine": machine(device),
+        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else machine_info(str(device))["cpu"],
+        "machine": machine_info(str(device)),
         "traffic": {"distribution": args.distribution, "alpha": args.alpha, "rate": args.rate,
                     "closed_loop_concurrency": args.concurrency if args.rate is None else None,
                     "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
