@@ -4,9 +4,10 @@ pragma solidity ^0.8.24;
 import {IERC20} from "@openzeppelin/contracts/token/ERC20/IERC20.sol";
 import {SafeERC20} from "@openzeppelin/contracts/token/ERC20/utils/SafeERC20.sol";
 import {AccessControl} from "@openzeppelin/contracts/access/AccessControl.sol";
-import {ReentrancyGuard} from "@openzeppelin/contracts/utils/ReentrancyGuard.sol";
+import {ReentrancyGuardTransient} from "@openzeppelin/contracts/utils/ReentrancyGuardTransient.sol";
 import {Pausable} from "@openzeppelin/contracts/utils/Pausable.sol";
 import {MerkleProof} from "@openzeppelin/contracts/utils/cryptography/MerkleProof.sol";
+import {SafeCast} from "@openzeppelin/contracts/utils/math/SafeCast.sol";
 import {IAttributionLedger} from "./interfaces/IAttributionLedger.sol";
 
 /// @title AttributionLedger
@@ -29,7 +30,12 @@ import {IAttributionLedger} from "./interfaces/IAttributionLedger.sol";
 ///         whoever calls. Solvency per operator: the total claimed from `op` never exceeds the `cumulativeTotal`
 ///         of its root in effect, which never exceeds `fundedTotal[op]`; one operator's tree can never spend
 ///         another operator's funds.
-contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard, Pausable {
+///
+///         Gas. What a claim needs about its operator (last epoch, when that epoch's root takes effect, total
+///         claimed) sits in one storage slot (`OperatorState`), so the common case (the latest epoch is in
+///         effect) reads that slot, the root, the cap and the account's claimed-so-far, and walks nothing. The
+///         reentrancy guard uses transient storage (EIP-1153). Cumulative totals are capped at 2**128 - 1.
+contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuardTransient, Pausable {
     using SafeERC20 for IERC20;
 
     /// @notice Role allowed to submit epochs (each holder has its own epoch stream).
@@ -46,6 +52,14 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
     /// @notice Seconds between an epoch's submission and its rewards root taking effect.
     uint64 public immutable challengeDelay;
 
+    /// @dev Per-operator hot state, one slot. Invariant: `latestEffectiveAt` is `_effectiveAt(submittedAt)` of
+    ///      epoch `lastEpoch`, or `type(uint64).max` once that epoch is revoked (it then never takes effect).
+    struct OperatorState {
+        uint64 lastEpoch; // the last epoch submitted (revoked or not); 0 before the first
+        uint64 latestEffectiveAt; // when epoch `lastEpoch`'s root takes effect (0 while there is none)
+        uint128 claimedTotal; // everything paid out of this operator's funds (<= its cumulative totals < 2**128)
+    }
+
     /// @dev Working state of one `claim`/`claimMany` call.
     struct ClaimContext {
         address operator;
@@ -57,10 +71,9 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
     }
 
     Shares private _shares;
-    mapping(address operator => uint64) private _lastEpoch;
+    mapping(address operator => OperatorState) private _operators;
     mapping(address operator => mapping(uint64 epoch => Epoch)) private _epochs;
     mapping(address operator => uint256) private _fundedTotal;
-    mapping(address operator => uint256) private _claimedTotal;
     mapping(address operator => mapping(address account => uint256)) private _claimed;
 
     /// @notice Creates the ledger. `admin` receives `DEFAULT_ADMIN_ROLE`, `OPERATOR_ROLE`, `GUARDIAN_ROLE` and
@@ -126,7 +139,8 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
     ///      Requirements: caller holds `OPERATOR_ROLE`; not paused (`EnforcedPause`); `epoch == lastEpoch + 1`
     ///      (`LedgerUnexpectedEpoch`); roots non-zero (`LedgerZeroRoot`); `recordCount > 0`
     ///      (`LedgerZeroRecordCount`); `cumulativeTotal` >= that of the latest epoch not revoked
-    ///      (`LedgerCumulativeDecreased`); allowance and balance cover `pulled` (the token's error).
+    ///      (`LedgerCumulativeDecreased`) and < 2**128 (`SafeCastOverflowedUintDowncast`); allowance and
+    ///      balance cover `pulled` (the token's error).
     ///      Events: `EpochSubmitted`.
     /// @param epoch The epoch number, consecutive from 1 per operator.
     /// @param recordsRoot StandardMerkleTree root over the epoch's attribution records.
@@ -141,14 +155,20 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
         uint256 cumulativeTotal
     ) external onlyRole(OPERATOR_ROLE) whenNotPaused nonReentrant {
         address op = msg.sender;
-        uint64 last = _lastEpoch[op];
-        if (epoch != last + 1) revert LedgerUnexpectedEpoch(op, last + 1, epoch);
+        OperatorState storage s = _operators[op];
+        {
+            uint64 last = s.lastEpoch;
+            if (epoch != last + 1) revert LedgerUnexpectedEpoch(op, last + 1, epoch);
+        }
         if (recordsRoot == bytes32(0)) revert LedgerZeroRoot("recordsRoot");
         if (rewardsRoot == bytes32(0)) revert LedgerZeroRoot("rewardsRoot");
         if (recordCount == 0) revert LedgerZeroRecordCount();
         uint64 live = _latestLive(op);
-        uint256 previous = live == 0 ? 0 : _epochs[op][live].cumulativeTotal;
-        if (cumulativeTotal < previous) revert LedgerCumulativeDecreased(op, previous, cumulativeTotal);
+        {
+            uint256 previous = live == 0 ? 0 : _epochs[op][live].cumulativeTotal;
+            if (cumulativeTotal < previous) revert LedgerCumulativeDecreased(op, previous, cumulativeTotal);
+        }
+        SafeCast.toUint128(cumulativeTotal); // keeps every claimed total within OperatorState.claimedTotal
 
         uint256 funded = _fundedTotal[op];
         uint256 pulled = cumulativeTotal > funded ? cumulativeTotal - funded : 0;
@@ -161,11 +181,10 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
             previousLive: live,
             revoked: false
         });
-        _lastEpoch[op] = epoch;
-        if (pulled != 0) _fundedTotal[op] = funded + pulled;
-        emit EpochSubmitted(
-            op, epoch, recordsRoot, rewardsRoot, recordCount, cumulativeTotal, pulled, _effectiveAt(block.timestamp)
-        );
+        uint64 takesEffect = _effectiveAt(block.timestamp);
+        (s.lastEpoch, s.latestEffectiveAt) = (epoch, takesEffect);
+        if (pulled != 0) _fundedTotal[op] = cumulativeTotal; // = funded + pulled
+        emit EpochSubmitted(op, epoch, recordsRoot, rewardsRoot, recordCount, cumulativeTotal, pulled, takesEffect);
 
         if (pulled != 0) rewardToken.safeTransferFrom(op, address(this), pulled);
     }
@@ -184,6 +203,7 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
         uint64 takesEffect = _effectiveAt(e.submittedAt);
         if (block.timestamp >= takesEffect) revert LedgerRootAlreadyInEffect(operator, epoch, takesEffect);
         e.revoked = true;
+        if (epoch == _operators[operator].lastEpoch) _operators[operator].latestEffectiveAt = type(uint64).max;
         emit RootRevoked(operator, epoch, msg.sender);
     }
 
@@ -251,7 +271,7 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
         view
         returns (bool valid)
     {
-        if (epoch == 0 || epoch > _lastEpoch[operator]) return false;
+        if (epoch == 0 || epoch > _operators[operator].lastEpoch) return false;
         Epoch storage e = _epochs[operator][epoch];
         if (e.revoked) return false;
         return MerkleProof.verifyCalldata(proof, e.recordsRoot, leaf);
@@ -261,7 +281,7 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
     /// @param operator The operator.
     /// @return epoch The epoch number.
     function lastEpoch(address operator) external view returns (uint64 epoch) {
-        return _lastEpoch[operator];
+        return _operators[operator].lastEpoch;
     }
 
     /// @notice Epoch `epoch` of `operator`.
@@ -310,7 +330,7 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
     /// @param operator The operator.
     /// @return amount Token units.
     function claimedTotal(address operator) external view returns (uint256 amount) {
-        return _claimedTotal[operator];
+        return _operators[operator].claimedTotal;
     }
 
     /// @notice What `account` has claimed so far from `operator` (its cumulative amount at its last claim).
@@ -343,7 +363,7 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
 
     /// @dev Storage record of an existing epoch; reverts `LedgerUnknownEpoch` otherwise.
     function _epoch(address operator, uint64 epoch) private view returns (Epoch storage) {
-        if (epoch == 0 || epoch > _lastEpoch[operator]) revert LedgerUnknownEpoch(operator, epoch);
+        if (epoch == 0 || epoch > _operators[operator].lastEpoch) revert LedgerUnknownEpoch(operator, epoch);
         return _epochs[operator][epoch];
     }
 
@@ -355,17 +375,21 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
 
     /// @dev Latest epoch of `operator` that is not revoked (0 if none), following `previousLive` links.
     function _latestLive(address operator) private view returns (uint64 epoch) {
-        epoch = _lastEpoch[operator];
+        epoch = _operators[operator].lastEpoch;
         while (epoch != 0 && _epochs[operator][epoch].revoked) {
             epoch = _epochs[operator][epoch].previousLive;
         }
     }
 
-    /// @dev Latest epoch of `operator` that is neither revoked nor pending (0 if none). Epochs take effect in
-    ///      order (constant delay, increasing submission times), so the walk from the newest down stops at the
-    ///      first live one whose delay has passed; `previousLive` skips epochs revoked before the link was made.
-    function _effectiveEpoch(address operator) private view returns (uint64 epoch) {
-        epoch = _lastEpoch[operator];
+    /// @dev Latest epoch of `operator` that is neither revoked nor pending (0 if none), given its state `s`.
+    ///      Common case in one comparison: the last epoch is in effect (`latestEffectiveAt` has passed; it is 0
+    ///      when there is no epoch, and the maximum once the last epoch is revoked). Otherwise walk down from
+    ///      its `previousLive`: epochs take effect in order (constant delay, increasing submission times), so
+    ///      the first live one whose delay has passed is the one; `previousLive` skips epochs revoked before
+    ///      the link was made.
+    function _effectiveEpoch(address operator, OperatorState memory s) private view returns (uint64 epoch) {
+        if (block.timestamp >= s.latestEffectiveAt) return s.lastEpoch;
+        epoch = _epochs[operator][s.lastEpoch].previousLive;
         while (epoch != 0) {
             Epoch storage e = _epochs[operator][epoch];
             if (!e.revoked && block.timestamp >= _effectiveAt(e.submittedAt)) return epoch;
@@ -373,22 +397,24 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
         }
     }
 
-    /// @dev The epoch in effect and its record; reverts `LedgerNoRootInEffect` when there is none.
-    function _inEffect(address operator) private view returns (uint64 epoch, Epoch storage e) {
-        epoch = _effectiveEpoch(operator);
-        if (epoch == 0) revert LedgerNoRootInEffect(operator);
-        e = _epochs[operator][epoch];
+    /// @dev `_effectiveEpoch` reading the operator's state from storage.
+    function _effectiveEpoch(address operator) private view returns (uint64 epoch) {
+        return _effectiveEpoch(operator, _operators[operator]);
     }
 
-    /// @dev The operator's root in effect and claim totals, in memory (spares stack slots in `claimMany`).
+    /// @dev The operator's root in effect and claim totals, in memory (spares stack slots in `claimMany`);
+    ///      reverts `LedgerNoRootInEffect` when there is none. One read of the operator's state slot.
     function _claimContext(address operator) private view returns (ClaimContext memory c) {
-        (uint64 epoch, Epoch storage e) = _inEffect(operator);
+        OperatorState memory s = _operators[operator];
+        uint64 epoch = _effectiveEpoch(operator, s);
+        if (epoch == 0) revert LedgerNoRootInEffect(operator);
+        Epoch storage e = _epochs[operator][epoch];
         c = ClaimContext({
             operator: operator,
             epoch: epoch,
             root: e.rewardsRoot,
             cap: e.cumulativeTotal,
-            claimedTotal: _claimedTotal[operator],
+            claimedTotal: s.claimedTotal,
             paid: 0
         });
     }
@@ -408,7 +434,7 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
         c.claimedTotal = total;
         c.paid += amount;
         _claimed[c.operator][account] = cumulativeAmount;
-        _claimedTotal[c.operator] = total;
+        _operators[c.operator].claimedTotal = uint128(total); // total <= cap < 2**128 (checked at submit)
         emit Claimed(c.operator, account, c.epoch, amount, cumulativeAmount);
 
         rewardToken.safeTransfer(account, amount);

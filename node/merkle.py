@@ -11,19 +11,27 @@
 The same array layout as the JS library, so roots, proofs and `dump()` JSON match it exactly and verify in
 Solidity with OpenZeppelin's `MerkleProof.verify(proof, root, leaf)`.
 
-Speed: a 1M-leaf tree needs ~3M keccak calls; they go straight to pycryptodome's C keccak (one reusable state per
-thread, no per-hash object), and leaves of static ABI types (address, uintN, intN, bytesN, bool) are encoded
-without eth_abi. Dynamic types (arrays, string, bytes) fall back to `eth_abi.encode`.
+Speed: a 1M-leaf tree needs ~3M keccak calls. They go to safe-pysha3's C keccak (~1 us each; pycryptodome's raw
+sponge, then eth_hash, when it is missing), in bulk: all leaves hashed in one C-level `map`, then the inner
+nodes one tree level at a time (sorted pairs by bytes compare), so there is no Python frame per node. Leaves of
+static ABI types (address, uintN, intN, bytesN, bool) are encoded without eth_abi; dynamic types (arrays, string,
+bytes) fall back to `eth_abi.encode`, and callers with a fast encoder of their own (`node.records`) hand in leaf
+hashes through `StandardMerkleTree.from_leaf_hashes`. The garbage collector is paused during a bulk build.
 """
 
 from __future__ import annotations
 
 import ctypes
+import gc
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from functools import lru_cache
+from itertools import repeat
+from operator import itemgetter
+from typing import Any, NamedTuple
 
 from eth_abi import encode as abi_encode
 from eth_hash.auto import keccak as _eth_keccak
@@ -52,14 +60,50 @@ class MerkleError(NodeError, ValueError):
 # ----------------------------------------------------------------------------------------------------------- keccak
 
 Hasher = Callable[[bytes], bytes]
+BulkHasher = Callable[[Iterable[bytes]], list[bytes]]
 _local = threading.local()
+
+
+class _FastKeccak(NamedTuple):
+    """keccak256 entry points over one C implementation."""
+
+    one: Hasher  # one(data) = keccak256(data)
+    many: BulkHasher  # many(datas) = [keccak256(d) for d in datas]
+    leaves: BulkHasher  # leaves(datas) = [keccak256(keccak256(d)) for d in datas]
+
+
+def _pysha3_keccak() -> _FastKeccak | None:
+    """keccak256 from safe-pysha3's C module (~1 us per short input), or None when it is not installed.
+
+    The bulk forms run their loop in C (`map` over the hash type and its unbound `digest`): no Python frame per
+    item, and no intermediate list for the double hash of leaves.
+    """
+    try:
+        from sha3 import keccak_256
+    except ImportError:
+        return None
+    digest = keccak_256.digest
+
+    def keccak(data: bytes) -> bytes:
+        return keccak_256(data).digest()  # type: ignore[no-any-return]
+
+    def keccak_many(datas: Iterable[bytes]) -> list[bytes]:
+        return list(map(digest, map(keccak_256, datas)))
+
+    def keccak_leaves(datas: Iterable[bytes]) -> list[bytes]:
+        return list(map(digest, map(keccak_256, map(digest, map(keccak_256, datas)))))
+
+    if not _self_check(keccak):
+        return None
+    return _FastKeccak(keccak, keccak_many, keccak_leaves)
 
 
 def _raw_keccak() -> Hasher | None:
     """A keccak256 over pycryptodome's C sponge with one reused state (None if that private API is absent).
 
     Per hash: reset(state); absorb(state, data); digest(state, out, 32, padding=0x01). Three C calls instead of
-    building a hash object, about 2x faster than `Crypto.Hash.keccak.new`.
+    building a hash object, about 2x faster than `Crypto.Hash.keccak.new`. The fallback when safe-pysha3 is
+    missing; the state is per thread (see `_hasher`).
     """
     try:
         from Crypto.Hash import keccak as _pc_keccak
@@ -81,14 +125,26 @@ def _raw_keccak() -> Hasher | None:
         digest(st, out, 32, 1)
         return out.raw
 
-    # Self-check against eth_hash once, so a changed private API can never produce wrong hashes silently.
-    if keccak(b"") != _eth_keccak(b"") or keccak(b"\x01" * 200) != _eth_keccak(b"\x01" * 200):
-        return None
-    return keccak
+    return keccak if _self_check(keccak) else None
+
+
+def _self_check(keccak: Hasher) -> bool:
+    """True when `keccak` agrees with eth_hash on fixed inputs (so a broken C path never yields wrong hashes)."""
+    return all(keccak(d) == _eth_keccak(d) for d in (b"", b"\x01" * 200, bytes(range(64))))
+
+
+@lru_cache(maxsize=1)
+def _fast_keccak() -> _FastKeccak | None:
+    """The process-wide safe-pysha3 keccak (stateless, so safe to share across threads), resolved once."""
+    return _pysha3_keccak()
 
 
 def _hasher() -> Hasher:
-    """This thread's keccak256 function (fast C path when available, else eth_hash)."""
+    """keccak256 for this thread: safe-pysha3, else pycryptodome's raw sponge (one state per thread), else
+    eth_hash."""
+    fast = _fast_keccak()
+    if fast is not None:
+        return fast.one
     h: Hasher | None = getattr(_local, "keccak", None)
     if h is None:
         h = _raw_keccak() or _eth_keccak
@@ -99,6 +155,24 @@ def _hasher() -> Hasher:
 def keccak256(data: bytes) -> bytes:
     """keccak256(data) -> 32 bytes."""
     return _hasher()(data)
+
+
+def keccak256_many(datas: Iterable[bytes]) -> list[bytes]:
+    """[keccak256(d) for d in datas], with the loop in C when safe-pysha3 is installed."""
+    fast = _fast_keccak()
+    if fast is not None:
+        return fast.many(datas)
+    h = _hasher()
+    return [h(d) for d in datas]
+
+
+def leaf_hashes_of_encoded(encoded: Iterable[bytes]) -> list[bytes]:
+    """[keccak256(keccak256(e)) for e in encoded]: StandardMerkleTree leaves from their ABI encodings."""
+    fast = _fast_keccak()
+    if fast is not None:
+        return fast.leaves(encoded)
+    h = _hasher()
+    return [h(h(e)) for e in encoded]
 
 
 # --------------------------------------------------------------------------------------------------- leaf encoding
@@ -136,6 +210,9 @@ def _as_int(value: Any, what: str) -> int:
 _HI_NIBBLE_BIT3 = bytes(0x20 if b >> 7 else 0 for b in range(256))
 _LO_NIBBLE_BIT3 = bytes(0x20 if b & 0x08 else 0 for b in range(256))
 _LETTER_BIT = int.from_bytes(b"\x40" * 40, "big")
+_LETTER_CASE_BIT = bytes(0x20 if b & 0x40 else 0 for b in range(256))  # 0x20 on ascii letters, 0 on digits
+_FIRST_20 = itemgetter(slice(0, 20))
+_ZERO_12 = b"\x00" * 12
 
 
 def is_checksummed(body: str) -> bool:
@@ -270,6 +347,103 @@ def make_leaf_encoder(types: Sequence[str]) -> Callable[[Sequence[Any]], bytes]:
     return encode_dynamic
 
 
+def _chunks(data: bytes, size: int) -> list[bytes]:
+    """[data[i:i + size] for i in range(0, len(data), size)], the loop in C."""
+    return list(map(data.__getitem__, map(slice, range(0, len(data), size), range(size, len(data) + 1, size))))
+
+
+def _eip55_many(lower: bytes) -> bytes:
+    """The EIP-55 forms of many addresses from their lowercase hex bodies concatenated (40 ascii bytes each).
+
+    Per address: letter i upper case iff nibble i of keccak256(lowercase ascii) >= 8. For all of them at once:
+    digests in one bulk keccak, then the case bits of the whole column as one big-int mask (C-level, linear).
+    """
+    size = len(lower)
+    first20 = b"".join(map(_FIRST_20, keccak256_many(_chunks(lower, 40))))  # [20m]
+    nibble_bits = bytearray(size)  # 0x20 where the hash nibble is >= 8
+    nibble_bits[0::2] = first20.translate(_HI_NIBBLE_BIT3)
+    nibble_bits[1::2] = first20.translate(_LO_NIBBLE_BIT3)
+    flip = int.from_bytes(nibble_bits, "big") & int.from_bytes(lower.translate(_LETTER_CASE_BIT), "big")
+    return (int.from_bytes(lower, "big") ^ flip).to_bytes(size, "big")
+
+
+def _address_column(column: Sequence[Any]) -> list[bytes] | None:
+    """[abi.encode(address v) for v in column] in bulk, for a column of `0x` + 40-hex strings.
+
+    bodies = "".join(column) without the "0x" prefixes (40 chars each, or the column is rejected); EIP-55 forms
+    of all of them at once; one `bytes.fromhex`; words = 12 zero bytes + 20 address bytes.
+    None when any item is not such a string, is not hex, or is mixed case without a valid EIP-55 checksum: the
+    caller then encodes item by item, which names the bad item in its error.
+    """
+    m = len(column)
+    try:
+        if set(map(len, column)) != {42} or not all(map(str.startswith, column, repeat("0x"))):
+            return None
+    except TypeError:  # an item that is not a str
+        return None
+    given = "".join(column).replace("0x", "")
+    if len(given) != 40 * m or not given.isascii():  # "0x" inside a body: not hex anyway
+        return None
+    expected = _eip55_many(given.lower().encode("ascii")).decode("ascii")
+    if expected != given:  # some are not checksummed: each must then be all lower or all upper case
+        for k in range(0, 40 * m, 40):
+            body = given[k:k + 40]
+            if body != expected[k:k + 40] and body != body.lower() and body != body.upper():
+                return None
+    try:
+        raw = bytes.fromhex(given)
+    except ValueError:
+        return None
+    if len(raw) != 20 * m:  # fromhex skips whitespace
+        return None
+    return list(map(_ZERO_12.__add__, _chunks(raw, 20)))
+
+
+def _uint_column(column: Sequence[Any], bits: int) -> list[bytes] | None:
+    """[abi.encode(uintN v) for v in column] in bulk for a column of Python ints in range; None otherwise."""
+    if set(map(type, column)) != {int} or min(column) < 0 or max(column) >> bits:
+        return None
+    return [v.to_bytes(32, "big") for v in column]
+
+
+def encode_leaves(types: Sequence[str], values: Sequence[Sequence[Any]]) -> list[bytes]:
+    """[abi.encode(types, v) for v in values], column by column when every type is static elementary.
+
+    Static columns: address and uintN columns are encoded in bulk (C-level loops, EIP-55 checks in one pass),
+    others per item; rows are the concatenation of their 32-byte words. Dynamic encodings, and any column the
+    bulk path rejects, go item by item through `make_leaf_encoder` (same bytes, and errors that name the item).
+    """
+    return list(_iter_encoded(types, values))
+
+
+def _iter_encoded(types: Sequence[str], values: Sequence[Sequence[Any]]) -> Iterable[bytes]:
+    """`encode_leaves` as an iterable, so the leaf hasher can consume rows without a list of them all."""
+    types = tuple(types)
+    encode = make_leaf_encoder(types)
+    encoders = [_static_encoder(t) for t in types]
+    n = len(types)
+    if not values or any(e is None for e in encoders) or set(map(len, values)) != {n}:
+        return map(encode, values)
+    columns: list[list[bytes]] = []
+    for k, (typ, enc) in enumerate(zip(types, encoders)):
+        column = list(map(itemgetter(k), values))
+        words: list[bytes] | None = None
+        if typ == "address":
+            words = _address_column(column)
+        elif m := _UINT_RE.match(typ):
+            words = _uint_column(column, int(m.group(1) or 256))
+        if words is None:
+            assert enc is not None
+            try:
+                words = list(map(enc, column))
+            except MerkleError:
+                return [encode(v) for v in values]  # re-raise, naming the whole value
+        columns.append(words)
+    if n == 1:
+        return columns[0]
+    return map(b"".join, zip(*columns))
+
+
 def encode_leaf(types: Sequence[str], value: Sequence[Any]) -> bytes:
     """abi.encode(value) for the ABI `types` (the preimage of the inner hash)."""
     return make_leaf_encoder(types)(value)
@@ -335,6 +509,77 @@ def _from_json_value(typ: str, value: Any) -> Any:
     return value
 
 
+# ------------------------------------------------------------------------------------------------- tree building
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause the cyclic garbage collector while a bulk build allocates millions of acyclic objects.
+
+    Each new list or tuple counts towards the collector's thresholds, and its full passes walk every live object:
+    building a 1M-leaf tree under it costs seconds of collection that can free nothing (leaves, nodes and
+    values hold no reference cycles). Re-enabled on exit only if it was enabled on entry.
+    """
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
+def _inner_levels(n: int) -> Iterator[tuple[int, int]]:
+    """Blocks [lo, hi) of inner node indices of a 2n-1 node tree, deepest first, whose children all lie at >= hi.
+
+    Starts at hi = n-1 (inner nodes are 0..n-2) and halves: lo = hi // 2 makes 2*lo+1 >= hi, so every child
+    (2j+1, 2j+2 for j in [lo, hi)) is a leaf or in an earlier block. About log2(n) blocks.
+    """
+    hi = n - 1
+    while hi > 0:
+        lo = hi // 2
+        yield lo, hi
+        hi = lo
+
+
+def _hash_pairs(lefts: list[bytes], rights: list[bytes]) -> list[bytes]:
+    """[hash_pair(a, b) for a, b in zip(lefts, rights)] (sorted-pair keccak; bytes compare is lexicographic)."""
+    return keccak256_many([a + b if a < b else b + a for a, b in zip(lefts, rights)])
+
+
+def _build_tree(hashes: list[bytes], sort_leaves: bool) -> tuple[list[bytes], list[int]]:
+    """The node array and each value's tree index, from the values' leaf hashes (n >= 1).
+
+    order = stable argsort(hashes) if sort_leaves else range(n)
+    tree[2n-2-k] = hashes[order[k]];  tree_indices[order[k]] = 2n-2-k      # leaves, reversed, at the end
+    tree[lo:hi] = hash_pairs(tree[2lo+1:2hi+1:2], tree[2lo+2:2hi+2:2])     # per block of `_inner_levels`
+
+    Distinct hashes (the usual case) are sorted as plain bytes and placed through a hash -> tree index dict, all
+    in C; with equal hashes (a value given twice) it takes the stable argsort and a Python loop, as the JS
+    library orders ties.
+    """
+    n = len(hashes)
+    last = 2 * n - 2
+    tree: list[bytes] = [b""] * (n - 1)
+    placed: dict[bytes, int] | None = None
+    if sort_leaves:
+        ascending = sorted(hashes)
+        placed = dict(zip(ascending, range(last, n - 2, -1)))
+        if len(placed) == n:
+            tree.extend(reversed(ascending))
+            tree_indices = list(map(placed.__getitem__, hashes))
+        else:
+            placed = None
+    if placed is None:
+        order = sorted(range(n), key=hashes.__getitem__) if sort_leaves else range(n)
+        tree.extend(map(hashes.__getitem__, reversed(order)))
+        tree_indices = [0] * n
+        for k, value_index in enumerate(order):
+            tree_indices[value_index] = last - k
+    for lo, hi in _inner_levels(n):
+        tree[lo:hi] = _hash_pairs(tree[2 * lo + 1:2 * hi + 1:2], tree[2 * lo + 2:2 * hi + 2:2])
+    return tree, tree_indices
+
+
 # ------------------------------------------------------------------------------------------------------- the tree
 
 @dataclass
@@ -361,24 +606,42 @@ class StandardMerkleTree:
         tree[2n-2-k] = hashes[order[k]]; tree[j] = hash_pair(tree[2j+1], tree[2j+2]) for j = n-2 .. 0.
         """
         types = tuple(leaf_encoding)
-        n = len(values)
+        if not values:
+            raise MerkleError("cannot build a Merkle tree with no leaves")
+        with gc_paused():
+            hashes = leaf_hashes_of_encoded(_iter_encoded(types, values))
+            tree, tree_indices = _build_tree(hashes, sort_leaves)
+            copied = [list(v) for v in values]
+        return cls(tree=tree, values=copied, tree_indices=tree_indices, leaf_encoding=types)
+
+    @classmethod
+    def from_leaf_hashes(
+        cls,
+        leaf_hashes: Sequence[bytes],
+        values: Sequence[list[Any]],
+        leaf_encoding: Sequence[str],
+        *,
+        sort_leaves: bool = True,
+    ) -> StandardMerkleTree:
+        """The tree `of(values, leaf_encoding)` would build, from leaf hashes the caller already computed.
+
+        leaf_hashes[i] must be keccak256(keccak256(abi.encode(leaf_encoding, values[i]))) (32 bytes each): a
+        caller with a faster encoder of its own (e.g. `node.records`) skips the generic one. The leaves are not
+        recomputed here (`validate()` does that); the tree keeps `values`' items as given (no copies), so callers
+        must not mutate them afterwards.
+        """
+        types = tuple(leaf_encoding)
+        n = len(leaf_hashes)
         if n == 0:
             raise MerkleError("cannot build a Merkle tree with no leaves")
-        encode = make_leaf_encoder(types)
-        h = _hasher()
-        hashes = [h(h(encode(v))) for v in values]
-        order = sorted(range(n), key=hashes.__getitem__) if sort_leaves else list(range(n))
-        size = 2 * n - 1
-        tree: list[bytes] = [b""] * size
-        tree_indices = [0] * n
-        for k, value_index in enumerate(order):
-            tree[size - 1 - k] = hashes[value_index]
-            tree_indices[value_index] = size - 1 - k
-        for j in range(n - 2, -1, -1):
-            a = tree[2 * j + 1]
-            b = tree[2 * j + 2]
-            tree[j] = h(a + b if a < b else b + a)
-        return cls(tree=tree, values=[list(v) for v in values], tree_indices=tree_indices, leaf_encoding=types)
+        if len(values) != n:
+            raise MerkleError(f"{n} leaf hashes but {len(values)} values: need one value per leaf")
+        if set(map(len, leaf_hashes)) != {32}:
+            raise MerkleError("every leaf hash must be 32 bytes (keccak256 of keccak256 of the ABI encoding)")
+        with gc_paused():
+            tree, tree_indices = _build_tree(list(map(bytes, leaf_hashes)), sort_leaves)
+            kept = list(values)
+        return cls(tree=tree, values=kept, tree_indices=tree_indices, leaf_encoding=types)
 
     # -------------------------------------------------------------- queries
 
@@ -444,16 +707,19 @@ class StandardMerkleTree:
         n = len(self.values)
         if len(self.tree) != 2 * n - 1 or n == 0:
             raise MerkleError(f"tree has {len(self.tree)} nodes but {n} values (expected {2 * n - 1})")
-        encode = make_leaf_encoder(self.leaf_encoding)
-        h = _hasher()
-        for i, (v, ti) in enumerate(zip(self.values, self.tree_indices)):
+        if len(self.tree_indices) != n:
+            raise MerkleError(f"tree has {len(self.tree_indices)} tree indices but {n} values")
+        with gc_paused():
+            hashes = leaf_hashes_of_encoded(_iter_encoded(self.leaf_encoding, self.values))
+        for i, (h, ti) in enumerate(zip(hashes, self.tree_indices)):
             if not n - 1 <= ti < 2 * n - 1:
                 raise MerkleError(f"value {i} has tree index {ti}, not a leaf position")
-            if self.tree[ti] != h(h(encode(v))):
+            if self.tree[ti] != h:
                 raise MerkleError(f"value {i} does not hash to the leaf at tree index {ti}")
-        for j in range(n - 2, -1, -1):
-            a, b = self.tree[2 * j + 1], self.tree[2 * j + 2]
-            if self.tree[j] != h(a + b if a < b else b + a):
+        for lo, hi in _inner_levels(n):
+            expected = _hash_pairs(self.tree[2 * lo + 1:2 * hi + 1:2], self.tree[2 * lo + 2:2 * hi + 2:2])
+            if expected != self.tree[lo:hi]:
+                j = next(lo + k for k, (x, y) in enumerate(zip(expected, self.tree[lo:hi])) if x != y)
                 raise MerkleError(f"inner node {j} is not the hash of its children")
 
     # -------------------------------------------------------------- JSON

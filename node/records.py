@@ -29,13 +29,20 @@ A record is appended with `epoch = 0` (unassigned); settlement assigns the epoch
 from __future__ import annotations
 
 import json
+import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import Any
 
 from node.errors import NodeError
-from node.merkle import RECORD_LEAF_ENCODING, StandardMerkleTree, keccak256
+from node.merkle import (
+    RECORD_LEAF_ENCODING,
+    StandardMerkleTree,
+    gc_paused,
+    keccak256,
+    leaf_hashes_of_encoded,
+)
 from node.types import Address, Bytes32, Wei, as_address, as_bytes32
 
 BPS = 10_000
@@ -62,6 +69,20 @@ Contributor = tuple[Address, int]
 
 def _word(n: int) -> bytes:
     return n.to_bytes(32, "big")
+
+
+@lru_cache(maxsize=64)
+def _record_layout(n: int) -> struct.Struct:
+    """The record's ABI encoding for n adapters as one big-endian struct (`Nx` = N zero bytes of padding):
+
+    epoch u64 | requestId | off 288 | off 320+32n | prompt u32 | completion u32 | fee (32 bytes) |
+    outputHash ++ attributionHash (64 bytes) | n | n adapter ids (32 bytes each) | n | n weights u16, every
+    number right-aligned in its 32-byte word.
+    """
+    return struct.Struct(">24xQ32s24xQ24xQ28xI28xI32s64s24xQ" + "32s" * n + "24xQ" + "30xH" * n)
+
+
+_ONE_ADAPTER_LAYOUT = _record_layout(1)  # the common case, without the cache lookup
 
 
 @lru_cache(maxsize=1 << 16)
@@ -229,19 +250,27 @@ class AttributionRecord:
 
         head = [epoch, requestId, off(adapterIds)=288, off(weightsBps)=288+32*(1+n), prompt, completion, fee,
                 outputHash, attributionHash]; tail = [n, ids...] + [n, weights...]
+        One `struct.pack` per record (`_record_layout(n)`); its range checks (uint64/uint32/uint16) and
+        `int.to_bytes` (uint256) reject out-of-range fields, as RecordError.
         """
-        n = len(self.adapter_ids)
-        off_ids = 9 * 32
-        off_w = off_ids + 32 * (1 + n)
-        parts = [
-            _word(self.epoch), bytes.fromhex(self.request_id[2:]), _word(off_ids), _word(off_w),
-            _word(self.prompt_tokens), _word(self.completion_tokens), _word(int(self.fee)),
-            bytes.fromhex(self.output_hash[2:]), bytes.fromhex(self.attribution_hash[2:]), _word(n),
-        ]
-        parts.extend(_word(i) for i in self.adapter_ids)
-        parts.append(_word(len(self.weights_bps)))
-        parts.extend(_word(w) for w in self.weights_bps)
-        return b"".join(parts)
+        ids = self.adapter_ids
+        weights = self.weights_bps
+        n = len(ids)
+        try:
+            request_id = bytes.fromhex(self.request_id[2:])
+            hashes = bytes.fromhex(self.output_hash[2:] + self.attribution_hash[2:])  # outputHash | attributionHash
+            if len(request_id) != 32 or len(hashes) != 64 or len(self.output_hash) != 66 or len(weights) != n:
+                raise ValueError(f"requestId, outputHash and attributionHash must be 32 bytes each and there must "
+                                 f"be one weight per adapter ({n} ids, {len(weights)} weights)")
+            if n == 1:
+                return _ONE_ADAPTER_LAYOUT.pack(
+                    self.epoch, request_id, 288, 352, self.prompt_tokens, self.completion_tokens,
+                    self.fee.to_bytes(32, "big"), hashes, 1, ids[0].to_bytes(32, "big"), 1, weights[0])
+            return _record_layout(n).pack(
+                self.epoch, request_id, 288, 320 + 32 * n, self.prompt_tokens, self.completion_tokens,
+                self.fee.to_bytes(32, "big"), hashes, n, *[i.to_bytes(32, "big") for i in ids], n, *weights)
+        except (struct.error, OverflowError, ValueError, TypeError, AttributeError) as e:
+            raise RecordError(f"record {self.request_id} cannot be ABI-encoded: {e} (check its field ranges)") from e
 
     def leaf_hash(self) -> bytes:
         """keccak256(bytes.concat(keccak256(abi_encode()))): the StandardMerkleTree leaf (32 bytes)."""
@@ -286,24 +315,15 @@ class AttributionRecord:
 
 def records_tree(records: Sequence[AttributionRecord]) -> StandardMerkleTree:
     """The StandardMerkleTree over `records` (leaf encoding `RECORD_LEAF_TYPES`), the same tree as
-    `StandardMerkleTree.of([r.leaf_values() for r in records], RECORD_LEAF_TYPES)` but with the leaves hashed by
-    the fast `leaf_hash` (the generic encoder goes through eth_abi for the dynamic arrays).
+    `StandardMerkleTree.of([r.leaf_values() for r in records], RECORD_LEAF_TYPES)`, with the leaves encoded by
+    the fast `abi_encode` (the generic encoder goes through eth_abi for the dynamic arrays):
 
-    leaves sorted by hash (stable); tree[2n-2-k] = k-th smallest leaf; tree[j] = hash_pair(tree[2j+1], tree[2j+2]).
+    leaves = [keccak256(keccak256(r.abi_encode())) for r in records]        # hashed in bulk, C-level loop
+    tree   = StandardMerkleTree.from_leaf_hashes(leaves, [r.leaf_values() for r in records], RECORD_LEAF_TYPES)
     """
-    n = len(records)
-    if n == 0:
+    if not records:
         raise RecordError("an epoch's records tree needs at least one record")
-    hashes = [r.leaf_hash() for r in records]
-    order = sorted(range(n), key=hashes.__getitem__)
-    size = 2 * n - 1
-    tree: list[bytes] = [b""] * size
-    indices = [0] * n
-    for k, i in enumerate(order):
-        tree[size - 1 - k] = hashes[i]
-        indices[i] = size - 1 - k
-    for j in range(n - 2, -1, -1):
-        a, b = tree[2 * j + 1], tree[2 * j + 2]
-        tree[j] = keccak256(a + b if a < b else b + a)
-    return StandardMerkleTree(tree=tree, values=[r.leaf_values() for r in records], tree_indices=indices,
-                              leaf_encoding=RECORD_LEAF_TYPES)
+    with gc_paused():
+        leaves = leaf_hashes_of_encoded(map(AttributionRecord.abi_encode, records))  # streamed: no list of encodings
+        values = [r.leaf_values() for r in records]
+    return StandardMerkleTree.from_leaf_hashes(leaves, values, RECORD_LEAF_TYPES)

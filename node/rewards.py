@@ -35,7 +35,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from node.errors import NodeError
-from node.merkle import REWARD_LEAF_ENCODING, StandardMerkleTree
+from node.merkle import REWARD_LEAF_ENCODING, StandardMerkleTree, gc_paused
 from node.records import BPS, AttributionRecord
 from node.types import Address, Wei, as_address
 
@@ -265,7 +265,8 @@ def rewards_tree(cumulative: Mapping[Address, int], operator: Address) -> Standa
     """The cumulative rewards tree: leaves (address account, uint256 cumulativeAmount) for every account with a
     positive cumulative amount, sorted by address; the operator's leaf is always present (amount possibly 0)
     so the tree is never empty.  cumulativeTotal = sum of the leaves' amounts."""
-    values = {a: int(v) for a, v in cumulative.items() if int(v) > 0}
-    values.setdefault(operator, 0)
-    leaves = [[a, v] for a, v in sorted(values.items(), key=lambda av: _address_order(av[0]))]
-    return StandardMerkleTree.of(leaves, REWARD_LEAF_ENCODING)
+    with gc_paused():  # millions of acyclic lists: collector passes here free nothing and cost seconds
+        values = {a: v for a, v in ((a, int(v)) for a, v in cumulative.items()) if v > 0}
+        values.setdefault(operator, 0)
+        leaves = [[a, v] for a, v in sorted(values.items(), key=lambda av: _address_order(av[0]))]
+        return StandardMerkleTree.of(leaves, REWARD_LEAF_ENCODING)

@@ -7,9 +7,14 @@
    loss) and NORMAL (survives kill -9, fsync at checkpoints), from --writers threads each calling `append`
    (group commit), from one thread handing records over with `append_async` and awaiting each (the engine's
    completion loop), and from one thread calling `append_many` in batches of 1000;
-2. time to build the records tree and the rewards tree for --tree-records records (one core);
+2. time to build the records tree for --tree-records records and the rewards tree for as many accounts
+   (--reward-accounts, default the same; one core): wall seconds, and this process's CPU seconds (closer to
+   the one-core figure when other jobs share the machine);
 3. gas of `submitEpoch` for each --epoch-sizes record count (on a fresh anvil + deployment; flat by design);
-4. gas of one `claim`, and of `claimMany` per account.
+4. gas of `claim`: the operator's first claim ever (`claim_gas_first`), another account's first claim
+   (`claim_gas`), and a repeat claim of the increase after one more epoch (`claim_gas_repeat`); each of these
+   accounts holds no reward token before its first claim, so a first claim also pays for two fresh storage slots
+   (its claimed-so-far in the ledger, its balance in the token); then `claimMany` per account.
 
 Writes JSON to benchmarks/results/settlement_cpu.json (or --out), with the machine named.
 """
@@ -27,7 +32,9 @@ import threading
 import time
 from pathlib import Path
 
-from eth_account import Account
+from eth_account.signers.local import LocalAccount
+from eth_typing import HexStr
+from eth_utils import to_checksum_address
 from web3 import Web3
 
 from node.chain import ChainClient
@@ -111,20 +118,24 @@ def bench_appends(writers: int, per_writer: int, synchronous: str) -> dict[str, 
             "append_many_records_per_s": len(rest) / dt_batch}
 
 
-def bench_trees(n: int) -> dict[str, float]:
+def bench_trees(n: int, n_accounts: int) -> dict[str, float]:
     t0 = time.perf_counter()
     records = [r.with_epoch(1) for r in make_records(n)]
     gen = time.perf_counter() - t0
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     tree = records_tree(records)
-    dt_records = time.perf_counter() - t1
-    accounts = {Address(Account.create().address): i + 1 for i in range(min(n, 10_000))}
-    t2 = time.perf_counter()
+    dt_records, cpu_records = time.perf_counter() - t1, time.process_time() - c1
+    assert len(tree) == n
+    del records, tree
+    rng = random.Random(7)
+    accounts = {Address(to_checksum_address(rng.randbytes(20))): rng.randint(1, 10**24) for _ in range(n_accounts)}
+    t2, c2 = time.perf_counter(), time.process_time()
     rtree = rewards_tree(accounts, Address(CONTRIBUTORS[0].address))
-    dt_rewards = time.perf_counter() - t2
-    assert len(tree) == n and len(rtree) >= len(accounts)
-    return {"records": n, "records_tree_s": dt_records, "record_generation_s": gen,
-            "rewards_accounts": len(accounts), "rewards_tree_s": dt_rewards}
+    dt_rewards, cpu_rewards = time.perf_counter() - t2, time.process_time() - c2
+    assert len(rtree) >= len(accounts)
+    return {"records": n, "records_tree_s": dt_records, "records_tree_cpu_s": cpu_records,
+            "record_generation_s": gen, "rewards_accounts": len(accounts), "rewards_tree_s": dt_rewards,
+            "rewards_tree_cpu_s": cpu_rewards}
 
 
 def bench_gas(epoch_sizes: list[int]) -> dict[str, object]:
@@ -138,8 +149,8 @@ def bench_gas(epoch_sizes: list[int]) -> dict[str, object]:
             "0x" + "11" * 32, 4, "bench")
         for k in (1, 2):
             Contracts.at(ChainClient(w3, dev_account(k)), dep.addresses).adapters.register_adapter(
-                bytes([k]) * 32, b"\x01" * 32, b"\x02" * 32, [dn], 5, "bench")
-        epochs = []
+                "0x" + bytes([k]).hex() * 32, "0x" + "01" * 32, "0x" + "02" * 32, [dn], 5, "bench")
+        epochs: list[dict[str, object]] = []
         op = dev_account(0)
         admin.token.mint(op.address, 10**30)
         with RecordLog.open(Path(d) / "log.sqlite", synchronous="NORMAL") as log_:
@@ -152,21 +163,27 @@ def bench_gas(epoch_sizes: list[int]) -> dict[str, object]:
                 outcome = settler.settle()
                 dt = time.perf_counter() - t0
                 assert outcome is not None and outcome.tx_hash is not None
-                gas = int(w3.eth.get_transaction_receipt(outcome.tx_hash)["gasUsed"])
+                gas = int(w3.eth.get_transaction_receipt(HexStr(outcome.tx_hash))["gasUsed"])
                 epochs.append({"records": size, "submitEpoch_gas": gas, "settle_seconds": dt,
                                "first_epoch_warmup": len(epochs) == 0})
-            out = export_epoch(log_, len(epoch_sizes) + 1, Path(d) / "epoch.json")
-            proofs = proofs_from_epoch_file(out)
-            claim_gas = []
-            for acct in CONTRIBUTORS[:2]:  # the operator's first claim ever, then a typical one
+            def claim_gas(acct: LocalAccount, epoch: int) -> int:
+                proofs = proofs_from_epoch_file(export_epoch(log_, epoch, Path(d) / f"epoch{epoch}.json"))
                 one = claim(Contracts.at(ChainClient(w3, acct), dep.addresses).ledger,
                             next(p for p in proofs if p.account == acct.address))
                 assert one.tx_hash is not None
-                claim_gas.append(int(w3.eth.get_transaction_receipt(one.tx_hash)["gasUsed"]))
-            pushed = push_claims(admin.ledger, proofs)
+                return int(w3.eth.get_transaction_receipt(HexStr(one.tx_hash))["gasUsed"])
+
+            last = len(epochs)
+            first = claim_gas(CONTRIBUTORS[0], last)  # the operator's first claim ever
+            typical = claim_gas(CONTRIBUTORS[1], last)  # another account's first claim
+            log_.append_many(make_records(10, start))  # one more epoch: every cumulative amount grows
+            assert settler.settle() is not None
+            repeat = claim_gas(CONTRIBUTORS[0], last + 1)  # the first account claims its increase
+            pushed = push_claims(admin.ledger, proofs_from_epoch_file(Path(d) / f"epoch{last + 1}.json"))
             many_gas = sum(pushed.gas_used)
-    return {"epochs": epochs, "claim_gas_first": claim_gas[0], "claim_gas": claim_gas[1], "claimMany_accounts": len(pushed.paid),
-            "claimMany_gas_total": many_gas, "claimMany_gas_per_account": many_gas / max(1, len(pushed.paid))}
+    return {"epochs": epochs, "claim_gas_first": first, "claim_gas": typical, "claim_gas_repeat": repeat,
+            "claimMany_accounts": len(pushed.paid), "claimMany_gas_total": many_gas,
+            "claimMany_gas_per_account": many_gas / max(1, len(pushed.paid))}
 
 
 def main() -> None:
@@ -174,17 +191,23 @@ def main() -> None:
     p.add_argument("--writers", type=int, default=128, help="concurrent appending threads (default 128)")
     p.add_argument("--per-writer", type=int, default=250, help="records each writer appends (default 250)")
     p.add_argument("--tree-records", type=int, default=1_000_000, help="records in the tree benchmark (default 1M)")
+    p.add_argument("--reward-accounts", type=int, default=None,
+                   help="accounts in the rewards-tree benchmark (default: as many as --tree-records)")
     p.add_argument("--epoch-sizes", default="1000,100000", help="records per settled epoch (default 1000,100000)")
     p.add_argument("--out", default="benchmarks/results/settlement_cpu.json")
+    p.add_argument("--note", default="", help="free text stored with the results (e.g. what changed)")
     args = p.parse_args()
     result: dict[str, object] = {"machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     result["append"] = [bench_appends(args.writers, args.per_writer, sync) for sync in ("FULL", "NORMAL")]
     print(json.dumps(result["append"]), flush=True)
-    result["trees"] = bench_trees(args.tree_records)
+    accounts = args.tree_records if args.reward_accounts is None else args.reward_accounts
+    result["trees"] = bench_trees(args.tree_records, accounts)
     print(json.dumps(result["trees"]), flush=True)
     result["gas"] = bench_gas([int(x) for x in args.epoch_sizes.split(",") if x])
     print(json.dumps(result["gas"]), flush=True)
     result["targets"] = {"append_records_per_s": 50_000, "tree_1m_seconds": 10, "claim_gas": 90_000}
+    if args.note:
+        result["note"] = args.note
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
