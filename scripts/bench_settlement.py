@@ -24,14 +24,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
-import platform
 import random
 import tempfile
 import threading
 import time
 from pathlib import Path
 
+from benchlib import machine_info  # scripts/benchlib.py, beside this script
 from eth_account.signers.local import LocalAccount
 from eth_typing import HexStr
 from eth_utils import to_checksum_address
@@ -50,18 +49,6 @@ from node.settlement import Settler, export_epoch
 from node.types import Address, Bytes32, Wei
 
 CONTRIBUTORS = [dev_account(i) for i in (3, 4, 5, 6)]
-
-
-def machine() -> dict[str, object]:
-    model = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": model, "cores": os.cpu_count(), "python": platform.python_version(), "system": platform.platform()}
 
 
 def make_records(n: int, start: int = 0, adapters: tuple[int, ...] = (1, 2)) -> list[AttributionRecord]:
@@ -197,7 +184,7 @@ def main() -> None:
     p.add_argument("--out", default="benchmarks/results/settlement_cpu.json")
     p.add_argument("--note", default="", help="free text stored with the results (e.g. what changed)")
     args = p.parse_args()
-    result: dict[str, object] = {"machine": machine(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+    result: dict[str, object] = {"machine": machine_info(), "when": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
     result["append"] = [bench_appends(args.writers, args.per_writer, sync) for sync in ("FULL", "NORMAL")]
     print(json.dumps(result["append"]), flush=True)
     accounts = args.tree_records if args.reward_accounts is None else args.reward_accounts
