@@ -16,13 +16,14 @@ Default (`name=None`): "triton" on CUDA when triton is importable, "torch" other
 from __future__ import annotations
 
 import importlib.util
+import weakref
 from typing import Protocol
 
 import torch
 
 from inference.batch import BatchMetadata
 from inference.errors import BackendError
-from kernels.paged_attention_ref import paged_attention_ref
+from kernels.paged_attention_ref import PagedAttentionPlan, paged_attention_ref, plan_paged_attention
 
 ATTENTION_BACKENDS: tuple[str, ...] = ("torch", "triton")
 
@@ -38,16 +39,41 @@ class AttentionBackend(Protocol):
 
 
 class TorchPagedAttention:
-    """The reference backend; the CPU path."""
+    """The reference backend; the CPU path.
+
+    The gather indices and mask (`PagedAttentionPlan`) depend only on the step's layout, so the first layer
+    of a step builds them and the later layers reuse them: the plan is kept for the last `BatchMetadata` seen
+    (held by a weak reference, so a later step's batch can never pick up a stale plan).
+    """
 
     name = "torch"
+
+    def __init__(self) -> None:
+        self._plan_batch: weakref.ref[BatchMetadata] | None = None
+        self._plan: PagedAttentionPlan | None = None
+
+    def plan(self, batch: BatchMetadata, block_size: int) -> PagedAttentionPlan:
+        """The step's plan for `batch` (built on the first call for this batch and block size, then reused)."""
+        plan = self._plan
+        if (
+            plan is None
+            or self._plan_batch is None
+            or self._plan_batch() is not batch
+            or plan.block_size != block_size
+        ):
+            plan = plan_paged_attention(
+                batch.block_tables, batch.query_start, batch.context_lens, batch.num_tokens,
+                batch.max_query_len, batch.max_context_len, block_size,
+            )
+            self._plan, self._plan_batch = plan, weakref.ref(batch)
+        return plan
 
     def __call__(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: BatchMetadata, scale: float
     ) -> torch.Tensor:
         return paged_attention_ref(
             q, k_cache, v_cache, batch.block_tables, batch.query_start, batch.context_lens,
-            batch.max_query_len, batch.max_context_len, scale,
+            batch.max_query_len, batch.max_context_len, scale, plan=self.plan(batch, k_cache.shape[1]),
         )
 
 

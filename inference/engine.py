@@ -60,6 +60,8 @@ log = logging.getLogger(__name__)
 
 # Merge weights of one request must sum to 1 within this tolerance (they arrive as floats over gRPC).
 MERGE_WEIGHT_TOLERANCE = 1e-6
+# Longest wait of an idle step for adapters the store is loading in the background (seconds).
+ADAPTER_LOAD_POLL_S = 0.05
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -473,9 +475,17 @@ class Engine:
                 self._emit_final(self._live[seq.request_id])
             self._totals["preemptions"] += len(out.preempted)
             if out.is_empty:
+                self._wait_for_adapter_loads()
                 return 0
             self._run(out)
             return out.num_tokens
+
+    def _wait_for_adapter_loads(self) -> None:
+        """Nothing could run: when waiting requests only wait for adapters a background loader is reading,
+        block briefly on those loads instead of spinning the step loop."""
+        wait = getattr(self.scheduler.adapter_slots, "wait_for_loads", None)
+        if wait is not None and self.scheduler.waiting:
+            wait(ADAPTER_LOAD_POLL_S)
 
     def _run(self, out: SchedulerOutput) -> None:
         batch = build_batch(out.chunks, self.config.block_size, self.device)

@@ -221,6 +221,7 @@ class Scheduler:
 
         if not out.preempted:
             budget = self._admit(budget, planned, out)
+        self._prefetch_ahead()
 
         for seq, n in planned.values():
             start = seq.num_computed
@@ -237,6 +238,18 @@ class Scheduler:
                 )
             )
         return out
+
+    def _prefetch_ahead(self) -> None:
+        """Hint the adapter store with the adapters the head of the waiting queue will need (at most as many
+        distinct adapters as there are slots), so their loads overlap with the steps before they run."""
+        wanted: dict[str, None] = {}
+        for seq in self.waiting:
+            for key in seq.adapter_keys:
+                wanted.setdefault(key)
+            if len(wanted) >= self.adapter_slots.num_slots:
+                break
+        if wanted:
+            self.adapter_slots.prefetch(list(wanted)[: self.adapter_slots.num_slots])
 
     def _admit(self, budget: int, planned: dict[int, tuple[Sequence, int]], out: SchedulerOutput) -> int:
         """Move waiting sequences into the running set while seats, budget, blocks and slots allow."""

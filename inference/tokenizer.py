@@ -94,16 +94,23 @@ class Tokenizer:
 class IncrementalDetokenizer:
     """Text deltas for a growing list of generated ids, each delta ending on a whole character.
 
+    One decode per pushed id. The window ids[prefix:] is decoded; `_before` caches the decode of
+    ids[prefix:read], the part already emitted (read sits on a character boundary):
+
         push(id) -> delta:  text = decode(ids[prefix:]);  if text ends in U+FFFD (an incomplete UTF-8
-                            character), emit nothing yet; else emit text[len(decode(ids[prefix:read])):]
-                            and slide the window (prefix, read) forward.
+                            character) or adds nothing, emit nothing yet; else emit text[len(_before):],
+                            read = len(ids), _before = text.
+                            When the window grows past WINDOW_IDS, it slides: prefix = the previous read (a
+                            boundary), _before = decode(ids[prefix:read]) (one extra decode every few ids).
         flush()  -> the rest (an incomplete character at the very end comes out as U+FFFD).
 
-    The window starts on the last few prompt ids so that tokenizers which drop a leading space when a text
-    starts with a word (SentencePiece) still give the right first delta. Concatenated deltas == decode(generated).
+    The window starts on the last few prompt ids, and always keeps the previously emitted ids as context, so
+    that tokenizers which drop a leading space when a text starts with a word (SentencePiece) still give the
+    right deltas. Concatenated deltas == decode(generated).
     """
 
     CONTEXT_IDS = 5
+    WINDOW_IDS = 4
 
     def __init__(self, tokenizer: Tokenizer, prompt_ids: Sequence[int] = (), skip_special_tokens: bool = True) -> None:
         self._tokenizer = tokenizer
@@ -111,6 +118,8 @@ class IncrementalDetokenizer:
         self._ids: list[int] = list(prompt_ids[-self.CONTEXT_IDS :]) if prompt_ids else []
         self._prefix = 0
         self._read = len(self._ids)
+        self._last_read = self._read  # the read boundary before the latest emission: where a slide moves prefix
+        self._before = self._decode(self._ids) if self._ids else ""
         self._emitted = ""
 
     @property
@@ -124,20 +133,22 @@ class IncrementalDetokenizer:
     def push(self, token_id: int) -> str:
         """Add one generated id; return the new text it completes ("" while a character is still partial)."""
         self._ids.append(int(token_id))
-        before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
-        if after.endswith(REPLACEMENT_CHAR) or len(after) <= len(before):
+        if after.endswith(REPLACEMENT_CHAR) or len(after) <= len(self._before):
             return ""
-        delta = after[len(before) :]
-        self._prefix, self._read = self._read, len(self._ids)
+        delta = after[len(self._before) :]
+        self._last_read, self._read, self._before = self._read, len(self._ids), after
+        if self._read - self._prefix > self.WINDOW_IDS:
+            self._prefix = self._last_read
+            self._before = self._decode(self._ids[self._prefix : self._read])
         self._emitted += delta
         return delta
 
     def flush(self) -> str:
         """Emit whatever is still held back (at the end of generation)."""
-        before = self._decode(self._ids[self._prefix : self._read])
         after = self._decode(self._ids[self._prefix :])
-        delta = after[len(before) :] if len(after) > len(before) else ""
-        self._prefix = self._read = len(self._ids)
+        delta = after[len(self._before) :] if len(after) > len(self._before) else ""
+        self._last_read = self._read = len(self._ids)
+        self._before = after
         self._emitted += delta
         return delta

@@ -113,7 +113,8 @@ def build_engine(cfg: NodeConfig) -> tuple[Engine, AdapterStore]:
     else:
         model = load_model(model_dir, m.dtype, device)
         slots = apply_lora(model, num_slots=cfg.adapters.slots, max_rank=cfg.adapters.max_rank)
-    store = AdapterStore(slots, BaseDims.from_model_config(model.config), base_hash=base_model_hash(model_dir))
+    store = AdapterStore(slots, BaseDims.from_model_config(model.config), base_hash=base_model_hash(model_dir),
+                         background_loads=True)  # first loads from disk off the engine step
     engine_cfg = EngineConfig(
         model_dir=model_dir, dtype=m.dtype, device=device, block_size=m.block_size,
         kv_cache_bytes=m.kv_cache_mb * (1 << 20), max_num_seqs=m.max_num_seqs,
@@ -700,6 +701,8 @@ class NodeApp:
             self.spans = None
         if self.engine is not None:
             await asyncio.to_thread(self.engine.shutdown)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
         log.info("node stopped")
 
     async def run_until_signal(self, on_ready: Callable[[int], None] | None = None) -> None:

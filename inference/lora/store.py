@@ -10,9 +10,14 @@ acquire(keys) -> slot ids | None
     change at all, when there are not enough slots free of running sequences. A key is evicted from its slot
     only when no running sequence holds it (refs == 0): empty slots first, then the least recently used.
 release(keys)    reference counts - 1; the adapter stays resident (a later acquire is a hit) until evicted.
-prefetch(keys)   waiting requests will need these: load them into the CPU tier now and, on CUDA, copy them into
+prefetch(keys)   waiting requests will need these: load them into the CPU tier and, on CUDA, copy them into
                  empty slots on a side stream (acquire makes the compute stream wait on that copy's event).
-                 On CPU the loads are synchronous. A failed prefetch is logged; acquire reports the error.
+                 With `background_loads=False` (the default) the disk loads run now, in the caller.
+                 With `background_loads=True` they are queued to one loader thread (read + hash + parse off the
+                 engine step): while a key is queued or loading, acquire of it returns None (its request
+                 waits, others run); a failed background load is kept and raised by the next acquire of that
+                 key (that request fails alone; the next acquire after it retries from disk).
+                 A failed prefetch is logged; acquire reports the error. `close()` stops the thread.
 
 Loading from disk verifies the weights hash and base hash against what was registered (`load_adapter`); a
 malformed or mismatched adapter raises `AdapterFormatError` / `AdapterMismatchError` from acquire (the
@@ -24,6 +29,7 @@ from __future__ import annotations
 import builtins
 import functools
 import logging
+import queue
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
@@ -118,8 +124,10 @@ class AdapterStore:
         base_hash: str | None = None,
         cpu_cache_bytes: int = 2 << 30,
         dtype: torch.dtype | None = None,
+        background_loads: bool = False,
     ) -> None:
         self._lock = threading.RLock()
+        self._loads_done = threading.Condition(self._lock)  # notified whenever a background load ends
         self._slots = slots
         self._dims = dims
         self._base_hash = parse_hash(base_hash) if base_hash is not None else None
@@ -139,6 +147,11 @@ class AdapterStore:
         self._tick = 0
         self._ready: dict[int, torch.cuda.Event] = {}  # slot -> copy event of a prefetch on the side stream
         self._side_stream = torch.cuda.Stream(device=self._device) if self._device.type == "cuda" else None
+        self._background = background_loads
+        self._queue: queue.SimpleQueue[str | None] = queue.SimpleQueue()  # keys to load; None stops the thread
+        self._loading: set[str] = set()  # keys queued or being loaded by the loader thread
+        self._failed: dict[str, EngineError] = {}  # key -> error of its last background load
+        self._loader: threading.Thread | None = None
         self.stats = StoreStats()
 
     # ---- the disk tier: what is known ------------------------------------------------------------------
@@ -212,6 +225,7 @@ class AdapterStore:
             self._slot_key[slot] = None
             self._slots.clear(slot)
         self._refs.pop(key, None)
+        self._failed.pop(key, None)
         ad = self._cpu.pop(key, None)
         if ad is not None:
             self._cpu_bytes -= ad.nbytes
@@ -226,15 +240,23 @@ class AdapterStore:
             return ad
         e = self._entry(key)
         try:
-            ad = load_adapter(
-                e.path, self._dims, self.max_rank, dtype=self._dtype, expected_weights_hash=e.weights_hash,
-                expected_base_hash=e.base_hash, base_hash=self._base_hash,
-            )
+            ad = self._read(e)
         except EngineError:
             self.stats.load_failures += 1
             raise
-        if self._device.type == "cuda":
-            ad = ad.pin_memory()
+        self._cpu_put(key, ad)
+        return ad
+
+    def _read(self, e: AdapterEntry) -> LoRAAdapter:
+        """Disk -> verified `LoRAAdapter` (pinned on CUDA); touches no store state, so it may run unlocked."""
+        ad = load_adapter(
+            e.path, self._dims, self.max_rank, dtype=self._dtype, expected_weights_hash=e.weights_hash,
+            expected_base_hash=e.base_hash, base_hash=self._base_hash,
+        )
+        return ad.pin_memory() if self._device.type == "cuda" else ad
+
+    def _cpu_put(self, key: str, ad: LoRAAdapter) -> None:
+        """Insert a freshly read adapter into the CPU LRU, evicting the oldest beyond the byte budget."""
         self.stats.disk_loads += 1
         self._cpu[key] = ad
         self._cpu_bytes += ad.nbytes
@@ -242,7 +264,6 @@ class AdapterStore:
             _, old = self._cpu.popitem(last=False)
             self._cpu_bytes -= old.nbytes
             self.stats.cpu_evictions += 1
-        return ad
 
     # ---- the slot tier: the scheduler's AdapterSlots -----------------------------------------------------
     @property
@@ -276,6 +297,12 @@ class AdapterStore:
         self.validate(keys)
         wanted = list(dict.fromkeys(keys))
         missing = [k for k in wanted if k not in self._key_slot]
+        for k in missing:
+            failed = self._failed.pop(k, None)
+            if failed is not None:  # its background load failed: this request fails; a later acquire retries
+                raise failed
+        if any(k in self._loading for k in missing):
+            return None  # still loading on the loader thread: the request waits a step, nothing changes
         free = self._free_slots(exclude=set(wanted))
         if len(missing) > len(free):
             return None
@@ -331,9 +358,17 @@ class AdapterStore:
 
     @_locked
     def prefetch(self, keys: Sequence[str]) -> None:
-        """Warm the tiers for a waiting request: CPU tier now; on CUDA also empty slots, on a side stream."""
+        """Warm the tiers for a waiting request: CPU tier (now, or queued to the loader thread with
+        `background_loads`); on CUDA also empty slots, on a side stream."""
         for k in dict.fromkeys(keys):
-            if k not in self._entries or k in self._key_slot:
+            if k not in self._entries or k in self._key_slot or k in self._loading:
+                continue
+            if self._background and k not in self._cpu:
+                if k in self._failed:
+                    continue  # acquire reports that failure first; it retries after that
+                self._loading.add(k)
+                self._start_loader()
+                self._queue.put(k)
                 continue
             try:
                 if k not in self._cpu:
@@ -345,6 +380,92 @@ class AdapterStore:
                         self._fill(empty[0], k, stream=self._side_stream)
             except EngineError as e:  # a hint only: acquire will raise the same error for the request
                 log.warning("prefetch of adapter %r failed: %s", k, e)
+
+    # ---- the loader thread (background_loads=True) ---------------------------------------------------------
+    def _start_loader(self) -> None:
+        if self._loader is None or not self._loader.is_alive():
+            self._loader = threading.Thread(target=self._load_loop, name="loraledger-adapter-loader", daemon=True)
+            self._loader.start()
+
+    def _load_loop(self) -> None:
+        """Take keys off the queue until None: read + verify each outside the lock, then publish it under it."""
+        while True:
+            key = self._queue.get()
+            if key is None:
+                return
+            try:
+                self._load_one(key)
+            finally:  # whatever happened, the key is no longer loading (acquire then loads it itself)
+                with self._lock:
+                    self._loading.discard(key)
+                    self._loads_done.notify_all()
+
+    def _load_one(self, key: str) -> None:
+        """One background load: disk -> CPU tier (hashes verified), or the error kept for acquire to raise."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or key in self._cpu or key in self._key_slot:
+                return  # unloaded, or loaded by acquire meanwhile
+        error: EngineError | None = None
+        adapter: LoRAAdapter | None = None
+        try:
+            adapter = self._read(entry)
+        except EngineError as e:
+            error = e
+        except (OSError, RuntimeError, ValueError) as e:  # keep the thread alive and the request informed
+            error = EngineError(f"background load of adapter {key!r} from {entry.path} failed: {e}")
+            error.__cause__ = e
+        with self._lock:
+            if self._entries.get(key) is not entry:
+                return  # unloaded or re-registered while it loaded: the result belongs to nobody
+            if error is not None:
+                self.stats.load_failures += 1
+                self._failed[key] = error
+                log.warning("background load of adapter %r failed: %s", key, error)
+            elif adapter is not None and key not in self._cpu:
+                self._cpu_put(key, adapter)
+                self.stats.prefetch_loads += 1
+                self._fill_empty_slot_async(key)
+
+    def _fill_empty_slot_async(self, key: str) -> None:
+        """On CUDA: copy `key` (now in the CPU tier) into an empty slot on the side stream, if one is empty."""
+        if self._side_stream is None or key in self._key_slot:
+            return
+        empty = [s for s, owner in enumerate(self._slot_key) if owner is None]
+        if empty:
+            try:
+                self._fill(empty[0], key, stream=self._side_stream)
+            except EngineError as e:  # the slot stays empty (`LoRASlots.load` clears it); acquire retries
+                log.warning("prefetch of adapter %r into slot %d failed: %s", key, empty[0], e)
+
+    def wait_for_loads(self, timeout: float | None = None) -> bool:
+        """Block until the loader thread has no key queued or loading; False if `timeout` (s) passed first."""
+        with self._loads_done:
+            return self._loads_done.wait_for(lambda: not self._loading, timeout)
+
+    @_locked
+    def loading(self) -> builtins.list[str]:
+        """Keys queued or being loaded by the loader thread, sorted."""
+        return sorted(self._loading)
+
+    def close(self) -> None:
+        """Stop the loader thread after the load in progress (queued loads are dropped; acquire loads them)."""
+        with self._lock:
+            thread = self._loader
+            self._loader = None
+            dropped = set(self._loading)
+        if thread is None:
+            return
+        while True:  # drain what is queued so the thread sees the stop marker next
+            try:
+                self._queue.get_nowait()
+            except queue.Empty:
+                break
+        self._queue.put(None)
+        thread.join()
+        with self._lock:
+            self._loading -= dropped
+            self._loads_done.notify_all()
 
     # ---- introspection -------------------------------------------------------------------------------------
     @_locked

@@ -338,6 +338,18 @@ def test_adapter_slots_bound_distinct_adapters_and_do_not_block_others() -> None
     assert all(v == 0 for v in slots.refs.values())
 
 
+def test_waiting_requests_adapters_are_prefetched_ahead_of_admission() -> None:
+    """Requests that cannot run yet (no seat) still get their adapters warmed, head of the queue first, at most
+    as many distinct adapters as there are slots."""
+    slots = CountingSlots(2, known=["a", "b", "c", "d"])
+    sched = make_sched(budget=32, slots=slots, seqs=1)
+    for i, key in enumerate(["a", "b", "c", "d"]):
+        sched.add(make_seq(i, 3, 2, adapters=[(key, 1.0)]))
+    step(sched, SimulatedCache(4))
+    assert slots.prefetched[-2:] == ["b", "c"]  # "a" runs; the next two waiting adapters are warmed
+    assert "d" not in slots.prefetched
+
+
 def test_adapter_errors() -> None:
     slots = CountingSlots(2, known=["a", "bad", "c"], broken=["bad"])
     sched = make_sched(slots=slots)
