@@ -165,6 +165,7 @@ class RequestHandle:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._wake: asyncio.Event | None = None
         self._consumed_final = False
+        self._wake_scheduled = False  # a wake.set is on its way to the consumer's loop
 
     # engine side
     def _push(self, item: HandleItem) -> None:
@@ -173,9 +174,12 @@ class RequestHandle:
             if isinstance(item, GenerationResult):
                 self._final = item
             loop, wake = self._loop, self._wake
+            notify = not self._wake_scheduled  # one cross-thread wake-up per batch the consumer has not seen
+            if loop is not None and notify:
+                self._wake_scheduled = True
         if isinstance(item, GenerationResult):
             self._done.set()
-        if loop is not None and wake is not None and not loop.is_closed():
+        if loop is not None and wake is not None and notify and not loop.is_closed():
             loop.call_soon_threadsafe(wake.set)
 
     # consumer side
@@ -192,6 +196,15 @@ class RequestHandle:
 
     def cancel(self) -> bool:
         return self._engine.cancel(self.request_id)
+
+    def drain_deltas_nowait(self) -> list[TokenDelta]:
+        """The `TokenDelta`s already produced and not yet consumed, without waiting (the final result, if
+        queued, stays for the next `__anext__`). Lets a streaming consumer send what piled up in one message."""
+        out: list[TokenDelta] = []
+        with self._lock:
+            while self._items and isinstance(self._items[0], TokenDelta):
+                out.append(self._items.popleft())  # type: ignore[arg-type]
+        return out
 
     def __aiter__(self) -> AsyncIterator[HandleItem]:
         return self
@@ -211,6 +224,7 @@ class RequestHandle:
                 if self._consumed_final:
                     raise StopAsyncIteration
                 self._wake.clear()
+                self._wake_scheduled = False
             await self._wake.wait()
 
 

@@ -420,7 +420,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def _generate(
         self, request: pb.GenerateRequest, context: grpc.aio.ServicerContext, call: _CallLog
-    ) -> AsyncIterator[TokenDelta | pb.GenerateResponse]:
+    ) -> AsyncIterator[list[TokenDelta] | pb.GenerateResponse]:
         """Admit, submit, stream the engine's deltas, then yield the final response (record committed).
 
         The engine request is cancelled in `finally` unless it finished: a client that goes away (or runs past
@@ -440,7 +440,8 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             slot.handle = self.engine.submit(gen)
             async for item in slot.handle:
                 if isinstance(item, TokenDelta):
-                    yield item
+                    # with what else piled up since: one stream message per wake-up, not per token
+                    yield [item, *slot.handle.drain_deltas_nowait()]
                     continue
                 slot.finalised = True  # from here `_final` owns the record
                 yield await self._final(item, gen, client_id, request.client_account, call)
@@ -529,9 +530,9 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         want_logprobs = request.sampling.logprobs > 0
         try:
             async for item in self._generate(request, context, call):
-                if isinstance(item, TokenDelta):
+                if isinstance(item, list):
                     if want_logprobs:
-                        logprobs.append(_logprob_proto(item))
+                        logprobs.extend(_logprob_proto(d) for d in item)
                 else:
                     final = item
         except (EngineError, NodeError) as e:
@@ -552,10 +553,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
         want_logprobs = request.sampling.logprobs > 0
         try:
             async for item in self._generate(request, context, call):
-                if isinstance(item, TokenDelta):
-                    delta = pb.TextDelta(text=item.text_delta, token_ids=[item.token_id])
+                if isinstance(item, list):
+                    delta = pb.TextDelta(text="".join(d.text_delta for d in item),
+                                         token_ids=[d.token_id for d in item])
                     if want_logprobs:
-                        delta.logprobs.append(_logprob_proto(item))
+                        delta.logprobs.extend(_logprob_proto(d) for d in item)
                     yield pb.GenerateStreamResponse(delta=delta)
                 else:
                     yield pb.GenerateStreamResponse(final=item)

@@ -478,7 +478,8 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device, dtype:
     report["lora_slots"] = {"slots": slots_n, "slot_bytes": slots.slot_nbytes()}
     steps: list[dict[str, Any]] = []
     for n in ns:
-        store = AdapterStore(slots, dims, cpu_cache_bytes=args.cpu_cache_mb << 20)
+        # as the node builds it: first loads from disk on the store's loader thread, off the engine step
+        store = AdapterStore(slots, dims, cpu_cache_bytes=args.cpu_cache_mb << 20, background_loads=True)
         for k, p in zip(keys[:n], paths[:n], strict=True):
             store.register(k, p)
         trace = make_traffic(spec(n))
@@ -497,6 +498,7 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device, dtype:
             row["ours_over_peft"] = ours["throughput_tok_s"] / row["peft"]["throughput_tok_s"]
             print(f"[{size}] N={n} peft: {json.dumps(row['peft'])}", flush=True)
         report["runs"].append(row)
+        store.close()
     report["decode_step"] = steps
     if len(keys) > slots_n:
         store = AdapterStore(slots, dims, cpu_cache_bytes=args.cpu_cache_mb << 20)
