@@ -46,8 +46,8 @@ from inference.block_manager import BlockManager
 from inference.config import ModelConfig, parse_dtype
 from inference.errors import CapacityError, EngineConfigError, EngineError, InvalidRequestError
 from inference.kv_cache import PagedKVCache, bytes_per_block, num_blocks_for_budget
-from inference.quant import check_quantize_mode, load_model_quantized
 from inference.model import LlamaModel
+from inference.quant import check_quantize_mode, load_model_quantized
 from inference.sampling import SampleRequest, make_generator, sample
 from inference.scheduler import AdapterSlots, Scheduler, SchedulerConfig, SchedulerOutput
 from inference.sequence import FinishReason, SamplingParams, Sequence

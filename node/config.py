@@ -155,7 +155,7 @@ class NodeConfig:
         return dataclasses.asdict(self)
 
 
-def _positive(name: str, value: int | float) -> None:
+def _positive(name: str, value: float) -> None:
     if value <= 0:
         raise ConfigError(f"{name} must be > 0, got {value}")
 

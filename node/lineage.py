@@ -26,8 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 from inference.identity import base_model_hash, config_hash, parse_hash, weights_hash
 from node.datanet import MANIFEST_FILE, load_manifest
-from node.errors import ConfigError, NodeError
-from node.errors import LineageMismatchError, NotFoundError
+from node.errors import ConfigError, LineageMismatchError, NodeError, NotFoundError
 from node.training import load_lineage, write_lineage
 from node.types import AdapterId, Address, DatanetId, TxHash, as_wei
 
