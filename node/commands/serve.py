@@ -137,6 +137,9 @@ def _generate(args: argparse.Namespace) -> int:
                 print(final.text)
         except grpc.RpcError as e:
             print(f"loraledger generate: {e.code().name}: {e.details()}", file=sys.stderr)
+            if e.code() == grpc.StatusCode.UNAVAILABLE:
+                print(f"  no node answers at {args.server}: start one with `loraledger node run` "
+                      "(or `make run`), or pass --server HOST:PORT", file=sys.stderr)
             return 1
     if final is not None:
         _print_final(final)
