@@ -31,6 +31,8 @@ class PagedAttentionPlan:
         idx_in_seq[t]     t - query_start[b], its row in the padded query block         [T] int64
         tables[b, j]      block_tables[b, :n_blocks] as int64 (n_blocks = ceil(max_context_len / bs))  [B, nb]
         mask[b, 0, i, j]  key j visible to query i of b: j < ctx[b] and j <= ctx[b] - q_len[b] + i     [B, 1, Mq, L]
+        decode_only       every sequence has exactly one query token (T == B, Mq == 1): the flat q is already
+                          the padded [B, 1, Hq, D] block, so the scatter / gather of query rows is skipped
     """
 
     seq_of_token: torch.Tensor
@@ -40,6 +42,7 @@ class PagedAttentionPlan:
     num_tokens: int
     block_size: int
     max_query_len: int
+    decode_only: bool = False
 
 
 def plan_paged_attention(
@@ -68,7 +71,10 @@ def plan_paged_attention(
     qi = torch.arange(max_query_len, device=device)[None, :, None]  # [1, Mq, 1]
     kj = torch.arange(n_blocks * block_size, device=device)[None, None, :]  # [1, 1, L]
     mask = (kj < ctx) & (kj <= first_pos + qi)  # [B, Mq, L]; padded query rows still see key 0
-    return PagedAttentionPlan(seq_of_token, idx_in_seq, tables, mask[:, None], t, block_size, max_query_len)
+    decode_only = max_query_len == 1 and t == b  # q_len[b] <= 1 and sum(q_len) == B  =>  every q_len[b] == 1
+    return PagedAttentionPlan(
+        seq_of_token, idx_in_seq, tables, mask[:, None], t, block_size, max_query_len, decode_only
+    )
 
 
 def paged_attention_ref(
@@ -98,13 +104,18 @@ def paged_attention_ref(
     keys = k_cache[plan.tables].reshape(b, length, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
     values = v_cache[plan.tables].reshape(b, length, hkv, d).transpose(1, 2)  # [B, Hkv, L, D]
 
-    q_pad = q.new_zeros(b, plan.max_query_len, hq, d)  # [B, Mq, Hq, D]
-    q_pad[seq_of_token, idx_in_seq] = q
+    if plan.decode_only:
+        q_pad = q.reshape(b, 1, hq, d)  # [B, 1, Hq, D]: token b is sequence b's only query
+    else:
+        q_pad = q.new_zeros(b, plan.max_query_len, hq, d)  # [B, Mq, Hq, D]
+        q_pad[seq_of_token, idx_in_seq] = q
     q_pad = q_pad.transpose(1, 2)  # [B, Hq, Mq, D]
 
     out = F.scaled_dot_product_attention(
         q_pad, keys.to(q.dtype), values.to(q.dtype), attn_mask=plan.mask, scale=scale, enable_gqa=hq != hkv
     )  # [B, Hq, Mq, D]
+    if plan.decode_only:
+        return out.transpose(1, 2).reshape(t, hq, d)  # [T, Hq, D]
     return out.transpose(1, 2)[seq_of_token, idx_in_seq]  # [T, Hq, D]
 
 
