@@ -552,6 +552,7 @@ class Settler:
         assert row.tx_hash is not None and row.raw_tx is not None and row.tx_nonce is not None
         opts = self.options
         deadline = time.monotonic() + opts.receipt_timeout
+        onchain_since: dict[int, int] = {}  # epoch -> head when the ledger first showed it without a receipt
         while True:
             row = self._row(n)
             if row.state != SUBMITTED:
@@ -576,10 +577,14 @@ class Settler:
                     self.log.mark_confirmed(n, block_number=int(receipt["blockNumber"]))
                     self._step("confirmed", n)
                     return
-            elif self._onchain(row) is not None:  # a replacement we signed earlier landed
-                self.log.mark_confirmed(n, block_number=int(self.w3.eth.block_number))
-                self._step("confirmed", n)
-                return
+            elif self._onchain(row) is not None:  # a replacement we signed earlier (or a re-inclusion) landed
+                # no receipt to measure depth by: count `confirmations` blocks from when we first saw it there
+                head = int(self.w3.eth.block_number)
+                seen = onchain_since.setdefault(n, head)
+                if head - seen >= opts.confirmations:
+                    self.log.mark_confirmed(n, block_number=seen)
+                    self._step("confirmed", n)
+                    return
             elif self._pending_tx(row.tx_hash):
                 if row.submitted_at is not None and time.time() - row.submitted_at >= opts.replace_after:
                     self._replace(row, "pending too long")
