@@ -31,6 +31,7 @@ import queue
 import sqlite3
 import threading
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
@@ -151,26 +152,29 @@ _RECORD_FIELDS = ("epoch, request_id, adapter_ids, weights_bps, prompt_tokens, c
 _SELECT_RECORD = f"SELECT {_RECORD_FIELDS} FROM records"
 
 
-class _Backend:
+class _Backend(ABC):
     """How to reach one database: connections, placeholder style, and the epoch-closing lock."""
 
     name = ""
 
+    @abstractmethod
     def connect(self) -> Any:
-        raise NotImplementedError
+        """A new connection in autocommit mode (transactions are begun explicitly)."""
 
     def sql(self, text: str) -> str:
         return text
 
+    @abstractmethod
     def begin_exclusive(self, conn: Any) -> None:
-        raise NotImplementedError
+        """Begin a transaction that locks out other epoch closers."""
 
     def begin_write(self, conn: Any) -> None:
         """Start a transaction that will write (takes the write lock up front where the database needs it)."""
         conn.execute("BEGIN")
 
+    @abstractmethod
     def init_schema(self, conn: Any) -> None:
-        raise NotImplementedError
+        """Create the tables if they do not exist."""
 
 
 class _SQLiteBackend(_Backend):
