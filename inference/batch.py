@@ -19,6 +19,10 @@ uses no adapter at all: then both adapter tensors have shape [T, 0] and LoRA cos
 `adapter_runs[m]` is the host copy of column m: runs (slot, start, end) of consecutive tokens on one slot >= 0,
 in token order, so the LoRA layers need no device-to-host copy to plan their work.
 A prefill chunk of sequence b is the tokens [context_lens[b] - q_len, context_lens[b]); a decode is q_len == 1.
+
+`static` marks a fixed-shape decode step built by `inference.graph_runner` (padded rows, block tables of the
+full context width, views of buffers a CUDA graph replays): every consumer must take its work from the tensors
+alone, with no host copy (`adapter_runs` may then be None) and no shape that depends on their values.
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ class BatchMetadata:
     max_query_len: int
     max_context_len: int
     adapter_runs: tuple[tuple[tuple[int, int, int], ...], ...] | None = None  # [M] runs (slot, start, end)
+    static: bool = False  # a fixed-shape (CUDA-graph) decode step: see the module docstring
 
     @property
     def num_tokens(self) -> int:
@@ -130,14 +135,6 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device: torch.device | 
         slots.extend([row_slots] * n)
         scales.extend([row_scales] * n)
         tables.append(list(c.block_table) + [0] * (max_blocks - len(c.block_table)))
-    runs: list[list[tuple[int, int, int]]] = [[] for _ in range(max_m)]
-    for c, start in zip(chunks, query_start, strict=False):  # query_start[b]: first token of chunk b
-        for m, slot in enumerate(c.adapter_slots):
-            col, end = runs[m], start + len(c.token_ids)
-            if col and col[-1][0] == slot and col[-1][2] == start:
-                col[-1] = (slot, col[-1][1], end)  # the previous sequence ran on the same slot: one run
-            elif slot >= 0:
-                col.append((slot, start, end))
     t = len(input_ids)
     return BatchMetadata(
         input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
@@ -152,5 +149,21 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device: torch.device | 
         block_size=block_size,
         max_query_len=max(len(c.token_ids) for c in chunks),
         max_context_len=max(context_lens),
-        adapter_runs=tuple(tuple(col) for col in runs),
+        adapter_runs=adapter_runs(chunks, query_start, max_m),
     )
+
+
+def adapter_runs(
+    chunks: list[SeqChunk], query_start: list[int], num_columns: int
+) -> tuple[tuple[tuple[int, int, int], ...], ...]:
+    """`BatchMetadata.adapter_runs` of chunks laid out from flat token `query_start[b]` on: per merge column
+    m < num_columns, the runs (slot, start, end) of consecutive tokens on one slot >= 0, in token order."""
+    runs: list[list[tuple[int, int, int]]] = [[] for _ in range(num_columns)]
+    for c, start in zip(chunks, query_start, strict=False):  # query_start[b]: first token of chunk b
+        for m, slot in enumerate(c.adapter_slots):
+            col, end = runs[m], start + len(c.token_ids)
+            if col and col[-1][0] == slot and col[-1][2] == start:
+                col[-1] = (slot, col[-1][1], end)  # the previous sequence ran on the same slot: one run
+            elif slot >= 0:
+                col.append((slot, start, end))
+    return tuple(tuple(col) for col in runs)

@@ -45,6 +45,7 @@ from inference.batch import build_batch
 from inference.block_manager import BlockManager
 from inference.config import ModelConfig, parse_dtype
 from inference.errors import CapacityError, EngineConfigError, EngineError, InvalidRequestError
+from inference.graph_runner import GRAPH_MODES, DecodeGraphRunner
 from inference.kv_cache import PagedKVCache, bytes_per_block, num_blocks_for_budget
 from inference.model import LlamaModel
 from inference.quant import check_quantize_mode, load_model_quantized
@@ -85,6 +86,10 @@ class EngineConfig:
     max_queue: int = 1024
     max_model_len: int | None = None
     seed: int = 0  # generator of unseeded sampled requests
+    # "auto" | "off" | "static" | "graphs" (`inference.graph_runner`): "auto" replays decode steps as CUDA
+    # graphs on CUDA (unquantized base) and runs the plain step elsewhere; "static" is the same padded
+    # fixed-shape step without capture (the CPU check of what a graph replays)
+    decode_graphs: str = "auto"
 
     def __post_init__(self) -> None:
         try:
@@ -101,11 +106,31 @@ class EngineConfig:
                 raise EngineConfigError(
                     f"EngineConfig.{name} must be a positive integer or None, got {value!r}"
                 )
+        if self.decode_graphs not in ("auto", *GRAPH_MODES):
+            raise EngineConfigError(
+                f"EngineConfig.decode_graphs must be one of auto, {', '.join(GRAPH_MODES)}; got {self.decode_graphs!r}"
+            )
+        if self.decode_graphs == "graphs" and not self.device.startswith("cuda"):
+            raise EngineConfigError(
+                f"EngineConfig.decode_graphs='graphs' needs a CUDA device, got device={self.device!r}; use 'static' "
+                "for the same fixed-shape step without capture, or 'auto'"
+            )
+        if self.decode_graphs == "graphs" and self.quantize != "none":
+            raise EngineConfigError(
+                f"CUDA graphs are not supported over a {self.quantize} base yet; use decode_graphs='auto' or 'off'"
+            )
         if self.max_tokens_per_step < self.max_num_seqs:
             raise EngineConfigError(
                 f"EngineConfig.max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_num_seqs "
                 f"({self.max_num_seqs}) so that every running sequence can decode in every step"
             )
+
+    @property
+    def graph_mode(self) -> str:
+        """`decode_graphs` with "auto" resolved: "graphs" on CUDA over an unquantized base, else "off"."""
+        if self.decode_graphs != "auto":
+            return self.decode_graphs
+        return "graphs" if self.device.startswith("cuda") and self.quantize == "none" else "off"
 
 
 @dataclass
@@ -315,10 +340,19 @@ class Engine:
             self.max_model_len = min(self.max_model_len, config.max_model_len)
 
         num_blocks = self._num_blocks(dtype)
+        graph_mode = config.graph_mode
+        # fixed-shape decode steps pad with rows that write to a scratch block outside the pool
+        extra = 0 if graph_mode == "off" else 1
         self.kv_cache = PagedKVCache.for_model(
-            self.model_config, num_blocks, config.block_size, dtype, self.device
+            self.model_config, num_blocks + extra, config.block_size, dtype, self.device
         )
         self.block_manager = BlockManager(num_blocks, config.block_size)
+        self.graphs: DecodeGraphRunner | None = None
+        if graph_mode != "off":
+            self.graphs = DecodeGraphRunner(
+                self.model, self.kv_cache, scratch_block=num_blocks, max_batch=config.max_num_seqs,
+                max_model_len=self.max_model_len, mode=graph_mode,
+            )
         self.scheduler = Scheduler(
             SchedulerConfig(config.max_num_seqs, config.max_tokens_per_step),
             self.block_manager,
@@ -502,9 +536,18 @@ class Engine:
             wait(ADAPTER_LOAD_POLL_S)
 
     def _run(self, out: SchedulerOutput) -> None:
-        batch = build_batch(out.chunks, self.config.block_size, self.device)
-        hidden = self.model(batch, self.kv_cache)  # [T, H]
         rows = [i for i, c in enumerate(out.chunks) if c.sample]
+        logits: torch.Tensor | None = None  # [R, V] float32 at the sampled rows
+        if self.graphs is not None and self.graphs.fits(out.chunks):
+            all_logits = self.graphs.run(out.chunks)  # [B, V]: a fixed-shape step (a CUDA graph replay)
+            if rows:
+                logits = all_logits if len(rows) == len(out.chunks) else all_logits[rows]
+        else:
+            batch = build_batch(out.chunks, self.config.block_size, self.device)
+            hidden = self.model(batch, self.kv_cache)  # [T, H]
+            if rows:
+                row_idx = batch.logits_indices[torch.tensor(rows, dtype=torch.int64, device=self.device)]
+                logits = self.model.compute_logits(hidden[row_idx])  # [R, V] float32
         self.scheduler.advance(out)
         decodes = sum(
             1
@@ -512,10 +555,8 @@ class Engine:
             if len(c.token_ids) == 1 and c.start_pos >= len(s.prompt_ids)
         )
         self._count(out.num_tokens - decodes, len(rows))
-        if not rows:
+        if logits is None:
             return
-        row_idx = batch.logits_indices[torch.tensor(rows, dtype=torch.int64, device=self.device)]
-        logits = self.model.compute_logits(hidden[row_idx])  # [R, V] float32
         tracked = [self._live[out.seqs[i].request_id] for i in rows]
         requests = [
             SampleRequest(
@@ -667,6 +708,8 @@ class Engine:
             "waiting": self.scheduler.num_waiting + incoming,
             "kv_blocks_used": self.block_manager.num_used_blocks,
             "kv_blocks_total": self.block_manager.num_blocks,
+            "graph_steps": self.graphs.steps if self.graphs is not None else 0,
+            "graph_captures": self.graphs.captures if self.graphs is not None else 0,
             "prefill_tokens_per_s": sum(r[1] for r in recent[1:]) / window if len(recent) > 1 else 0.0,
             "generated_tokens_per_s": sum(r[2] for r in recent[1:]) / window if len(recent) > 1 else 0.0,
             **self._totals,

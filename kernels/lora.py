@@ -100,6 +100,7 @@ class LoRAIndices:
     num_tokens: int
     columns: tuple[AdapterColumn, ...]
     decode_only: bool
+    static: bool = False  # built by `static_lora_indices`: tensors only, for the BGMV kernels (CUDA graphs)
     _plans: dict[tuple[int, tuple[int, ...]], tuple[LoRABucket, ...]] = field(
         default_factory=dict, compare=False, repr=False
     )
@@ -324,6 +325,31 @@ def _indices_from_runs(
     return LoRAIndices(num_tokens=int(t), columns=tuple(columns), decode_only=decode_only, _runs=host_runs)
 
 
+def static_lora_indices(token_adapter_slots: torch.Tensor, token_adapter_scales: torch.Tensor) -> LoRAIndices:
+    """Indices of a fixed-shape decode step (`BatchMetadata.static`, a step a CUDA graph replays): every one of
+    the M columns is kept, whatever its slots hold, and nothing is read back to the host, so the work is the
+    same launches over the same buffers every step. Only the BGMV kernels run from them: tokens whose slot is -1
+    return at once, and the rank grid spans max_rank (a later load of a larger-rank adapter is still covered).
+
+    token_adapter_slots: [T, M] int32 whose columns are contiguous (stored [M, T] and transposed);
+    token_adapter_scales: [T, M] float32 laid out the same way.
+    """
+    if token_adapter_slots.dim() != 2 or token_adapter_slots.shape != token_adapter_scales.shape:
+        raise ValueError(
+            f"token adapter slots/scales must both be [T, M], got {tuple(token_adapter_slots.shape)} "
+            f"and {tuple(token_adapter_scales.shape)}"
+        )
+    t, m = token_adapter_slots.shape
+    empty = token_adapter_slots.new_zeros(0)
+    columns = []
+    for j in range(m):
+        slots, scales = token_adapter_slots[:, j], token_adapter_scales[:, j]
+        if not slots.is_contiguous() or not scales.is_contiguous():
+            raise ValueError("static LoRA indices need contiguous columns: store the slots/scales as [M, T]")
+        columns.append(AdapterColumn(slots, scales, empty, empty, empty, 0, ()))
+    return LoRAIndices(num_tokens=int(t), columns=tuple(columns), decode_only=True, static=True)
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Reference twins (pure torch): the CPU path and the oracle of the Triton kernels.
 # ---------------------------------------------------------------------------------------------------------
@@ -436,7 +462,8 @@ def _add_lora_triton(
 ) -> torch.Tensor:
     from kernels import bgmv, sgmv  # imported on use: triton is optional (the `gpu` extra)
 
-    max_rank = max(ranks_host) if ranks_host else 0
+    # a static step (CUDA graph) must not bake the ranks of this step into its grid: span every rank
+    max_rank: int | None = None if indices.static else (max(ranks_host) if ranks_host else 0)
     for col in indices.columns:
         if indices.decode_only:
             y = bgmv.bgmv_shrink(x, A, col.slots, ranks, max_rank=max_rank)
@@ -466,6 +493,9 @@ def _add_lora_torch(
     indices: LoRAIndices,
     ranks: torch.Tensor,
 ) -> torch.Tensor:
+    if indices.static:
+        raise ValueError("static LoRA indices (a CUDA-graph decode step) run on the triton backend only; build "
+                         "the step's indices with build_lora_indices for the torch backend")
     return add_lora_ref(out, x, A, B, ranks_host, indices)
 
 

@@ -21,7 +21,7 @@ from torch import nn
 from inference.batch import BatchMetadata
 from inference.errors import AdapterFormatError
 from inference.lora.adapter import LORA_MODULES, LoRAAdapter
-from kernels.lora import LoRAIndices, build_lora_indices, default_backend, get_add_lora
+from kernels.lora import LoRAIndices, build_lora_indices, default_backend, get_add_lora, static_lora_indices
 
 
 class LoRAContext:
@@ -38,8 +38,15 @@ class LoRAContext:
         self._indices: LoRAIndices | None = None
 
     def indices_for(self, batch: BatchMetadata) -> LoRAIndices:
-        """The step's indices, built on the first layer's call and reused by the others (keyed by the batch)."""
+        """The step's indices, built on the first layer's call and reused by the others (keyed by the batch).
+
+        A static step (`batch.static`) on the triton backend gets `static_lora_indices` (no host reads, every
+        column kept: what a CUDA graph can replay); on the torch backend it is planned from its host runs."""
         if batch is not self._batch or self._indices is None:
+            if batch.static and self.backend == "triton":  # a CUDA-graph step: indices from tensors only
+                self._indices = static_lora_indices(batch.token_adapter_slots, batch.token_adapter_scales)
+                self._batch = batch
+                return self._indices
             self._indices = build_lora_indices(
                 batch.token_adapter_slots, batch.token_adapter_scales, self.num_slots, batch.is_decode_only,
                 runs=batch.adapter_runs,

@@ -1,0 +1,254 @@
+"""Fixed-shape decode steps, replayed as CUDA graphs: a decode step then costs its bytes, not its launches.
+
+At batch 1 to 32, a decode step of a 1B-8B model issues hundreds of small kernels (about ten per layer, more
+with LoRA), and launching them from Python takes longer than reading the weights. A CUDA graph records the
+step once and replays it with one launch. A graph replays fixed shapes at fixed addresses, so every decode
+step is padded to a bucket of P rows and written into static buffers:
+
+    rows b < B    the step's sequences in chunk order, one query token each
+    rows b >= B   padding: token 0 at position 0, its k/v written to the scratch slot (a KV block that no
+                  sequence owns), context 1 (it attends to that slot only), no adapter; its logits are dropped
+
+    input_ids[P], positions[P], slot_mapping[P], context_lens[P]    this step's values
+    block_tables[P, W]     W = ceil(max_model_len / block_size) columns, so no table outgrows them
+    query_start = arange(P + 1), logits_indices = arange(P)         constant
+    adapter slots / scales [M, P]   M merge columns (0: a base-only step), stored column-major so that each
+                                    column the BGMV kernels read is contiguous
+
+One graph per (P, M), captured on first use, all sharing one memory pool. Everything inside takes its work
+from those tensors, never from host values that change from step to step: the Triton attention kernel reads
+context_lens on the device (the torch backend gathers all W blocks and masks), and the LoRA layers run BGMV
+over every column (rows whose slot is -1 return at once) with the rank grid spanning max_rank
+(`kernels.lora.static_lora_indices`, chosen by `BatchMetadata.static`).
+
+Modes (`GRAPH_MODES`):
+
+    "graphs"   capture on first use, then replay (CUDA only)
+    "static"   the same padded fixed-shape step run eagerly: on the CPU it is the check of exactly what a graph
+               replays (tests compare it with the unpadded step); it is slower than the plain step there
+    "off"      no runner: every step is the plain `build_batch` step
+
+A step qualifies when every chunk has one token (decodes, and one-token prefill chunks), B <= the largest
+bucket and M <= `max_merge`; in "graphs" mode a step with adapters also needs the triton LoRA backend (the
+torch backend plans on the host). Anything else runs the plain step.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from inference.batch import BatchMetadata, SeqChunk, adapter_runs
+from inference.errors import EngineConfigError
+from inference.kv_cache import PagedKVCache
+from inference.model import LlamaModel
+
+GRAPH_MODES: tuple[str, ...] = ("off", "static", "graphs")
+# Merge columns a graph is captured for; a request merging more adapters runs the plain step.
+MAX_GRAPH_MERGE = 4
+
+
+def bucket_sizes(max_batch: int) -> tuple[int, ...]:
+    """Padded batch sizes: 1, 2, 4, 8, then every multiple of 8, up to and including max_batch.
+
+    e.g. 20 -> (1, 2, 4, 8, 16, 20); 32 -> (1, 2, 4, 8, 16, 24, 32). At most 7 padded rows above 8."""
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be positive, got {max_batch}")
+    sizes = [p for p in (1, 2, 4) if p < max_batch] + list(range(8, max_batch, 8))
+    return tuple(sizes) + (max_batch,)
+
+
+@dataclass
+class _Graph:
+    """One captured step: the graph, the batch whose buffers it reads, the logits buffer it writes."""
+
+    graph: torch.cuda.CUDAGraph
+    batch: BatchMetadata
+    logits: torch.Tensor  # [P, vocab] float32
+
+
+class DecodeGraphRunner:
+    """Padded, fixed-shape decode steps over static buffers; captured as CUDA graphs in "graphs" mode."""
+
+    def __init__(
+        self,
+        model: LlamaModel,
+        kv_cache: PagedKVCache,
+        scratch_block: int,
+        max_batch: int,
+        max_model_len: int,
+        mode: str,
+        max_merge: int = MAX_GRAPH_MERGE,
+    ) -> None:
+        """`scratch_block`: a block of `kv_cache` outside the block manager's pool, the padding rows' slot."""
+        if mode not in ("static", "graphs"):
+            raise EngineConfigError(f"DecodeGraphRunner mode must be 'static' or 'graphs', got {mode!r}")
+        if mode == "graphs" and model.device.type != "cuda":
+            raise EngineConfigError(
+                f"CUDA graphs need a CUDA device, the model is on {model.device}; use mode 'static' for the same "
+                "fixed-shape step without capture"
+            )
+        if not 0 <= scratch_block < kv_cache.num_blocks:
+            raise ValueError(f"scratch block {scratch_block} outside the cache's {kv_cache.num_blocks} blocks")
+        self.model = model
+        self.kv_cache = kv_cache
+        self.mode = mode
+        self.max_merge = max_merge
+        self.block_size = kv_cache.block_size
+        self.buckets = bucket_sizes(max_batch)
+        self.width = -(-max_model_len // self.block_size)  # W: block table columns
+        self.scratch_slot = scratch_block * self.block_size
+        self._scratch_block = scratch_block
+        p, dev = self.buckets[-1], model.device
+        self.input_ids = torch.zeros(p, dtype=torch.int64, device=dev)  # [P]
+        self.positions = torch.zeros(p, dtype=torch.int64, device=dev)  # [P]
+        self.slot_mapping = torch.full((p,), self.scratch_slot, dtype=torch.int64, device=dev)  # [P]
+        self.context_lens = torch.ones(p, dtype=torch.int32, device=dev)  # [P]
+        self.block_tables = torch.zeros(p, self.width, dtype=torch.int32, device=dev)  # [P, W]
+        self.block_tables[:, 0] = scratch_block
+        self.query_start = torch.arange(p + 1, dtype=torch.int32, device=dev)  # [P+1]
+        self.logits_indices = torch.arange(p, dtype=torch.int64, device=dev)  # [P]
+        self.adapter_slots = torch.full((max_merge, p), -1, dtype=torch.int32, device=dev)  # [Mmax, P]
+        self.adapter_scales = torch.zeros(max_merge, p, dtype=torch.float32, device=dev)  # [Mmax, P]
+        self._graphs: dict[tuple[int, int], _Graph] = {}
+        self._batches: dict[tuple[int, int], BatchMetadata] = {}
+        self._pool: tuple[int, int] | None = None
+        self._lora_graph_safe: bool | None = None
+        self.steps = 0  # steps run through this runner (replayed or eager)
+        self.captures = 0
+
+    # ---- which steps qualify ---------------------------------------------------------------------------
+    def fits(self, chunks: list[SeqChunk]) -> bool:
+        """True if this step can run here: one token per chunk, B <= the largest bucket, M <= max_merge, and in
+        "graphs" mode adapters only on the triton LoRA backend."""
+        if not chunks or len(chunks) > self.buckets[-1]:
+            return False
+        if any(len(c.token_ids) != 1 for c in chunks):
+            return False
+        m = max(len(c.adapter_slots) for c in chunks)
+        if m > self.max_merge:
+            return False
+        return m == 0 or self.mode == "static" or self._lora_capturable()
+
+    def _lora_capturable(self) -> bool:
+        """Every LoRA layer of the model runs the triton backend (the torch backend plans from host values)."""
+        if self._lora_graph_safe is None:
+            backends = {
+                getattr(getattr(mod, "context", None), "backend", None)
+                for mod in self.model.modules()
+                if getattr(mod, "takes_batch", False)
+            }
+            self._lora_graph_safe = backends <= {"triton"}
+        return self._lora_graph_safe
+
+    def bucket(self, batch_size: int) -> int:
+        """The smallest bucket >= batch_size."""
+        for p in self.buckets:
+            if p >= batch_size:
+                return p
+        raise ValueError(f"batch of {batch_size} is over the largest bucket {self.buckets[-1]}")
+
+    # ---- running ---------------------------------------------------------------------------------------
+    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
+        """Run one qualifying step (see `fits`); returns the logits of its B rows [B, vocab] float32.
+
+        In "graphs" mode the result is a view of the graph's output buffer: use it before the next step."""
+        b = len(chunks)
+        p = self.bucket(b)
+        m = max(len(c.adapter_slots) for c in chunks)
+        key = (p, m)
+        if self.mode == "graphs" and key not in self._graphs:
+            self._capture(key)
+        self._fill(chunks, p, m)
+        self.steps += 1
+        if self.mode == "graphs":
+            g = self._graphs[key]
+            g.graph.replay()
+            return g.logits[:b]
+        runs = adapter_runs(chunks, list(range(b)), m)  # host runs: the torch LoRA backend plans from them
+        batch = replace(self._static_batch(key), adapter_runs=runs)
+        hidden = self.model(batch, self.kv_cache)  # [P, hidden]
+        return self.model.compute_logits(hidden)[:b]  # every row, as the graph does
+
+    def _static_batch(self, key: tuple[int, int]) -> BatchMetadata:
+        """The `BatchMetadata` of bucket P with M merge columns: views of the static buffers."""
+        batch = self._batches.get(key)
+        if batch is None:
+            p, m = key
+            batch = BatchMetadata(
+                input_ids=self.input_ids[:p],
+                positions=self.positions[:p],
+                query_start=self.query_start[: p + 1],
+                context_lens=self.context_lens[:p],
+                block_tables=self.block_tables[:p],
+                slot_mapping=self.slot_mapping[:p],
+                logits_indices=self.logits_indices[:p],
+                token_adapter_slots=self.adapter_slots[:m, :p].t(),  # [P, M], contiguous columns
+                token_adapter_scales=self.adapter_scales[:m, :p].t(),
+                block_size=self.block_size,
+                max_query_len=1,
+                max_context_len=self.width * self.block_size,
+                adapter_runs=None,
+                static=True,
+            )
+            self._batches[key] = batch
+        return batch
+
+    def _fill(self, chunks: list[SeqChunk], p: int, m: int) -> None:
+        """Write this step's rows into the buffers and reset rows [B, P) to padding (one host-to-device copy
+        per buffer). Table columns past the step's longest table keep earlier, valid block ids that no kernel
+        reads (context_lens bounds them) and the torch backend masks."""
+        bs, pad = self.block_size, p - len(chunks)
+        pos = [c.start_pos for c in chunks]
+        ids = [c.token_ids[0] for c in chunks] + [0] * pad
+        slots = [c.block_table[q // bs] * bs + q % bs for c, q in zip(chunks, pos, strict=True)]
+        ncols = max(len(c.block_table) for c in chunks)
+        tables = [list(c.block_table) + [0] * (ncols - len(c.block_table)) for c in chunks]
+        tables += [[self._scratch_block] + [0] * (ncols - 1)] * pad
+        self.input_ids[:p].copy_(torch.tensor(ids, dtype=torch.int64))
+        self.positions[:p].copy_(torch.tensor(pos + [0] * pad, dtype=torch.int64))
+        self.slot_mapping[:p].copy_(torch.tensor(slots + [self.scratch_slot] * pad, dtype=torch.int64))
+        self.context_lens[:p].copy_(torch.tensor([q + 1 for q in pos] + [1] * pad, dtype=torch.int32))
+        self.block_tables[:p, :ncols].copy_(torch.tensor(tables, dtype=torch.int32))
+        if m:
+            a_slots = [list(c.adapter_slots) + [-1] * (m - len(c.adapter_slots)) for c in chunks]
+            a_scales = [list(c.adapter_scales) + [0.0] * (m - len(c.adapter_scales)) for c in chunks]
+            a_slots += [[-1] * m] * pad
+            a_scales += [[0.0] * m] * pad
+            self.adapter_slots[:m, :p].copy_(torch.tensor(a_slots, dtype=torch.int32).t())
+            self.adapter_scales[:m, :p].copy_(torch.tensor(a_scales, dtype=torch.float32).t())
+
+    def _fill_padding(self, p: int, m: int) -> None:
+        """Every row of bucket P padding (what the warm-up and capture run over: no real slot is written)."""
+        self.input_ids[:p].zero_()
+        self.positions[:p].zero_()
+        self.slot_mapping[:p].fill_(self.scratch_slot)
+        self.context_lens[:p].fill_(1)
+        self.block_tables[:p, 0].fill_(self._scratch_block)
+        self.adapter_slots[:m, :p].fill_(-1)
+        self.adapter_scales[:m, :p].zero_()
+
+    def _capture(self, key: tuple[int, int]) -> None:
+        """Warm up (Triton compiles, cuBLAS picks its kernels) on a side stream, then record bucket P with M
+        merge columns into a graph sharing the runner's memory pool. Runs over padding rows only."""
+        p, m = key
+        self._fill_padding(p, m)
+        device = self.model.device
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self.model.compute_logits(self.model(replace(self._static_batch(key)), self.kv_cache))
+        torch.cuda.current_stream(device).wait_stream(side)
+        # A fresh batch object: per-step state the layers cache by batch identity (the torch attention plan,
+        # the LoRA indices) is then computed inside the capture, so the graph recomputes it on every replay.
+        batch = replace(self._static_batch(key))
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the adapter store may copy weights on its own thread and stream meanwhile
+        with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            logits = self.model.compute_logits(self.model(batch, self.kv_cache))  # [P, vocab]
+        self._graphs[key] = _Graph(graph, batch, logits)
+        self.captures += 1
