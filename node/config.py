@@ -5,8 +5,8 @@ Sources, later ones winning: built-in defaults (which work with `loraledger devn
 `LORALEDGER_<SECTION>_<KEY>` (e.g. `LORALEDGER_SERVER_LISTEN=0.0.0.0:50051`), then command-line flags.
 
     [server]      listen, max_queue, grace_seconds, max_message_bytes, workers
-    [model]       dir, dtype, device, quantize, attention, block_size, kv_cache_mb, max_num_seqs,
-                  max_tokens_per_step, default_max_tokens
+    [model]       dir, dtype, device, quantize, attention, decode_graphs, block_size, kv_cache_mb,
+                  max_num_seqs, max_tokens_per_step, default_max_tokens
     [adapters]    dir, slots, max_rank, aliases = { alias = "path" }
     [chain]       deployment, rpc_url, key_env, key_file, password_env
     [records]     path, postgres_dsn
@@ -55,6 +55,7 @@ class ModelConfigSection:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     quantize: str = "none"  # "none" or "nf4"
     attention: str = "auto"  # "auto", "torch", "triton"
+    decode_graphs: str = "auto"  # "auto" (CUDA graphs on CUDA), "off", "static", "graphs" (inference.graph_runner)
     block_size: int = 16
     kv_cache_mb: int = 256
     max_num_seqs: int = 64
@@ -68,6 +69,8 @@ class ModelConfigSection:
             raise ConfigError(f"model.quantize must be 'none' or 'nf4', got {self.quantize!r}")
         if self.attention not in ("auto", "torch", "triton"):
             raise ConfigError(f"model.attention must be auto, torch or triton, got {self.attention!r}")
+        if self.decode_graphs not in ("auto", "off", "static", "graphs"):
+            raise ConfigError(f"model.decode_graphs must be auto, off, static or graphs, got {self.decode_graphs!r}")
         for name in ("block_size", "kv_cache_mb", "max_num_seqs", "max_tokens_per_step", "default_max_tokens"):
             _positive(f"model.{name}", getattr(self, name))
 

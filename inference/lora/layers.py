@@ -37,6 +37,12 @@ class LoRAContext:
         self._batch: BatchMetadata | None = None
         self._indices: LoRAIndices | None = None
 
+    def set_backend(self, backend: str) -> None:
+        """Switch every LoRA layer of the model to kernel backend `backend` ("torch" | "triton")."""
+        self.add_lora = get_add_lora(backend)  # raises on an unknown name, changing nothing
+        self.backend = backend
+        self._batch, self._indices = None, None
+
     def indices_for(self, batch: BatchMetadata) -> LoRAIndices:
         """The step's indices, built on the first layer's call and reused by the others (keyed by the batch).
 
