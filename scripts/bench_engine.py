@@ -5,13 +5,16 @@ Same random Llama model (written by `init_tiny` at the chosen size), same random
     prefill tok/s = B * L / time(generate 1 new token)
     decode  tok/s = B * (N - 1) / (time(generate N new tokens) - time(generate 1 new token))
 
-for B prompts of L tokens and N new tokens, each timed after a warm-up. On CUDA it also times one decode step
-at batch 1 and B against the bandwidth bound (weight bytes / measured device copy bandwidth).
+for B prompts of L tokens and N new tokens, each timed after a warm-up. On CUDA the engine runs twice in the
+same process, with its decode steps replayed as CUDA graphs (`decode_graphs="graphs"`, the default there) and
+as plain eager steps (`"off"`), and it also times one decode step at batch 1, 8 and B of each against the
+bandwidth bound (weight bytes / measured device copy bandwidth).
 Writes JSON with the machine description to benchmarks/results/engine_<device>.json.
 
     python scripts/bench_engine.py                      # CPU: ~125M model, batch 4, prompt 32, 8 new tokens
     python scripts/bench_engine.py --size tiny          # seconds
     python scripts/bench_engine.py --device cuda        # 1B-class model in bf16, batch 32, 128 + 64 tokens
+    python scripts/bench_engine.py --size tiny --compare-static   # CPU: also the fixed-shape step, eagerly
 """
 
 from __future__ import annotations
@@ -73,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 8 CPU, 64 CUDA")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--model-dir", default=None, help="reuse a checkpoint written by an earlier run")
+    ap.add_argument("--compare-static", action="store_true",
+                    help="CPU: also run the padded fixed-shape decode step that CUDA graphs replay, eagerly")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/engine_<device>.json")
     args = ap.parse_args(argv)
 
@@ -104,8 +109,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote random {size} model to {model_dir} in {time.perf_counter() - t:.1f} s", flush=True)
 
     blocks = batch * -(-(plen + new) // args.block_size) + batch
-    engine = Engine(
-        EngineConfig(
+
+    def make_engine(graphs: str, model: Any = None) -> Engine:
+        cfg = EngineConfig(
             model_dir=model_dir,
             dtype=dtype,
             device=str(device),
@@ -113,18 +119,30 @@ def main(argv: list[str] | None = None) -> int:
             num_blocks=blocks,
             max_num_seqs=batch,
             max_tokens_per_step=max(batch * plen, batch),
+            max_model_len=plen + new,
+            decode_graphs=graphs,
         )
-    )
+        return Engine(cfg, model=model)
+
+    engine = make_engine("auto")
+    engines = {"engine": engine}
+    if on_cuda:  # the same weights, eager steps: what the graphs buy
+        engines["engine_no_graphs"] = make_engine("off", model=engine.model)
+    elif args.compare_static:  # the padded fixed-shape step a graph would replay, run eagerly (a CPU check)
+        engines["engine_static"] = make_engine("static", model=engine.model)
     n_params = sum(p.numel() for p in engine.model.parameters())
     weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
     vocab = engine.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(6, vocab, (batch, plen), generator=gen)  # past the special ids
 
-    def run_engine(n: int) -> None:
-        params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
-        results = engine.generate([GenerationRequest(p.tolist(), params) for p in prompts])
-        assert all(r.completion_tokens == n for r in results)
+    def engine_runner(eng: Engine) -> Callable[[int], None]:
+        def run_engine(n: int) -> None:
+            params = SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True)
+            results = eng.generate([GenerationRequest(p.tolist(), params) for p in prompts])
+            assert all(r.completion_tokens == n for r in results)
+
+        return run_engine
 
     from transformers import GenerationConfig, LlamaForCausalLM
 
@@ -151,9 +169,13 @@ def main(argv: list[str] | None = None) -> int:
         }
 
     results: dict[str, Any] = {}
-    for name, run in (("engine", run_engine), ("transformers", run_hf)):
+    runs: list[tuple[str, Callable[[int], None]]] = [(k, engine_runner(e)) for k, e in engines.items()]
+    for name, run in [*runs, ("transformers", run_hf)]:
         results[name] = measure(run)
         print(name, json.dumps(results[name]), flush=True)
+    for name, eng in engines.items():
+        results[name]["graph_steps"] = eng.stats()["graph_steps"]
+        results[name]["graph_captures"] = eng.stats()["graph_captures"]
 
     report: dict[str, Any] = {
         "benchmark": "engine vs transformers.generate",
@@ -167,6 +189,7 @@ def main(argv: list[str] | None = None) -> int:
             "weight_bytes": weight_bytes,
         },
         "workload": {"batch": batch, "prompt_len": plen, "new_tokens": new, "block_size": args.block_size},
+        "decode_graphs": engine.config.graph_mode,
         "results": results,
         "ratio": {
             "prefill": results["engine"]["prefill_tokens_per_s"]
@@ -175,25 +198,34 @@ def main(argv: list[str] | None = None) -> int:
             / results["transformers"]["decode_tokens_per_s"],
         },
     }
-    if on_cuda:
+    if "engine_no_graphs" in results:
+        report["ratio"]["decode_no_graphs"] = (
+            results["engine_no_graphs"]["decode_tokens_per_s"] / results["transformers"]["decode_tokens_per_s"]
+        )
+        report["ratio"]["decode_graphs_over_eager"] = (
+            results["engine"]["decode_tokens_per_s"] / results["engine_no_graphs"]["decode_tokens_per_s"]
+        )
+    if on_cuda or args.compare_static:
         bw = copy_bandwidth(device)
         bound = weight_bytes / bw
 
-        def step_time(b: int) -> float:
+        def step_time(eng: Engine, b: int) -> float:
             ids = [x.tolist() for x in prompts[:b]]
             p1 = SamplingParams(temperature=0.0, max_tokens=1, ignore_eos=True)
             pn = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
-            t1 = timed(lambda: engine.generate([GenerationRequest(x, p1) for x in ids]), device)
-            tn = timed(lambda: engine.generate([GenerationRequest(x, pn) for x in ids]), device)
+            eng.generate([GenerationRequest(x, pn) for x in ids])  # warm-up: this bucket's graph is captured
+            t1 = min(timed(lambda: eng.generate([GenerationRequest(x, p1) for x in ids]), device) for _ in range(2))
+            tn = min(timed(lambda: eng.generate([GenerationRequest(x, pn) for x in ids]), device) for _ in range(2))
             return (tn - t1) / (new - 1)
 
-        step = {str(b): step_time(b) for b in sorted({1, batch})}
-        report["decode_step"] = {
-            "copy_bandwidth_gb_s": bw / 1e9,
-            "bandwidth_bound_s": bound,
-            "step_s": step,
-            "step_over_bound": {k: v / bound for k, v in step.items()},
-        }
+        report["decode_step"] = {"copy_bandwidth_gb_s": bw / 1e9, "bandwidth_bound_s": bound}
+        for name, eng in engines.items():
+            step = {str(b): step_time(eng, b) for b in sorted({1, min(8, batch), batch})}
+            report["decode_step"][name] = {
+                "step_s": step,
+                "step_over_bound": {k: v / bound for k, v in step.items()},
+            }
+            print(name, "decode step / bandwidth bound:", report["decode_step"][name]["step_over_bound"], flush=True)
     out = Path(args.out or f"benchmarks/results/engine_{device.type}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
