@@ -290,7 +290,7 @@ def engine_config(models: Models, device: torch.device, dtype: torch.dtype, args
     max_len = args.input_len[1] + args.output_len[1]
     return EngineConfig(model_dir=models.tokenizer_dir, dtype=str(dtype).removeprefix("torch."), device=str(device),
                         max_num_seqs=args.max_num_seqs, max_tokens_per_step=args.max_tokens_per_step,
-                        max_model_len=max_len,
+                        max_model_len=max_len, decode_graphs=args.decode_graphs,
                         num_blocks=args.max_num_seqs * -(-max_len // 16) + args.max_num_seqs if device.type == "cpu"
                         else None)
 
@@ -566,6 +566,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--peft-max-requests", type=int, default=None,
                     help="peft runs the first this many requests of the trace (CPU all, CUDA 128: peft is slow)")
     ap.add_argument("--step-tokens", type=int, default=None, help="new tokens of the decode-step table (CPU 12, CUDA 32)")
+    ap.add_argument("--decode-graphs", default="auto", choices=("auto", "off", "static", "graphs"),
+                    help="our engine's decode steps: auto = CUDA graphs on CUDA, plain steps on the CPU")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="default: benchmarks/results/lora_<device>.json (+ .png)")
     args = ap.parse_args(argv)
@@ -604,6 +606,7 @@ def main(argv: list[str] | None = None) -> int:
                     "closed_loop_concurrency": args.concurrency if args.rate is None else None,
                     "num_requests": args.num_requests, "input_len": args.input_len, "output_len": args.output_len,
                     "max_num_seqs": args.max_num_seqs, "seed": args.seed},
+        "decode_graphs": args.decode_graphs,
         "sizes": {},
     }
     out = Path(args.out or f"benchmarks/results/lora_{device.type}.json")

@@ -15,11 +15,14 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import pytest
-from web3 import Web3
 
 from node.devnet import Anvil
+
+if TYPE_CHECKING:  # web3 is imported by the fixture that needs it: the engine tests also run where it is absent
+    from web3 import Web3
 
 
 @pytest.fixture(scope="session")
@@ -32,6 +35,8 @@ def anvil(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Anvil]:
 @pytest.fixture(scope="session")
 def w3(anvil: Anvil) -> Web3:
     """A web3 client connected to the session's anvil."""
+    from web3 import Web3
+
     client = Web3(Web3.HTTPProvider(anvil.rpc_url, request_kwargs={"timeout": 30}))
     assert client.is_connected(), f"cannot reach anvil at {anvil.rpc_url}"
     return client

@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# The engine's GPU checks as one prepared script for a lent device machine (torch, Triton, transformers and peft
+# are there; web3 and bitsandbytes are not, and nothing this runs needs them). Two stages, one device call each,
+# so that a lease of 15 minutes holds both with room for a machine start:
+#
+#   a   the CUDA tests: captured decode graphs vs plain steps (base and adapters), the compiled Triton attention
+#       and LoRA kernels against their torch twins; then bench_engine (1B-class random model, bf16, batch 32):
+#       graphs vs eager steps vs transformers, decode step time vs the bandwidth bound         (estimated 5 min)
+#   b   bench_lora on a reduced trace: Llama-3-8B shape, bf16, rank 16, N in {1, 8, 32}, peft up to 32 (est. 7 min)
+#
+#   bash scripts/gpu_check.sh a        # results and logs go to $OUT if set (the device tool's folder),
+#   bash scripts/gpu_check.sh b        # else to benchmarks/results/
+#
+# The stage times are estimates from the CPU runs, not yet measured on a GPU: each step has its own timeout, so
+# a slow step leaves the others' results behind.
+set -uo pipefail
+stage=${1:-a}
+out=${OUT:-benchmarks/results}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+py=${PYTHON:-python3}
+
+"$py" - <<'EOF' 2>&1 | tee "$out/gpu_env.log"
+import platform, torch, triton, transformers, peft
+print("python", platform.python_version(), "torch", torch.__version__, "triton", triton.__version__,
+      "transformers", transformers.__version__, "peft", peft.__version__)
+print("cuda", torch.cuda.is_available(), torch.cuda.get_device_name(0) if torch.cuda.is_available() else "-")
+EOF
+
+case "$stage" in
+  a)
+    timeout 270 "$py" -m pytest -q -p no:cacheprovider -o addopts="-ra --import-mode=importlib" \
+      tests/inference/test_graph_runner.py tests/inference/lora/test_graph_lora.py \
+      tests/inference/test_attention.py tests/kernels/test_lora_kernels.py 2>&1 | tee "$out/gpu_tests.log"
+    timeout 300 "$py" scripts/bench_engine.py --device cuda --out "$out/engine_cuda.json" 2>&1 \
+      | tee "$out/bench_engine_cuda.log"
+    ;;
+  b)
+    timeout 480 "$py" scripts/bench_lora.py --device cuda --num-adapters 1,8,32 --num-requests 128 \
+      --input-len 8 128 --output-len 8 128 --peft-max-adapters 32 --peft-max-requests 64 --distinct-files 32 \
+      --out "$out/lora_cuda.json" 2>&1 | tee "$out/bench_lora_cuda.log"
+    ;;
+  *)
+    echo "usage: bash scripts/gpu_check.sh a|b" >&2
+    exit 2
+    ;;
+esac
