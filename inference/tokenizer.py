@@ -22,6 +22,12 @@ class Tokenizer:
 
     def __init__(self, hf_tokenizer: Any, extra_eos_ids: Sequence[int] = ()) -> None:
         self._tok = hf_tokenizer
+        # The streaming detokenizer decodes once per generated token of every sequence, so decode goes straight
+        # to the Rust tokenizer where transformers would only forward to it: a fast tokenizer that applies no
+        # clean-up of tokenization spaces (the Llama family's). The same text, without the Python layer.
+        backend = getattr(hf_tokenizer, "backend_tokenizer", None)
+        cleans_up = bool(getattr(hf_tokenizer, "clean_up_tokenization_spaces", False))
+        self._backend_decode: Any = backend.decode if backend is not None and not cleans_up else None
         eos = {int(i) for i in extra_eos_ids}
         if hf_tokenizer.eos_token_id is not None:
             eos.add(int(hf_tokenizer.eos_token_id))
@@ -72,6 +78,8 @@ class Tokenizer:
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = True) -> str:
         """ids -> text."""
+        if self._backend_decode is not None:
+            return str(self._backend_decode(list(ids), skip_special_tokens=skip_special_tokens))
         return str(self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens))
 
     def apply_chat_template(self, messages: Sequence[dict[str, str]], add_generation_prompt: bool = True) -> list[int]:

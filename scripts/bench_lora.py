@@ -196,14 +196,23 @@ def make_adapters(hf: Any, n: int, rank: int, root: Path, distinct_files: int, d
 
 @dataclass
 class StepLog:
-    """What each forward of the runner saw (a forward pre/post hook): decode-only or not, seqs, distinct adapters."""
+    """What each step's forward saw: decode-only or not, seqs, distinct adapters, seconds (synchronized).
+
+    Plain steps are timed by forward pre/post hooks on the runner; fixed-shape decode steps (CUDA graphs) by
+    wrapping the engine's graph runner, whose replays never call the runner's forward (and whose captures must
+    not meet a hook that synchronizes, so the hooks stand aside while it runs)."""
 
     steps: list[tuple[bool, int, int, float]] = field(default_factory=list)  # decode_only, seqs, distinct, seconds
     _t0: float = 0.0
     _current: tuple[bool, int, int] = (False, 0, 0)
+    _in_graph_runner: bool = False
 
-    def attach(self, model: nn.Module, device: torch.device) -> Callable[[], None]:
+    def attach(self, engine: Engine, device: torch.device) -> Callable[[], None]:
+        model: nn.Module = engine.model
+
         def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
+            if self._in_graph_runner:
+                return
             batch = args[0]
             slots = batch.token_adapter_slots
             distinct = int(torch.unique(slots[slots >= 0]).numel()) if slots.numel() else 0
@@ -212,14 +221,36 @@ class StepLog:
             self._t0 = time.perf_counter()
 
         def post(_m: nn.Module, _args: tuple[Any, ...], _out: Any) -> None:
+            if self._in_graph_runner:
+                return
             sync(device)
             self.steps.append((*self._current, time.perf_counter() - self._t0))
 
         h1, h2 = model.register_forward_pre_hook(pre), model.register_forward_hook(post)
+        runner = engine.graphs
+        if runner is not None:
+            plain_run = runner.run
+
+            def timed_run(chunks: list[Any]) -> torch.Tensor:
+                distinct = len({s for c in chunks for s in c.adapter_slots if s >= 0})
+                sync(device)
+                t0 = time.perf_counter()
+                self._in_graph_runner = True
+                try:
+                    logits = plain_run(chunks)
+                finally:
+                    self._in_graph_runner = False
+                sync(device)
+                self.steps.append((True, len(chunks), distinct, time.perf_counter() - t0))
+                return logits
+
+            runner.run = timed_run  # type: ignore[method-assign]  # an instance attribute, removed by detach
 
         def detach() -> None:
             h1.remove()
             h2.remove()
+            if runner is not None:
+                del runner.run
 
         return detach
 
@@ -302,7 +333,7 @@ def run_engine(models: Models, store: AdapterStore | None, keys: list[str] | Non
     memory_mark(device)
     engine = Engine(cfg, adapter_slots=store, model=models.runner, tokenizer=models.tokenizer)
     log = StepLog()
-    detach = log.attach(models.runner, device)
+    detach = log.attach(engine, device)
     try:
         with engine:
             timings, makespan = asyncio.run(_drive(engine, trace, keys, concurrency, models.runner.config.vocab_size))
@@ -331,7 +362,7 @@ def decode_step_time(models: Models, store: AdapterStore | None, keys: list[str]
     reqs = [GenerationRequest(list(range(FIRST_ID, FIRST_ID + 16)), params,
                               adapters=[(keys[i % distinct], 1.0)] if keys else []) for i in range(batch)]
     log = StepLog()
-    detach = log.attach(models.runner, device)
+    detach = log.attach(engine, device)
     try:
         engine.generate(reqs)
     finally:

@@ -8,6 +8,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from transformers import AutoTokenizer
 
 from inference.errors import InvalidRequestError, ModelConfigError, ModelLoadError
@@ -88,6 +89,17 @@ def test_chat_template(tok: Tokenizer) -> None:
     with pytest.raises(InvalidRequestError, match="'role' and 'content'"):
         tok.apply_chat_template([{"content": "no role"}])
     assert "add_generation_prompt" in CHAT_TEMPLATE
+
+
+def test_decode_equals_transformers_decode(tok: Tokenizer, tiny_model_dir: Path) -> None:
+    """The direct (Rust) decode path gives transformers' text, special tokens skipped or kept."""
+    hf = AutoTokenizer.from_pretrained(str(tiny_model_dir), local_files_only=True)
+    assert tok._backend_decode is not None  # the tiny tokenizer is fast and does no space clean-up
+    g = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 64):
+        ids = torch.randint(0, tok.vocab_size, (n,), generator=g).tolist() + [tok.eos_token_id or 2]
+        for skip in (True, False):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
 
 
 def test_incremental_detokenizer_never_splits_a_character(tok: Tokenizer) -> None:
