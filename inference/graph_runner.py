@@ -36,6 +36,7 @@ torch backend plans on the host). Anything else runs the plain step.
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+from typing import Any
 
 import torch
 
@@ -113,7 +114,7 @@ class DecodeGraphRunner:
         self.adapter_scales = torch.zeros(max_merge, p, dtype=torch.float32, device=dev)  # [Mmax, P]
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._batches: dict[tuple[int, int], BatchMetadata] = {}
-        self._pool: tuple[int, int] | None = None
+        self._pool: Any = None  # torch.cuda.graph_pool_handle(), shared by every graph of the runner
         self._lora_graph_safe: bool | None = None
         self.steps = 0  # steps run through this runner (replayed or eager)
         self.captures = 0

@@ -1,6 +1,7 @@
 """Benchmark: prefill and decode tokens/s of the loraledger engine vs plain `transformers.generate`.
 
-Same random Llama model (written by `init_tiny` at the chosen size), same random prompts, greedy, EOS ignored:
+Same random Llama model (built in memory on the device, `scripts/benchmodels.py`: transformers' model and our runner
+share the same tensors), same random prompts, greedy, EOS ignored:
 
     prefill tok/s = B * L / time(generate 1 new token)
     decode  tok/s = B * (N - 1) / (time(generate N new tokens) - time(generate 1 new token))
@@ -8,12 +9,13 @@ Same random Llama model (written by `init_tiny` at the chosen size), same random
 for B prompts of L tokens and N new tokens, each timed after a warm-up. On CUDA the engine runs twice in the
 same process, with its decode steps replayed as CUDA graphs (`decode_graphs="graphs"`, the default there) and
 as plain eager steps (`"off"`), and it also times one decode step at batch 1, 8 and B of each against the
-bandwidth bound (weight bytes / measured device copy bandwidth).
+bandwidth bound (bytes a decode step reads / measured device copy bandwidth).
 Writes JSON with the machine description to benchmarks/results/engine_<device>.json.
 
     python scripts/bench_engine.py                      # CPU: ~125M model, batch 4, prompt 32, 8 new tokens
     python scripts/bench_engine.py --size tiny          # seconds
     python scripts/bench_engine.py --device cuda        # 1B-class model in bf16, batch 32, 128 + 64 tokens
+    python scripts/bench_engine.py --device cuda --size llama3-8b --out benchmarks/results/engine_cuda_8b.json
     python scripts/bench_engine.py --size tiny --compare-static   # CPU: also the fixed-shape step, eagerly
 """
 
@@ -29,21 +31,11 @@ from typing import Any
 
 import torch
 from benchlib import machine_info  # scripts/benchlib.py, beside this script
+from benchmodels import SIZES, build_models, sync  # scripts/benchmodels.py, beside this script
 
+from inference.config import parse_dtype
 from inference.engine import Engine, EngineConfig, GenerationRequest
 from inference.sequence import SamplingParams
-from inference.tiny import init_tiny
-
-SIZES: dict[str, dict[str, int]] = {
-    "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 512},
-    "100m": {"layers": 12, "hidden": 768, "heads": 12, "kv_heads": 4, "intermediate": 2048, "vocab": 32000},
-    "1b": {"layers": 16, "hidden": 2048, "heads": 32, "kv_heads": 8, "intermediate": 8192, "vocab": 32000},
-}
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def timed(fn: Callable[[], object], device: torch.device) -> float:
@@ -75,7 +67,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prompt-len", type=int, default=None, help="default: 32 CPU, 128 CUDA")
     ap.add_argument("--new-tokens", type=int, default=None, help="default: 8 CPU, 64 CUDA")
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--model-dir", default=None, help="reuse a checkpoint written by an earlier run")
     ap.add_argument("--compare-static", action="store_true",
                     help="CPU: also run the padded fixed-shape decode step that CUDA graphs replay, eagerly")
     ap.add_argument("--out", default=None, help="default: benchmarks/results/engine_<device>.json")
@@ -92,27 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--new-tokens must be at least 2 (decode is timed as N tokens minus 1)")
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_engine_")
-    model_dir = Path(args.model_dir) if args.model_dir else Path(tmp.name) / "model"
-    if not (model_dir / "config.json").exists():
-        t = time.perf_counter()
-        sz = SIZES[size]
-        init_tiny(
-            model_dir,
-            layers=sz["layers"],
-            hidden=sz["hidden"],
-            heads=sz["heads"],
-            kv_heads=sz["kv_heads"],
-            intermediate=sz["intermediate"],
-            vocab=sz["vocab"],
-            max_positions=max(512, plen + new),
-        )
-        print(f"wrote random {size} model to {model_dir} in {time.perf_counter() - t:.1f} s", flush=True)
+    t = time.perf_counter()
+    models = build_models(size, parse_dtype(dtype), device, Path(tmp.name))
+    print(f"built a random {size} model on {device} in {time.perf_counter() - t:.1f} s", flush=True)
 
     blocks = batch * -(-(plen + new) // args.block_size) + batch
 
-    def make_engine(graphs: str, model: Any = None) -> Engine:
+    def make_engine(graphs: str) -> Engine:
         cfg = EngineConfig(
-            model_dir=model_dir,
+            model_dir=models.tokenizer_dir,
             dtype=dtype,
             device=str(device),
             block_size=args.block_size,
@@ -122,16 +101,16 @@ def main(argv: list[str] | None = None) -> int:
             max_model_len=plen + new,
             decode_graphs=graphs,
         )
-        return Engine(cfg, model=model)
+        return Engine(cfg, model=models.runner, tokenizer=models.tokenizer)
 
     engine = make_engine("auto")
     engines = {"engine": engine}
     if on_cuda:  # the same weights, eager steps: what the graphs buy
-        engines["engine_no_graphs"] = make_engine("off", model=engine.model)
+        engines["engine_no_graphs"] = make_engine("off")
     elif args.compare_static:  # the padded fixed-shape step a graph would replay, run eagerly (a CPU check)
-        engines["engine_static"] = make_engine("static", model=engine.model)
+        engines["engine_static"] = make_engine("static")
     n_params = sum(p.numel() for p in engine.model.parameters())
-    weight_bytes = sum(p.numel() * p.element_size() for p in engine.model.parameters())
+    weight_bytes = models.total_bytes
     vocab = engine.vocab_size
     gen = torch.Generator().manual_seed(0)
     prompts = torch.randint(6, vocab, (batch, plen), generator=gen)  # past the special ids
@@ -144,9 +123,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return run_engine
 
-    from transformers import GenerationConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
 
-    hf = LlamaForCausalLM.from_pretrained(model_dir, dtype=getattr(torch, dtype)).to(device).eval()
+    hf = models.hf
     hf_ids = prompts.to(device)
 
     def run_hf(n: int) -> None:
@@ -187,6 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             "parameters": n_params,
             "dtype": dtype,
             "weight_bytes": weight_bytes,
+            "decode_bytes": models.base_bytes,
         },
         "workload": {"batch": batch, "prompt_len": plen, "new_tokens": new, "block_size": args.block_size},
         "decode_graphs": engine.config.graph_mode,
@@ -207,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     if on_cuda or args.compare_static:
         bw = copy_bandwidth(device)
-        bound = weight_bytes / bw
+        bound = models.base_bytes / bw  # every weight a decode step reads (all but the input embedding)
 
         def step_time(eng: Engine, b: int) -> float:
             ids = [x.tolist() for x in prompts[:b]]

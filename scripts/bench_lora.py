@@ -49,37 +49,22 @@ from typing import Any
 
 import torch
 from benchlib import machine_info  # scripts/benchlib.py, beside this script
+from benchmodels import SIZES, Models, build_models, sync  # scripts/benchmodels.py, beside this script
 from torch import nn
 
 from inference.bench_traffic import ADAPTER_DISTRIBUTIONS, TrafficRequest, TrafficSpec, make_traffic
-from inference.config import ModelConfig, parse_dtype
+from inference.config import parse_dtype
 from inference.engine import Engine, EngineConfig, GenerationRequest
 from inference.lora.adapter import BaseDims
 from inference.lora.layers import LoRASlots, apply_lora
 from inference.lora.store import AdapterStore
-from inference.model import LlamaModel
-from inference.quant import module_nbytes
 from inference.sequence import SamplingParams
-from inference.tiny import init_tiny
-from inference.tokenizer import Tokenizer
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-SIZES: dict[str, dict[str, Any]] = {
-    "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 512},
-    "20m": {"layers": 4, "hidden": 512, "heads": 8, "kv_heads": 4, "intermediate": 1536, "vocab": 8192},
-    "100m": {"layers": 12, "hidden": 768, "heads": 12, "kv_heads": 4, "intermediate": 2048, "vocab": 32000},
-    "llama3-8b": {"layers": 32, "hidden": 4096, "heads": 32, "kv_heads": 8, "intermediate": 14336, "vocab": 128256,
-                  "rope_theta": 500000.0},
-}
 FIRST_ID = 6  # prompt ids start past the tiny tokenizer's special tokens
 
 
 # ---- machine, timing ------------------------------------------------------------------------------------
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def memory_mark(device: torch.device) -> None:
@@ -107,54 +92,6 @@ def pct(values: list[float], q: float) -> float | None:
 
 
 # ---- random models and adapters ------------------------------------------------------------------------
-
-
-@dataclass
-class Models:
-    """The transformers model (peft's base), our runner sharing its tensors, the tokenizer, sizes in bytes."""
-
-    hf: Any
-    runner: LlamaModel
-    tokenizer: Tokenizer
-    tokenizer_dir: Path
-    base_bytes: int  # weights a decode step reads: all but the input embedding
-    total_bytes: int
-
-
-def build_models(size: str, dtype: torch.dtype, device: torch.device, workdir: Path) -> Models:
-    """A random transformers Llama of `size` built on `device`, and our runner holding the very same tensors.
-
-    runner[name] is hf["model." + name] (lm_head as is), shared with `load_state_dict(assign=True)`.
-    The tokenizer comes from a tiny init_tiny checkpoint of the same vocabulary (so every id decodes).
-    """
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    sz = SIZES[size]
-    tok_dir = init_tiny(workdir / f"tokenizer_{size}", layers=1, hidden=64, heads=2, kv_heads=1, intermediate=64,
-                        vocab=sz["vocab"], max_positions=2048, overwrite=True)
-    config = LlamaConfig(vocab_size=sz["vocab"], hidden_size=sz["hidden"], intermediate_size=sz["intermediate"],
-                         num_hidden_layers=sz["layers"], num_attention_heads=sz["heads"],
-                         num_key_value_heads=sz["kv_heads"], max_position_embeddings=2048, rms_norm_eps=1e-5,
-                         rope_theta=sz.get("rope_theta", 10000.0),  # type: ignore[call-arg]  # -> rope_parameters
-                         tie_word_embeddings=False,
-                         bos_token_id=1, eos_token_id=2, pad_token_id=0)
-    torch.manual_seed(0)
-    with torch.device(device):
-        hf = LlamaForCausalLM._from_config(config, dtype=dtype).eval()
-    for p in hf.parameters():
-        p.requires_grad_(False)
-    cfg_dir = workdir / f"config_{size}"
-    config.save_pretrained(cfg_dir)
-    with torch.device("meta"):
-        runner = LlamaModel(ModelConfig.from_pretrained(cfg_dir))
-    state = {k.removeprefix("model."): v for k, v in hf.state_dict().items() if "rotary_emb" not in k}
-    runner.load_state_dict(state, assign=True, strict=True)
-    runner.tie_weights()
-    runner.set_attention_backend(None)
-    runner.eval()
-    total = module_nbytes(runner)
-    return Models(hf, runner, Tokenizer.from_pretrained(tok_dir), tok_dir, total - runner.embed_tokens.weight.nbytes,
-                  total)
 
 
 def adapter_nbytes(dims: BaseDims, rank: int, dtype: torch.dtype) -> int:
