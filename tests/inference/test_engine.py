@@ -18,6 +18,7 @@ from inference.errors import (
     EngineConfigError,
     InvalidRequestError,
 )
+from inference.loader import load_model
 from inference.model import LlamaModel
 from inference.sequence import SamplingParams
 from inference.tokenizer import Tokenizer
@@ -346,3 +347,22 @@ def test_adapter_load_failure_fails_that_request_only(
     assert results[1].finish_reason == "error" and "not the registered one" in (results[1].error or "")
     assert results[1].completion_tokens == 0 and results[1].adapters == (("broken", 1.0),)
     assert_clean(eng)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_background_loop_runs_with_its_own_cpu_threads(
+    tiny_model_dir: Path, tokenizer: Tokenizer, hf_greedy: list[list[int]], threads: int
+) -> None:
+    """The step thread sets its intra-op threads (`loop_cpu_threads`) without touching the caller's."""
+    model = load_model(tiny_model_dir, dtype="fp32", device="cpu")  # its own: a hook goes on it
+    seen: set[int] = set()
+    model.register_forward_pre_hook(lambda _m, _a: seen.add(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    eng = make_engine(tiny_model_dir, model, tokenizer, loop_cpu_threads=threads)
+    with eng:
+        result = eng.submit(GenerationRequest(PROMPTS[1], GREEDY)).result(timeout=60)
+    assert list(result.token_ids) == hf_greedy[1]
+    assert seen == {threads}
+    assert torch.get_num_threads() == before
+    with pytest.raises(EngineConfigError, match="loop_cpu_threads must be a positive integer"):
+        EngineConfig(model_dir=tiny_model_dir, loop_cpu_threads=0)
