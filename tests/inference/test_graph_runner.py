@@ -41,6 +41,17 @@ def assert_same(a: list[GenerationResult], b: list[GenerationResult], atol: floa
         torch.testing.assert_close(torch.tensor(x.logprobs), torch.tensor(y.logprobs), atol=atol, rtol=0)
 
 
+def assert_same_prefix(a: list[GenerationResult], b: list[GenerationResult], atol: float) -> None:
+    """Tokens agree on average over 3/4 of each answer, and logprobs agree (atol) until the first difference."""
+    agreed = []
+    for x, y in zip(a, b, strict=True):
+        n = next((i for i, (s, t) in enumerate(zip(x.token_ids, y.token_ids)) if s != t), len(x.token_ids))
+        agreed.append(n / len(x.token_ids))
+        assert x.logprobs is not None and y.logprobs is not None
+        torch.testing.assert_close(torch.tensor(x.logprobs[:n]), torch.tensor(y.logprobs[:n]), atol=atol, rtol=0)
+    assert sum(agreed) / len(agreed) >= 0.75, agreed
+
+
 def assert_clean(eng: Engine) -> None:
     assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
     eng.block_manager.check_invariants()
@@ -195,8 +206,8 @@ def test_cuda_graphs_equal_plain_steps(tiny_model_dir: Path, dtype: str, atol: f
         got_again = eng.generate(reqs, GREEDY)
         if dtype == "float32":
             assert_same(want, got, atol=atol)
-        else:
-            assert [r.token_ids for r in want] == [r.token_ids for r in got]
+        else:  # bf16: GEMMs over P padded rows may round differently; compare up to a first flipped argmax
+            assert_same_prefix(want, got, atol=atol)
         assert_same(got, got_again, atol=0.0)  # replays are deterministic
         stats = eng.stats()
         assert stats["graph_steps"] >= 2 * (NEW - 1)
