@@ -28,13 +28,14 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from inference.attention import AttentionBackend, get_attention_backend
 from inference.batch import BatchMetadata
 from inference.config import ModelConfig, RopeConfig
 from inference.kv_cache import PagedKVCache
+from inference.layer_ops import LayerOps, get_layer_ops
+from kernels.layer_ops_ref import rms_norm_ref, rotary_ref
 
 LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -47,20 +48,19 @@ def call_linear(layer: nn.Module, x: torch.Tensor, batch: BatchMetadata) -> torc
 
 
 class RMSNorm(nn.Module):
-    """y = weight * (x / sqrt(mean(x^2, -1) + eps)), the normalisation computed in float32."""
+    """y = weight * (x / sqrt(mean(x^2, -1) + eps)), the normalisation computed in float32
+    (`kernels.layer_ops_ref.rms_norm_ref`; through the step's `LayerOps` backend when one is given)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x: [..., dim] -> [..., dim]. float32 in and weight: one fused `F.rms_norm` call (same formula);
-        otherwise normalise in float32, cast back to x's dtype, then scale by the weight (the HF order)."""
-        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
-            return F.rms_norm(x, self.weight.shape, self.weight, self.eps)
-        y = F.rms_norm(x.float(), self.weight.shape, None, self.eps)
-        return self.weight * y.to(x.dtype)
+    def forward(self, x: torch.Tensor, ops: LayerOps | None = None) -> torch.Tensor:
+        """x: [..., dim] -> [..., dim]."""
+        if ops is None:
+            return rms_norm_ref(x, self.weight, self.eps)
+        return ops.rms_norm(x, self.weight, self.eps)
 
 
 def rope_inv_freq(rope: RopeConfig, head_dim: int) -> torch.Tensor:
@@ -108,9 +108,7 @@ class RotaryEmbedding(nn.Module):
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [T, H, D]; x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
-    return x * cos + rotated * sin
+    return rotary_ref(x, cos, sin)
 
 
 class Attention(nn.Module):
@@ -138,6 +136,7 @@ class Attention(nn.Module):
         batch: BatchMetadata,
         kv_cache: PagedKVCache,
         attention: AttentionBackend,
+        ops: LayerOps,
     ) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]; writes this step's k/v to the cache at batch.slot_mapping first."""
         t = x.shape[0]
@@ -145,9 +144,9 @@ class Attention(nn.Module):
         k = call_linear(self.k_proj, x, batch).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         v = call_linear(self.v_proj, x, batch).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        kv_cache.write(self.layer_idx, k, v, batch.slot_mapping)
+            q, k = self.q_norm(q, ops), self.k_norm(k, ops)
+        i = self.layer_idx
+        q = ops.rope_and_cache(q, k, v, cos, sin, kv_cache.key[i], kv_cache.value[i], batch.slot_mapping)
         o = attention(q, kv_cache.key[self.layer_idx], kv_cache.value[self.layer_idx], batch, self.scale)
         return call_linear(self.o_proj, o.reshape(t, self.num_heads * self.head_dim), batch)
 
@@ -161,10 +160,10 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
 
-    def forward(self, x: torch.Tensor, batch: BatchMetadata) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, batch: BatchMetadata, ops: LayerOps) -> torch.Tensor:
         gate = call_linear(self.gate_proj, x, batch)
         up = call_linear(self.up_proj, x, batch)
-        return call_linear(self.down_proj, F.silu(gate) * up, batch)
+        return call_linear(self.down_proj, ops.silu_mul(gate, up), batch)
 
 
 class DecoderLayer(nn.Module):
@@ -185,9 +184,10 @@ class DecoderLayer(nn.Module):
         batch: BatchMetadata,
         kv_cache: PagedKVCache,
         attention: AttentionBackend,
+        ops: LayerOps,
     ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x), cos, sin, batch, kv_cache, attention)
-        return h + self.mlp(self.post_attention_layernorm(h), batch)
+        h = x + self.self_attn(self.input_layernorm(x, ops), cos, sin, batch, kv_cache, attention, ops)
+        return h + self.mlp(self.post_attention_layernorm(h, ops), batch, ops)
 
 
 class LlamaModel(nn.Module):
@@ -203,6 +203,8 @@ class LlamaModel(nn.Module):
         self.tie_weights()
         self.rotary = RotaryEmbedding(config.rope, config.head_dim)
         self.attention: AttentionBackend = attention if attention is not None else get_attention_backend(None)
+        self.layer_ops: LayerOps | None = None  # None: the default backend of the device the step runs on
+        self._default_ops: dict[str, LayerOps] = {}
 
     def tie_weights(self) -> None:
         """lm_head shares the embedding matrix when the config ties them (again after moving off meta)."""
@@ -220,6 +222,20 @@ class LlamaModel(nn.Module):
     def set_attention_backend(self, name: str | None) -> None:
         """Switch attention to backend `name` ("torch" | "triton" | None = the default for this device)."""
         self.attention = get_attention_backend(name, self.device)
+
+    def set_layer_ops(self, name: str | None) -> None:
+        """Run RMSNorm, RoPE + cache write and SiLU gating on backend `name` ("torch" | "triton"), or on the
+        default of the device each step runs on (None: fused Triton kernels on CUDA, torch elsewhere)."""
+        self.layer_ops = None if name is None else get_layer_ops(name, self.device)
+
+    def ops_for(self, device: torch.device) -> LayerOps:
+        """The layer ops a step on `device` uses (`set_layer_ops`)."""
+        if self.layer_ops is not None:
+            return self.layer_ops
+        ops = self._default_ops.get(device.type)
+        if ops is None:
+            ops = self._default_ops[device.type] = get_layer_ops(None, device)
+        return ops
 
     def named_linears(self) -> dict[str, nn.Module]:
         """Every replaceable projection by name, e.g. "layers.0.self_attn.q_proj" (PEFT target names)."""
@@ -244,9 +260,10 @@ class LlamaModel(nn.Module):
         """Run every token of the step; returns the final-normed hidden states [T, hidden]."""
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
         cos, sin = self.rotary(batch.positions, x.dtype)  # [T, 1, D] each
+        ops = self.ops_for(x.device)
         for layer in self.layers:
-            x = layer(x, cos, sin, batch, kv_cache, self.attention)
-        return self.norm(x)
+            x = layer(x, cos, sin, batch, kv_cache, self.attention, ops)
+        return self.norm(x, ops)
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
