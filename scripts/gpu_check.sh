@@ -4,7 +4,7 @@
 # each or a and b in one, so that a lease of 15 minutes holds them with room for a machine start:
 #
 #   a   the CUDA tests: captured decode graphs vs plain steps (base and adapters), the compiled Triton attention
-#       and LoRA kernels against their torch twins; then bench_engine on a 1B-class random model (bf16, batch
+#       attention, LoRA and fused layer-op kernels against their torch twins; then bench_engine on a 1B-class random model (bf16, batch
 #       32): graphs vs eager steps vs transformers, decode step time vs the bandwidth bound          (est. 4 min)
 #   b   bench_engine on the Llama-3-8B shape (the bandwidth check where host time per step is small
 #       against the weights' read time)                                                             (est. 3 min)
@@ -34,7 +34,8 @@ case "$stage" in
   a)
     timeout 270 "$py" -m pytest -q -p no:cacheprovider -o addopts="-ra --import-mode=importlib" \
       tests/inference/test_graph_runner.py tests/inference/lora/test_graph_lora.py \
-      tests/inference/test_attention.py tests/kernels/test_lora_kernels.py 2>&1 | tee "$out/gpu_tests.log"
+      tests/inference/test_attention.py tests/kernels/test_lora_kernels.py tests/kernels/test_layer_ops.py \
+      2>&1 | tee "$out/gpu_tests.log"
     timeout 300 "$py" scripts/bench_engine.py --device cuda --out "$out/engine_cuda.json" 2>&1 \
       | tee "$out/bench_engine_cuda.log"
     ;;

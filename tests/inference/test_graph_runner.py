@@ -178,13 +178,15 @@ def test_bad_graph_configs_fail_clearly(tiny_model_dir: Path) -> None:
 
 @pytest.mark.slow
 def test_static_step_on_triton_kernels_equals_plain_torch_step(tiny_model_dir: Path) -> None:
-    """The attention kernel in a fixed-shape step (what a graph replays on CUDA): Triton (interpreted on the
-    CPU) over the padded static buffers gives the plain torch step's tokens and logprobs."""
+    """The Triton kernels in a fixed-shape step (what a graph replays on CUDA): attention and the fused layer ops
+    (interpreted on the CPU) over the padded static buffers give the plain torch step's tokens and logprobs."""
     device = "cuda" if HAS_CUDA else "cpu"
     model = load_model(tiny_model_dir, dtype="fp32", device=device)
     reqs = prompts(3, seed=2)
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True, logprobs=0)
+    model.set_layer_ops("torch")
     want = engine(tiny_model_dir, model, "off", attention_backend="torch", device=device).generate(reqs, params)
+    model.set_layer_ops("triton")  # the fused norm / rope + cache write / gating kernels as well
     tri = engine(tiny_model_dir, model, "static", attention_backend="triton", device=device)
     got = tri.generate(reqs, params)
     assert tri.stats()["graph_steps"] >= 3
