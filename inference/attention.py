@@ -23,6 +23,7 @@ import torch
 
 from inference.batch import BatchMetadata
 from inference.errors import BackendError
+from kernels import default_backend
 from kernels.paged_attention_ref import PagedAttentionPlan, paged_attention_ref, plan_paged_attention
 
 ATTENTION_BACKENDS: tuple[str, ...] = ("torch", "triton")
@@ -103,8 +104,7 @@ class TritonPagedAttention:
 def get_attention_backend(name: str | None = None, device: torch.device | str = "cpu") -> AttentionBackend:
     """"torch" | "triton" -> a backend; None picks triton on CUDA (when installed), torch elsewhere."""
     if name is None:
-        on_cuda = torch.device(device).type == "cuda"
-        name = "triton" if on_cuda and importlib.util.find_spec("triton") is not None else "torch"
+        name = default_backend(device)
     if name == "torch":
         return TorchPagedAttention()
     if name == "triton":

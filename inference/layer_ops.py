@@ -16,6 +16,7 @@ from typing import Protocol
 import torch
 
 from inference.errors import BackendError
+from kernels import default_backend
 from kernels import layer_ops_ref as ref
 
 LAYER_OPS_BACKENDS: tuple[str, ...] = ("torch", "triton")
@@ -88,8 +89,7 @@ class TritonLayerOps:
 def get_layer_ops(name: str | None = None, device: torch.device | str = "cpu") -> LayerOps:
     """"torch" | "triton" -> a backend; None picks triton on CUDA (when installed), torch elsewhere."""
     if name is None:
-        on_cuda = torch.device(device).type == "cuda"
-        name = "triton" if on_cuda and importlib.util.find_spec("triton") is not None else "torch"
+        name = default_backend(device)
     if name == "torch":
         return TorchLayerOps()
     if name == "triton":

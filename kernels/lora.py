@@ -510,14 +510,3 @@ def get_add_lora(backend: str) -> AddLoRA:
     if backend == "triton":
         return _add_lora_triton
     raise ValueError(f"unknown LoRA kernel backend {backend!r}; choose one of {BACKENDS}")
-
-
-def default_backend(device: torch.device) -> str:
-    """'triton' on CUDA when triton is importable, else 'torch'."""
-    if device.type == "cuda":
-        try:
-            import triton  # noqa: F401
-        except ImportError:
-            return "torch"
-        return "triton"
-    return "torch"

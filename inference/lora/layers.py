@@ -21,7 +21,8 @@ from torch import nn
 from inference.batch import BatchMetadata
 from inference.errors import AdapterFormatError
 from inference.lora.adapter import LORA_MODULES, LoRAAdapter
-from kernels.lora import LoRAIndices, build_lora_indices, default_backend, get_add_lora, static_lora_indices
+from kernels import default_backend
+from kernels.lora import LoRAIndices, build_lora_indices, get_add_lora, static_lora_indices
 
 
 class LoRAContext:
