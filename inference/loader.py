@@ -99,5 +99,6 @@ def load_model(
     unused = sorted(set(files) - {checkpoint_name(n) for n in params} - {"lm_head.weight"})
     if unused:
         log.debug("ignored %d checkpoint tensors the runner does not use: %s", len(unused), unused[:8])
+    model.fuse_projections()  # q/k/v and gate/up as one GEMM each (their weights become views: no extra memory)
     model.eval()
     return model

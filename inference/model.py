@@ -26,6 +26,7 @@ where `LoRALinear.takes_batch = True` and `LoRALinear.forward(x: [T, in], batch)
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -33,6 +34,7 @@ from torch import nn
 from inference.attention import AttentionBackend, get_attention_backend
 from inference.batch import BatchMetadata
 from inference.config import ModelConfig, RopeConfig
+from inference.fused_linear import FusedLinear
 from inference.kv_cache import PagedKVCache
 from inference.layer_ops import LayerOps, get_layer_ops
 from kernels.layer_ops_ref import rms_norm_ref, rotary_ref
@@ -127,6 +129,7 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(config.q_size, config.hidden_size, bias=config.o_bias)
         self.q_norm: RMSNorm | None = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
         self.k_norm: RMSNorm | None = RMSNorm(config.head_dim, config.rms_norm_eps) if config.qk_norm else None
+        self.qkv: FusedLinear | None = None  # q, k, v in one GEMM (`LlamaModel.fuse_projections`)
 
     def forward(
         self,
@@ -140,9 +143,14 @@ class Attention(nn.Module):
     ) -> torch.Tensor:
         """x: [T, hidden] -> [T, hidden]; writes this step's k/v to the cache at batch.slot_mapping first."""
         t = x.shape[0]
-        q = call_linear(self.q_proj, x, batch).view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = call_linear(self.k_proj, x, batch).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = call_linear(self.v_proj, x, batch).view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        projs = (self.q_proj, self.k_proj, self.v_proj)
+        if self.qkv is not None and self.qkv.usable(projs):
+            q2, k2, v2 = self.qkv(projs, x, batch)  # column views of one [T, q + 2 kv] output
+        else:
+            q2, k2, v2 = (call_linear(p, x, batch) for p in projs)
+        q = q2.view(t, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k2.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v2.view(t, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None and self.k_norm is not None:
             q, k = self.q_norm(q, ops), self.k_norm(k, ops)
         i = self.layer_idx
@@ -159,10 +167,14 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=config.mlp_bias)
         self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=config.mlp_bias)
+        self.gate_up: FusedLinear | None = None  # gate and up in one GEMM (`LlamaModel.fuse_projections`)
 
     def forward(self, x: torch.Tensor, batch: BatchMetadata, ops: LayerOps) -> torch.Tensor:
-        gate = call_linear(self.gate_proj, x, batch)
-        up = call_linear(self.up_proj, x, batch)
+        projs = (self.gate_proj, self.up_proj)
+        if self.gate_up is not None and self.gate_up.usable(projs):
+            gate, up = self.gate_up(projs, x, batch)  # column views of one [T, 2 * intermediate] output
+        else:
+            gate, up = (call_linear(p, x, batch) for p in projs)
         return call_linear(self.down_proj, ops.silu_mul(gate, up), batch)
 
 
@@ -246,6 +258,49 @@ class LlamaModel(nn.Module):
                 for name in LINEAR_NAMES:
                     if hasattr(parent, name):
                         out[f"layers.{i}.{part}.{name}"] = getattr(parent, name)
+        return out
+
+    def decoder_layers(self) -> list[DecoderLayer]:
+        return [cast(DecoderLayer, layer) for layer in self.layers]
+
+    def fuse_projections(self) -> int:
+        """Concatenate q/k/v and gate/up of every layer into one weight each (`inference.fused_linear`), so each
+        group runs as one GEMM; the projections' weights become views of it (no extra memory). Groups whose
+        projections are not plain `nn.Linear`s (quantized bases) stay as they are; LoRA wrappers applied before
+        or after are kept working. Returns the number of groups fused. Moving or casting the model re-fuses."""
+        if self.device.type == "meta":
+            return 0
+        fused = 0
+        for layer in self.decoder_layers():
+            for parent, names, attr in ((layer.self_attn, ("q_proj", "k_proj", "v_proj"), "qkv"),
+                                        (layer.mlp, ("gate_proj", "up_proj"), "gate_up")):
+                bases = [getattr(m, "base", m) for m in (getattr(parent, n) for n in names)]
+                if all(type(b) is nn.Linear for b in bases):
+                    setattr(parent, attr, FusedLinear(bases))  # type: ignore[arg-type]
+                    fused += 1
+        return fused
+
+    @property
+    def projections_fused(self) -> bool:
+        return any(layer.self_attn.qkv is not None or layer.mlp.gate_up is not None
+                   for layer in self.decoder_layers())
+
+    def unfuse_projections(self) -> None:
+        """Drop the fused groups: every projection runs on its own again (its weight stays a view)."""
+        for layer in self.decoder_layers():
+            layer.self_attn.qkv = None
+            layer.mlp.gate_up = None
+
+    def _apply(self, fn, recurse=True):  # type: ignore[no-untyped-def]
+        """`.to()` / `.cuda()` / `.half()` give each parameter its own new storage: fused groups are dropped
+        first (their projections keep working one by one) and fused again on the new device / dtype."""
+        fused = self.projections_fused
+        if fused:
+            self.unfuse_projections()
+        out = super()._apply(fn, recurse)
+        if fused:
+            self.tie_weights()
+            self.fuse_projections()
         return out
 
     def set_linear(self, name: str, module: nn.Module) -> None:

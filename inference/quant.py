@@ -129,6 +129,7 @@ def quantize_nf4(
     Returns `model`.
     """
     cdt = parse_dtype(compute_dtype) if compute_dtype is not None else model.dtype
+    model.unfuse_projections()  # 4-bit projections run one by one; the full-precision fused weights go
     for name, layer in model.named_linears().items():
         if is_nf4(layer):
             continue

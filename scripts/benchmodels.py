@@ -75,6 +75,7 @@ def build_models(size: str, dtype: torch.dtype, device: torch.device, workdir: P
     state = {k.removeprefix("model."): v for k, v in hf.state_dict().items() if "rotary_emb" not in k}
     runner.load_state_dict(state, assign=True, strict=True)
     runner.tie_weights()
+    runner.fuse_projections()  # as load_model does (q/k/v and gate/up then no longer share hf's storage)
     runner.set_attention_backend(None)
     runner.eval()
     total = module_nbytes(runner)

@@ -129,11 +129,16 @@ class LoRALinear(nn.Module):
         out = self.base(x)
         if batch is None:
             return out
+        return self.add_delta(out, x, batch)
+
+    def add_delta(self, out: torch.Tensor, x: torch.Tensor, batch: BatchMetadata) -> torch.Tensor:
+        """out += the LoRA of each token's slots, in place; returns out. out: [T, out] (may be a column view of a
+        fused q/k/v or gate/up output, `inference.fused_linear`), x: [T, in]."""
         indices = self.context.indices_for(batch)
         if not indices.active:
             return out
         x2 = x.reshape(-1, self.in_features)
-        out2 = out.reshape(-1, self.out_features)
+        out2 = out if out.dim() == 2 else out.view(-1, self.out_features)  # a view: the adds land in out
         if x2.dtype != self.lora_A.dtype:
             x2 = x2.to(self.lora_A.dtype)
         self.context.add_lora(out2, x2, self.lora_A, self.lora_B, self.ranks_host, indices, self.ranks)
