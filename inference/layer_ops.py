@@ -81,7 +81,7 @@ class TritonLayerOps:
         return self._k.rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
 
     def silu_mul(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-        if not (gate.is_contiguous() and up.is_contiguous()):
+        if gate.stride(-1) != 1 or up.stride(-1) != 1 or gate.dtype != up.dtype:
             return ref.silu_mul_ref(gate, up)
         return self._k.silu_mul(gate, up)
 

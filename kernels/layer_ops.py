@@ -84,13 +84,14 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, sl
 
 
 @triton.jit
-def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, n, BLOCK: tl.constexpr):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < n
-    g = tl.load(g_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    u = tl.load(u_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+def _silu_mul_kernel(g_ptr, u_ptr, o_ptr, n_cols, stride_g, stride_u, stride_o, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    u = tl.load(u_ptr + row * stride_u + cols, mask=mask, other=0.0).to(tl.float32)
     s = (g / (1.0 + tl.exp(-g))).to(o_ptr.dtype.element_ty).to(tl.float32)
-    tl.store(o_ptr + offs, (s * u).to(o_ptr.dtype.element_ty), mask=mask)
+    tl.store(o_ptr + row * stride_o + cols, (s * u).to(o_ptr.dtype.element_ty), mask=mask)
 
 
 def _need(cond: bool, msg: str) -> None:
@@ -161,15 +162,19 @@ def rope_and_cache(
 
 
 def silu_mul(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """silu(gate) * up for contiguous tensors of one shape and dtype -> a new tensor."""
+    """silu(gate) * up -> a new contiguous tensor. gate, up: [..., N] of one shape and dtype whose rows are
+    contiguous (column views of a fused gate/up output are fine)."""
     _need(gate.shape == up.shape and gate.dtype == up.dtype and gate.dtype in _DTYPES,
           f"silu_mul wants gate and up of one shape and float dtype, got {tuple(gate.shape)} {gate.dtype}, "
           f"{tuple(up.shape)} {up.dtype}")
-    _need(gate.is_contiguous() and up.is_contiguous() and gate.device == up.device,
-          "gate and up must be contiguous and on one device")
-    out = torch.empty_like(gate)
-    n = gate.numel()
-    if n:
-        block = 1024
-        _silu_mul_kernel[(triton.cdiv(n, block),)](gate, up, out, n, BLOCK=block)
-    return out
+    _need(gate.device == up.device, "gate and up must be on one device")
+    n = gate.shape[-1] if gate.dim() else 1
+    g2, u2 = gate.reshape(-1, n), up.reshape(-1, n)
+    _need(g2.stride(-1) == 1 and u2.stride(-1) == 1, "gate and up rows must be contiguous")
+    out = torch.empty(g2.shape, dtype=gate.dtype, device=gate.device)
+    if out.numel():
+        block = min(1024, triton.next_power_of_2(n))
+        _silu_mul_kernel[(g2.shape[0], triton.cdiv(n, block))](
+            g2, u2, out, n, g2.stride(0), u2.stride(0), out.stride(0), BLOCK=block,
+        )
+    return out.view(gate.shape)

@@ -80,6 +80,9 @@ def test_silu_mul_matches_torch(dtype: torch.dtype, shape: tuple[int, ...]) -> N
     gate, up = rand(*shape, dtype=dtype) * 4, rand(*shape, dtype=dtype, seed=1)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(layer_ops.silu_mul(gate, up), silu_mul_ref(gate, up), atol=atol, rtol=rtol)
+    fused = torch.cat([gate, up], dim=-1)  # column views of one [.., 2N] output, as a fused gate/up GEMM gives
+    g, u = fused.split(shape[-1], dim=-1)
+    torch.testing.assert_close(layer_ops.silu_mul(g, u), silu_mul_ref(gate, up), atol=atol, rtol=rtol)
 
 
 def test_launchers_refuse_bad_inputs() -> None:
