@@ -179,6 +179,19 @@ class GenerationResult:
 
 
 HandleItem = TokenDelta | GenerationResult
+Wakes = dict[asyncio.AbstractEventLoop, list[asyncio.Event]]  # consumers to wake at the end of a step, by loop
+
+
+def _set_all(events: list[asyncio.Event]) -> None:
+    for event in events:
+        event.set()
+
+
+def _wake_all(wakes: Wakes) -> None:
+    """One `call_soon_threadsafe` per consumer loop, setting every event queued for it this step."""
+    for loop, events in wakes.items():
+        if not loop.is_closed():
+            loop.call_soon_threadsafe(_set_all, events)
 
 
 class RequestHandle:
@@ -198,7 +211,10 @@ class RequestHandle:
         self._wake_scheduled = False  # a wake.set is on its way to the consumer's loop
 
     # engine side
-    def _push(self, item: HandleItem) -> None:
+    def _push(self, item: HandleItem, wakes: Wakes | None = None) -> None:
+        """Queue `item` for the consumer. Its loop is woken now, or, given `wakes`, once per loop for the whole
+        step by `_wake_all(wakes)` (a cross-thread wake-up is a syscall and a GIL hand-over: one per step, not
+        one per stream)."""
         with self._lock:
             self._items.append(item)
             if isinstance(item, GenerationResult):
@@ -210,7 +226,10 @@ class RequestHandle:
         if isinstance(item, GenerationResult):
             self._done.set()
         if loop is not None and wake is not None and notify and not loop.is_closed():
-            loop.call_soon_threadsafe(wake.set)
+            if wakes is None:
+                loop.call_soon_threadsafe(wake.set)
+            else:
+                wakes.setdefault(loop, []).append(wake)
 
     # consumer side
     @property
@@ -570,12 +589,18 @@ class Engine:
             for t in tracked
         ]
         result = sample(logits, requests, self._generator)
-        for j, t in enumerate(tracked):
-            top = result.top_logprobs[j]
-            self._append(t, result.token_ids[j], result.logprobs[j], tuple(top) if top is not None else None)
+        wakes: Wakes = {}
+        try:
+            for j, t in enumerate(tracked):
+                top = result.top_logprobs[j]
+                self._append(t, result.token_ids[j], result.logprobs[j], tuple(top) if top is not None else None,
+                             wakes)
+        finally:
+            _wake_all(wakes)
 
     def _append(
-        self, t: _Tracked, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] | None
+        self, t: _Tracked, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] | None,
+        wakes: Wakes | None = None,
     ) -> None:
         """Add one sampled token to a sequence, stream it, and finish the sequence if it should stop."""
         seq, params = t.seq, t.seq.params
@@ -591,12 +616,12 @@ class Engine:
         if reason is None and (len(seq.output_ids) >= params.max_tokens or len(seq) >= self.max_model_len):
             reason = "length"
             t.add_text(t.detok.flush())
-        t.handle._push(TokenDelta(token, t.releasable(final=reason is not None), logprob, top))
+        t.handle._push(TokenDelta(token, t.releasable(final=reason is not None), logprob, top), wakes)
         if reason is not None:
             self.scheduler.finish(seq, reason)
-            self._emit_final(t)
+            self._emit_final(t, wakes)
 
-    def _emit_final(self, t: _Tracked) -> None:
+    def _emit_final(self, t: _Tracked, wakes: Wakes | None = None) -> None:
         seq = t.seq
         assert seq.finish_reason is not None
         if seq.finish_reason in ("cancelled", "error"):
@@ -614,7 +639,8 @@ class Engine:
                 adapters=seq.adapters,
                 logprobs=tuple(t.logprobs) if seq.params.logprobs is not None else None,
                 error=seq.error,
-            )
+            ),
+            wakes,
         )
 
     def _fail_all(self, message: str) -> None:
