@@ -25,6 +25,7 @@ class BlockManager:
         # A stack: the most recently freed block is reused first (still warm in caches).
         self._free: list[int] = list(range(num_blocks - 1, -1, -1))
         self._tables: dict[int, list[int]] = {}
+        self._frozen: dict[int, tuple[int, ...]] = {}  # tuple(table) of each sequence, rebuilt when it grows
 
     # ---- counts ---------------------------------------------------------------------------------------
     @property
@@ -66,13 +67,15 @@ class BlockManager:
         table = self._tables.setdefault(seq_id, [])
         for _ in range(need):
             table.append(self._free.pop())
-        return tuple(table)
+        frozen = self._frozen[seq_id] = tuple(table)
+        return frozen
 
     def free(self, seq_id: int) -> int:
         """Return every block of `seq_id` to the pool; return how many. Unknown id -> `KVCacheError`."""
         table = self._tables.pop(seq_id, None)
         if table is None:
             raise KVCacheError(f"sequence {seq_id} holds no KV blocks (double free or never allocated)")
+        del self._frozen[seq_id]
         self._free.extend(reversed(table))
         return len(table)
 
@@ -81,10 +84,10 @@ class BlockManager:
         return seq_id in self._tables
 
     def block_table(self, seq_id: int) -> tuple[int, ...]:
-        table = self._tables.get(seq_id)
+        table = self._frozen.get(seq_id)
         if table is None:
             raise KVCacheError(f"sequence {seq_id} holds no KV blocks")
-        return tuple(table)
+        return table
 
     def num_seqs(self) -> int:
         return len(self._tables)
@@ -94,4 +97,5 @@ class BlockManager:
         owned = [b for t in self._tables.values() for b in t]
         all_blocks = owned + self._free
         assert len(all_blocks) == self.num_blocks, "a block is lost or counted twice"
+        assert self._frozen == {k: tuple(v) for k, v in self._tables.items()}, "a cached block table is stale"
         assert sorted(all_blocks) == list(range(self.num_blocks)), "block ids are duplicated or out of range"

@@ -196,26 +196,30 @@ class Scheduler:
         budget = self.config.max_tokens_per_step
         planned: dict[int, tuple[Sequence, int]] = {}  # seq_id -> (seq, num tokens this step), in order
 
-        decodes = [s for s in self.running if s.num_uncomputed == 1]
-        prefills = [s for s in self.running if s.num_uncomputed > 1]
-        for seq in decodes + prefills:
+        decodes: list[tuple[Sequence, int]] = []  # (seq, tokens not yet in the cache): decodes first
+        prefills: list[tuple[Sequence, int]] = []
+        for s in self.running:
+            u = s.num_uncomputed
+            (decodes if u == 1 else prefills).append((s, u))
+        for seq, uncomputed in decodes + prefills:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
             if budget == 0:
                 break
-            n = min(seq.num_uncomputed, budget)
+            n = min(uncomputed, budget)
             target = seq.num_computed + n
-            while not self.blocks.can_grow(seq.seq_id, target):
-                victim = self.running[-1]  # the youngest running sequence (seq itself is running)
-                self._preempt(victim)
-                out.preempted.append(victim)
-                if victim.seq_id in planned:  # it had been planned earlier in this step: unplan it
-                    budget += planned.pop(victim.seq_id)[1]
-                if victim is seq:
-                    break
-            if seq.status is not SequenceStatus.RUNNING:
-                continue
-            self.blocks.grow(seq.seq_id, target)
+            if self.blocks.extra_blocks_needed(seq.seq_id, target):  # most decodes fit in their last block
+                while not self.blocks.can_grow(seq.seq_id, target):
+                    victim = self.running[-1]  # the youngest running sequence (seq itself is running)
+                    self._preempt(victim)
+                    out.preempted.append(victim)
+                    if victim.seq_id in planned:  # it had been planned earlier in this step: unplan it
+                        budget += planned.pop(victim.seq_id)[1]
+                    if victim is seq:
+                        break
+                if seq.status is not SequenceStatus.RUNNING:
+                    continue
+                self.blocks.grow(seq.seq_id, target)
             planned[seq.seq_id] = (seq, n)
             budget -= n
 
