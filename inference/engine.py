@@ -303,6 +303,9 @@ class _Tracked:
         """Append decoded text; True if a stop string now appears (the text is cut just before it)."""
         if not delta:
             return False
+        if not self.max_stop:  # no stop strings: nothing to search
+            self.text += delta
+            return False
         start = max(0, len(self.text) - self.max_stop + 1)
         self.text += delta
         hits = [i for i in (self.text.find(s, start) for s in self.seq.params.stop) if i >= 0]
