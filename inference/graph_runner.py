@@ -115,7 +115,7 @@ class DecodeGraphRunner:
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._batches: dict[tuple[int, int], BatchMetadata] = {}
         self._pool: Any = None  # torch.cuda.graph_pool_handle(), shared by every graph of the runner
-        self._lora_graph_safe: bool | None = None
+        self._lora_contexts: list[object] | None = None  # the LoRA layers' shared contexts (found on first use)
         self.steps = 0  # steps run through this runner (replayed or eager)
         self.captures = 0
 
@@ -133,15 +133,16 @@ class DecodeGraphRunner:
         return m == 0 or self.mode == "static" or self._lora_capturable()
 
     def _lora_capturable(self) -> bool:
-        """Every LoRA layer of the model runs the triton backend (the torch backend plans from host values)."""
-        if self._lora_graph_safe is None:
-            backends = {
-                getattr(getattr(mod, "context", None), "backend", None)
-                for mod in self.model.modules()
-                if getattr(mod, "takes_batch", False)
-            }
-            self._lora_graph_safe = backends <= {"triton"}
-        return self._lora_graph_safe
+        """Every LoRA layer of the model runs the triton backend (the torch backend plans from host values).
+        The layers' shared contexts are found once; their backend is read each time (it can be switched)."""
+        if self._lora_contexts is None:
+            contexts: dict[int, object] = {}
+            for mod in self.model.modules():
+                if getattr(mod, "takes_batch", False):
+                    ctx = getattr(mod, "context", None)  # a batch-aware layer without one: never captured
+                    contexts[id(ctx)] = ctx
+            self._lora_contexts = list(contexts.values())
+        return all(getattr(ctx, "backend", None) == "triton" for ctx in self._lora_contexts)
 
     def bucket(self, batch_size: int) -> int:
         """The smallest bucket >= batch_size."""

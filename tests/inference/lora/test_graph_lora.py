@@ -105,3 +105,21 @@ def test_cuda_graphs_with_adapters_equal_plain_steps(tiny_model_dir: Path, adapt
     assert_same(plain, graphs, atol=1e-4)
     stats = eng.stats()
     assert stats["graph_steps"] > 0 and stats["graph_captures"] > 0
+
+
+def test_steps_with_adapters_are_captured_only_on_the_triton_lora_backend(tiny_model_dir: Path) -> None:
+    """The torch LoRA path plans from host values, so a graph may hold adapters only on the triton backend; the
+    backend is read at each step (it can be switched), the layers' contexts are found once."""
+    from inference.graph_runner import DecodeGraphRunner
+    from inference.kv_cache import PagedKVCache
+
+    model = load_model(tiny_model_dir, dtype="fp32")
+    slots = apply_lora(model, num_slots=2, max_rank=8, backend="torch")
+    runner = DecodeGraphRunner(model, PagedKVCache.for_model(model.config, 5, 4), scratch_block=4, max_batch=4,
+                               max_model_len=16, mode="static")
+    assert not runner._lora_capturable()
+    slots.context.set_backend("triton")
+    assert runner._lora_capturable()
+    with pytest.raises(ValueError, match="unknown LoRA kernel backend"):
+        slots.context.set_backend("cuda-magic")
+    assert slots.context.backend == "triton"  # a refused switch changes nothing
