@@ -21,6 +21,14 @@ so a LoRA layer replaces a projection with `model.set_linear("layers.3.self_attn
 where `LoRALinear.takes_batch = True` and `LoRALinear.forward(x: [T, in], batch) -> [T, out]` reads
 `batch.token_adapter_slots` / `batch.token_adapter_scales` to pick each token's adapters.
 `model.named_linears()` lists the replaceable projections by those names.
+
+Fused groups. `load_model` calls `fuse_projections()`: q/k/v and gate/up each run as one GEMM over a concatenated
+weight that the projections' own weights view (`inference.fused_linear`); a LoRA layer over one of them adds its
+delta into its slice of the output (`add_delta`), any other replacement makes its group run projection by
+projection through the hook above.
+
+Layer ops. RMSNorm, RoPE + KV-cache write and SiLU gating go through a `LayerOps` backend
+(`inference.layer_ops`): fused Triton kernels on CUDA, their torch twins elsewhere (`set_layer_ops` to choose).
 """
 
 from __future__ import annotations

@@ -37,14 +37,6 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, stride_x, stride_o, eps,
 
 
 @triton.jit
-def _rotate_half(x1, x2, c1, c2, s1, s2, dt: tl.constexpr):
-    """(x1 * c1 - x2 * s1, x2 * c2 + x1 * s2), each product and the sum rounded to `dt` as torch does."""
-    o1 = (x1 * c1).to(dt).to(tl.float32) - (x2 * s1).to(dt).to(tl.float32)
-    o2 = (x2 * c2).to(dt).to(tl.float32) + (x1 * s2).to(dt).to(tl.float32)
-    return o1.to(dt), o2.to(dt)
-
-
-@triton.jit
 def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, slot_ptr,
                        stride_qt, stride_qh, stride_kt, stride_kh, stride_vt, stride_vh, stride_ct,
                        stride_cs, stride_ch,
@@ -63,19 +55,23 @@ def _rope_cache_kernel(q_ptr, k_ptr, v_ptr, cos_ptr, sin_ptr, kc_ptr, vc_ptr, sl
         base = q_ptr + t * stride_qt + h * stride_qh
         x1 = tl.load(base + d, mask=dm, other=0.0).to(tl.float32)
         x2 = tl.load(base + HALF + d, mask=dm, other=0.0).to(tl.float32)
-        o1, o2 = _rotate_half(x1, x2, c1, c2, s1, s2, q_ptr.dtype.element_ty)
-        tl.store(base + d, o1, mask=dm)
-        tl.store(base + HALF + d, o2, mask=dm)
+        qt = q_ptr.dtype.element_ty  # each product and the sum rounded to the dtype, as torch does
+        o1 = (x1 * c1).to(qt).to(tl.float32) - (x2 * s1).to(qt).to(tl.float32)
+        o2 = (x2 * c2).to(qt).to(tl.float32) + (x1 * s2).to(qt).to(tl.float32)
+        tl.store(base + d, o1.to(qt), mask=dm)
+        tl.store(base + HALF + d, o2.to(qt), mask=dm)
     else:
         kh = h - HQ
         slot = tl.load(slot_ptr + t).to(tl.int64)
         kbase = k_ptr + t * stride_kt + kh * stride_kh
         x1 = tl.load(kbase + d, mask=dm, other=0.0).to(tl.float32)
         x2 = tl.load(kbase + HALF + d, mask=dm, other=0.0).to(tl.float32)
-        o1, o2 = _rotate_half(x1, x2, c1, c2, s1, s2, k_ptr.dtype.element_ty)
+        kt = k_ptr.dtype.element_ty
+        o1 = (x1 * c1).to(kt).to(tl.float32) - (x2 * s1).to(kt).to(tl.float32)
+        o2 = (x2 * c2).to(kt).to(tl.float32) + (x1 * s2).to(kt).to(tl.float32)
         cbase = slot * stride_cs + kh * stride_ch
-        tl.store(kc_ptr + cbase + d, o1.to(kc_ptr.dtype.element_ty), mask=dm)
-        tl.store(kc_ptr + cbase + HALF + d, o2.to(kc_ptr.dtype.element_ty), mask=dm)
+        tl.store(kc_ptr + cbase + d, o1.to(kt).to(kc_ptr.dtype.element_ty), mask=dm)
+        tl.store(kc_ptr + cbase + HALF + d, o2.to(kt).to(kc_ptr.dtype.element_ty), mask=dm)
         vbase = v_ptr + t * stride_vt + kh * stride_vh
         v1 = tl.load(vbase + d, mask=dm, other=0.0)
         v2 = tl.load(vbase + HALF + d, mask=dm, other=0.0)
