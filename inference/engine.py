@@ -6,9 +6,13 @@
     engine.generate(["a", "b"], params)    # synchronous, for scripts and tests
 
 One step (`step()`): take new requests and cancellations in; ask the scheduler for this step's chunks;
-`build_batch` them; one model forward over the flat batch; logits at the sampled rows; `sample`; append each
-token, check stop conditions (EOS, stop token ids, stop strings, max_tokens), stream the deltas; finished
-sequences leave and their KV blocks return to the pool at once.
+`build_batch` them (or fill the fixed-shape buffers a CUDA graph replays, `inference.graph_runner`); one model
+forward over the flat batch; while it runs (asynchronously on a GPU), the previous step's tokens get their text
+work: detokenizing, stop strings, streaming, final results; then logits at the sampled rows, `sample`, and
+each token is recorded on its sequence, which ends at once when its ids say so (EOS, stop token ids,
+max_tokens, the context): it leaves the next step and its KV blocks return to the pool. A stop string is found
+one step later, so that sequence has one more token computed, which is dropped (its answer ends at the token
+that completed the stop string).
 
 Threads: `start()` runs the step loop on a background thread (torch releases the GIL in the forward); every
 public method is thread-safe. Handles deliver to the asyncio loop that iterates them through
@@ -51,7 +55,7 @@ from inference.model import LlamaModel
 from inference.quant import check_quantize_mode, load_model_quantized
 from inference.sampling import SampleRequest, make_generator, sample
 from inference.scheduler import AdapterSlots, Scheduler, SchedulerConfig, SchedulerOutput
-from inference.sequence import FinishReason, SamplingParams, Sequence
+from inference.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 from inference.tokenizer import IncrementalDetokenizer, Tokenizer
 
 log = logging.getLogger(__name__)
@@ -329,6 +333,17 @@ class _Tracked:
         return out
 
 
+@dataclass
+class _Output:
+    """One sampled token recorded on its sequence, waiting for its text work (`Engine._finish_outputs`)."""
+
+    t: _Tracked
+    token: int
+    logprob: float | None
+    top: tuple[tuple[int, float], ...] | None
+    reason: FinishReason | None  # what its ids alone decided: "stop" (stop id / EOS), "length", or None
+
+
 # ---- the engine ------------------------------------------------------------------------------------------
 
 
@@ -392,6 +407,7 @@ class Engine:
         self._incoming: collections.deque[_Tracked] = collections.deque()
         self._cancels: collections.deque[str] = collections.deque()
         self._live: dict[str, _Tracked] = {}  # request_id -> state, from submit until finished
+        self._pending: list[_Output] = []  # the last step's tokens, streamed while the next step runs
         self._seq_ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -550,6 +566,7 @@ class Engine:
                 self._emit_final(self._live[seq.request_id])
             self._totals["preemptions"] += len(out.preempted)
             if out.is_empty:
+                self._finish_outputs()  # the last step's text work, with no step to overlap it with
                 self._wait_for_adapter_loads()
                 return 0
             self._run(out)
@@ -575,6 +592,10 @@ class Engine:
             if rows:
                 row_idx = batch.logits_indices[torch.tensor(rows, dtype=torch.int64, device=self.device)]
                 logits = self.model.compute_logits(hidden[row_idx])  # [R, V] float32
+        # The model's work for this step is queued (on a GPU it runs asynchronously until `sample` reads the
+        # logits): meanwhile, the previous step's tokens get their text work and are streamed.
+        tracked = [self._live[out.seqs[i].request_id] for i in rows]  # before a stop string may end some
+        self._finish_outputs()
         self.scheduler.advance(out)
         decodes = sum(
             1
@@ -584,7 +605,6 @@ class Engine:
         self._count(out.num_tokens - decodes, len(rows))
         if logits is None:
             return
-        tracked = [self._live[out.seqs[i].request_id] for i in rows]
         requests = [
             SampleRequest(
                 t.seq.params, t.seq.all_ids if t.seq.params.repetition_penalty != 1.0 else [], t.generator
@@ -592,36 +612,60 @@ class Engine:
             for t in tracked
         ]
         result = sample(logits, requests, self._generator)
-        wakes: Wakes = {}
-        try:
-            for j, t in enumerate(tracked):
-                top = result.top_logprobs[j]
-                self._append(t, result.token_ids[j], result.logprobs[j], tuple(top) if top is not None else None,
-                             wakes)
-        finally:
-            _wake_all(wakes)
+        for j, t in enumerate(tracked):
+            if t.seq.status is SequenceStatus.FINISHED:
+                continue  # a stop string of its previous token ended it while this step ran: this token is void
+            top = result.top_logprobs[j]
+            self._record(t, result.token_ids[j], result.logprobs[j], tuple(top) if top is not None else None)
 
-    def _append(
-        self, t: _Tracked, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] | None,
-        wakes: Wakes | None = None,
+    def _record(
+        self, t: _Tracked, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] | None
     ) -> None:
-        """Add one sampled token to a sequence, stream it, and finish the sequence if it should stop."""
+        """Add one sampled token to its sequence and end the sequence now if its ids say so (a stop token id,
+        EOS, max_tokens, the context): the next step is scheduled without it and its KV blocks are free. The
+        text work (detokenizing, stop strings, streaming) waits in `_pending` for `_finish_outputs`."""
         seq, params = t.seq, t.seq.params
         seq.output_ids.append(token)
         if logprob is not None:
             t.logprobs.append(logprob)
         reason: FinishReason | None = None
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
-            reason = "stop"  # its own text is not part of the answer; what the detokenizer held back is
-            t.add_text(t.detok.flush())
-        elif t.add_text(t.detok.push(token)):
             reason = "stop"
-        if reason is None and (len(seq.output_ids) >= params.max_tokens or len(seq) >= self.max_model_len):
+        elif len(seq.output_ids) >= params.max_tokens or len(seq) >= self.max_model_len:
             reason = "length"
-            t.add_text(t.detok.flush())
-        t.handle._push(TokenDelta(token, t.releasable(final=reason is not None), logprob, top), wakes)
         if reason is not None:
             self.scheduler.finish(seq, reason)
+        self._pending.append(_Output(t, token, logprob, top, reason))
+
+    def _finish_outputs(self) -> None:
+        """The text work of the tokens `_record` left in `_pending`, in order; one wake-up per consumer loop."""
+        if not self._pending:
+            return
+        pending, self._pending = self._pending, []
+        wakes: Wakes = {}
+        try:
+            for o in pending:
+                if o.t.handle.done:
+                    continue  # cancelled or failed since: its answer is what was streamed
+                self._append(o, wakes)
+        finally:
+            _wake_all(wakes)
+
+    def _append(self, o: _Output, wakes: Wakes) -> None:
+        """Stream one recorded token and finish its sequence if it ended (by its ids, or by a stop string)."""
+        t, seq, reason = o.t, o.t.seq, o.reason
+        if reason == "stop":  # a stop token or EOS: its own text is not part of the answer, the held-back text is
+            t.add_text(t.detok.flush())
+        elif t.add_text(t.detok.push(o.token)):
+            if reason is None:
+                self.scheduler.finish(seq, "stop")  # it may be in the step now running: that token is void
+            else:
+                self.scheduler.mark_finished(seq, "stop")  # a stop string in its last token wins over length
+            reason = "stop"
+        elif reason == "length":
+            t.add_text(t.detok.flush())
+        t.handle._push(TokenDelta(o.token, t.releasable(final=reason is not None), o.logprob, o.top), wakes)
+        if reason is not None:
             self._emit_final(t, wakes)
 
     def _emit_final(self, t: _Tracked, wakes: Wakes | None = None) -> None:
@@ -649,6 +693,7 @@ class Engine:
     def _fail_all(self, message: str) -> None:
         """After a failed step: finish every live request with reason "error" (their cache state is lost)."""
         with self._lock:
+            self._pending.clear()
             self._take_inputs()
             for t in list(self._live.values()):
                 self.scheduler.finish(t.seq, "error", message)
@@ -688,6 +733,7 @@ class Engine:
             thread.join()
         self._thread = None
         with self._lock:
+            self._finish_outputs()  # what the last step decided is delivered; the rest is cancelled
             self._take_inputs()
             for t in list(self._live.values()):
                 self.scheduler.finish(t.seq, "cancelled")

@@ -366,3 +366,17 @@ def test_background_loop_runs_with_its_own_cpu_threads(
     assert torch.get_num_threads() == before
     with pytest.raises(EngineConfigError, match="loop_cpu_threads must be a positive integer"):
         EngineConfig(model_dir=tiny_model_dir, loop_cpu_threads=0)
+
+
+def test_stop_string_ends_at_the_token_completing_it(engine: Engine, tokenizer: Tokenizer) -> None:
+    """Text work runs while the next step computes, so a sequence ended by a stop string has already been given
+    one more token: that token is void. The answer ends exactly at the token that completed the stop string,
+    in a batch where another request goes on."""
+    full = engine.generate([PROMPTS[3]], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))[0]
+    stop = full.text[len(full.text) // 3 :][:3]
+    n = next(i for i in range(1, len(full.token_ids) + 1) if stop in tokenizer.decode(full.token_ids[:i]))
+    params = SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True, stop=[stop])
+    stopped, other = engine.generate([GenerationRequest(PROMPTS[3], params), GenerationRequest(PROMPTS[0], GREEDY)])
+    assert stopped.finish_reason == "stop" and stopped.token_ids == full.token_ids[:n]
+    assert stopped.completion_tokens == n and stopped.text == full.text[: full.text.find(stop)]
+    assert other.finish_reason == "length" and other.completion_tokens == MAX_NEW
