@@ -1,5 +1,5 @@
-"""Backends for the small per-layer operations of the runner (RMSNorm, RoPE + KV-cache write, SiLU gating),
-chosen by name through `get_layer_ops`:
+"""Backends for the small per-layer operations of the runner (RMSNorm, residual add + RMSNorm, RoPE + KV-cache
+write, SiLU gating), chosen by name through `get_layer_ops`:
 
     "torch"   the torch twins (`kernels.layer_ops_ref`): any device, the CPU path
     "triton"  the fused kernels (`kernels.layer_ops`): CUDA, or CPU under TRITON_INTERPRET=1 (tests)
@@ -29,6 +29,12 @@ class LayerOps(Protocol):
         """x: [..., D], weight: [D] -> [..., D]."""
         ...
 
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(rms_norm(x + residual), x + residual)."""
+        ...
+
     def rope_and_cache(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
         k_cache: torch.Tensor, v_cache: torch.Tensor, slot_mapping: torch.Tensor,
@@ -46,6 +52,11 @@ class TorchLayerOps:
 
     def rms_norm(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         return ref.rms_norm_ref(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return ref.add_rms_norm_ref(x, residual, weight, eps)
 
     def rope_and_cache(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
@@ -71,6 +82,14 @@ class TritonLayerOps:
         if weight.dtype != x.dtype or x.stride(-1) != 1:
             return ref.rms_norm_ref(x, weight, eps)
         return self._k.rms_norm(x, weight, eps)
+
+    def add_rms_norm(
+        self, x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if (weight.dtype != x.dtype or residual.dtype != x.dtype or x.stride(-1) != 1
+                or residual.stride(-1) != 1 or residual.shape != x.shape):
+            return ref.add_rms_norm_ref(x, residual, weight, eps)
+        return self._k.add_rms_norm(x, residual, weight, eps)
 
     def rope_and_cache(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,

@@ -27,8 +27,9 @@ weight that the projections' own weights view (`inference.fused_linear`); a LoRA
 delta into its slice of the output (`add_delta`), any other replacement makes its group run projection by
 projection through the hook above.
 
-Layer ops. RMSNorm, RoPE + KV-cache write and SiLU gating go through a `LayerOps` backend
-(`inference.layer_ops`): fused Triton kernels on CUDA, their torch twins elsewhere (`set_layer_ops` to choose).
+Layer ops. RMSNorm (fused with the residual add before it), RoPE + KV-cache write and SiLU gating go through a
+`LayerOps` backend (`inference.layer_ops`): fused Triton kernels on CUDA, their torch twins elsewhere
+(`set_layer_ops` to choose).
 """
 
 from __future__ import annotations
@@ -187,7 +188,12 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """h = x + attn(norm(x)); out = h + mlp(norm(h))."""
+    """h = x + attn(norm(x)); out = h + mlp(norm(h)), carried as (last sublayer output, residual stream) so that
+    each residual add runs fused with the norm after it (`LayerOps.add_rms_norm`):
+
+        layer(x, None)       -> (mlp_out, h)   with h = x + attn(norm(x)) and out = h + mlp_out
+        layer(y, residual)   the same for x = y + residual, the previous layer's output
+    """
 
     def __init__(self, config: ModelConfig, layer_idx: int) -> None:
         super().__init__()
@@ -199,15 +205,23 @@ class DecoderLayer(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
+        residual: torch.Tensor | None,
         cos: torch.Tensor,
         sin: torch.Tensor,
         batch: BatchMetadata,
         kv_cache: PagedKVCache,
         attention: AttentionBackend,
         ops: LayerOps,
-    ) -> torch.Tensor:
-        h = x + self.self_attn(self.input_layernorm(x, ops), cos, sin, batch, kv_cache, attention, ops)
-        return h + self.mlp(self.post_attention_layernorm(h, ops), batch, ops)
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: [T, hidden] (+ residual [T, hidden]) -> (mlp output, residual stream), see the class docstring."""
+        norm1, norm2 = self.input_layernorm, self.post_attention_layernorm
+        if residual is None:
+            h_in, residual = norm1(x, ops), x
+        else:
+            h_in, residual = ops.add_rms_norm(x, residual, norm1.weight, norm1.eps)
+        attn_out = self.self_attn(h_in, cos, sin, batch, kv_cache, attention, ops)
+        h_mlp, residual = ops.add_rms_norm(attn_out, residual, norm2.weight, norm2.eps)
+        return self.mlp(h_mlp, batch, ops), residual
 
 
 class LlamaModel(nn.Module):
@@ -324,9 +338,12 @@ class LlamaModel(nn.Module):
         x = self.embed_tokens(batch.input_ids)  # [T, hidden]
         cos, sin = self.rotary(batch.positions, x.dtype)  # [T, 1, D] each
         ops = self.ops_for(x.device)
+        residual: torch.Tensor | None = None
         for layer in self.layers:
-            x = layer(x, cos, sin, batch, kv_cache, self.attention, ops)
-        return self.norm(x, ops)
+            x, residual = layer(x, residual, cos, sin, batch, kv_cache, self.attention, ops)
+        if residual is None:  # a model with no layers
+            return self.norm(x, ops)
+        return ops.add_rms_norm(x, residual, self.norm.weight, self.norm.eps)[0]
 
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:

@@ -4,6 +4,8 @@ a GPU launches more of these than GEMMs). Semantics, rounding included, are thos
 
     rms_norm        one program per row: sum of squares in float32, y = x * rsqrt(mean + eps), in a 16-bit
                     dtype y is rounded to it before the weight multiplies (4 torch kernels -> 1)
+    add_rms_norm    the residual add (rounded to the dtype, stored) and the next RMSNorm in one program per row
+                    (5 -> 1)
     rope_and_cache  one program per (token, head) over q heads then kv heads: rotate q in place; rotate k and
                     write it, and v, to the cache slot of the token (10 + 2 torch kernels -> 1)
     silu_mul        silu(gate) rounded to the dtype, times up (2 -> 1)
@@ -30,6 +32,25 @@ def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, stride_x, stride_o, eps,
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     var = tl.sum(x * x, axis=0) / n_cols
     y = x * (1.0 / tl.sqrt(var + eps))
+    if ROUND_BEFORE_WEIGHT:
+        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, n_cols, stride_x, stride_r, stride_o, stride_h, eps,
+                         BLOCK: tl.constexpr, ROUND_BEFORE_WEIGHT: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < n_cols
+    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+    h = (x + r).to(h_ptr.dtype.element_ty)  # the residual stream keeps the model's dtype, as torch's add does
+    tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
+    hf = h.to(tl.float32)
+    var = tl.sum(hf * hf, axis=0) / n_cols
+    y = hf * (1.0 / tl.sqrt(var + eps))
     if ROUND_BEFORE_WEIGHT:
         y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -115,6 +136,34 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             num_warps=4 if block <= 1024 else (8 if block <= 4096 else 16),
         )
     return out.view(x.shape)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(x + residual), x + residual) in one pass; x, residual: [..., D] of one shape and dtype with
+    contiguous rows, weight: [D] of that dtype (see `layer_ops_ref.add_rms_norm_ref`)."""
+    d = x.shape[-1]
+    _need(residual.shape == x.shape and residual.dtype == x.dtype, f"residual {tuple(residual.shape)} "
+          f"{residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
+    _need(x.dtype in _DTYPES and weight.dtype == x.dtype, f"add_rms_norm wants x in {_DTYPES} and a weight of "
+          f"the same dtype, got {x.dtype} and {weight.dtype}")
+    _need(weight.shape == (d,) and weight.is_contiguous(), f"weight must be [{d}] contiguous, got {tuple(weight.shape)}")
+    _need(x.device == residual.device == weight.device, "x, residual and weight must share one device")
+    _need(d <= 65536, f"add_rms_norm rows of {d} values are over the kernel's 65536")
+    x2, r2 = x.reshape(-1, d), residual.reshape(-1, d)
+    _need(x2.stride(-1) == 1 and r2.stride(-1) == 1, "x and residual rows must be contiguous")
+    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    rows = x2.shape[0]
+    if rows:
+        block = triton.next_power_of_2(d)
+        _add_rms_norm_kernel[(rows,)](
+            x2, r2, weight, out, h, d, x2.stride(0), r2.stride(0), out.stride(0), h.stride(0), eps,
+            BLOCK=block, ROUND_BEFORE_WEIGHT=x.dtype != torch.float32,
+            num_warps=4 if block <= 1024 else (8 if block <= 4096 else 16),
+        )
+    return out.view(x.shape), h.view(x.shape)
 
 
 def rope_and_cache(

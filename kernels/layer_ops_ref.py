@@ -3,6 +3,8 @@ fused Triton kernels (`kernels.layer_ops`).
 
     rms_norm(x, w, eps)     y = w * (x / sqrt(mean(x^2, -1) + eps)), normalised in float32; in a 16-bit dtype
                             the normalised value is rounded to x's dtype before the weight multiplies it (HF order)
+    add_rms_norm(x, r, w, eps)
+                            h = x + r (in x's dtype: the residual stream); (rms_norm(h, w, eps), h)
     rotary(x, cos, sin)     x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])
     rope_and_cache(q, k, v, cos, sin, k_cache, v_cache, slot_mapping)
                             q <- rotary(q) in place; k_cache.flat[slot[t]] = rotary(k[t]); v_cache.flat[slot[t]] = v[t]
@@ -25,6 +27,15 @@ def rms_norm_ref(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Ten
         return F.rms_norm(x, weight.shape, weight, eps)
     y = F.rms_norm(x.float(), weight.shape, None, eps)
     return weight * y.to(x.dtype)
+
+
+def add_rms_norm_ref(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x, residual: [..., D] -> (rms_norm(x + residual), x + residual): the residual add of a decoder block
+    followed by the next norm."""
+    h = x + residual
+    return rms_norm_ref(h, weight, eps), h
 
 
 def rotary_ref(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,6 @@
-"""The fused per-layer kernels (`kernels.layer_ops`: RMSNorm, RoPE + KV-cache write, SiLU gating) against their
-torch twins (`kernels.layer_ops_ref`) over shapes and dtypes, launcher checks, the backend factory, and the whole
-runner on the fused kernels against the runner on the twins.
+"""The fused per-layer kernels (`kernels.layer_ops`: RMSNorm, residual add + RMSNorm, RoPE + KV-cache write, SiLU
+gating) against their torch twins (`kernels.layer_ops_ref`) over shapes and dtypes, launcher checks, the backend
+factory, and the whole runner on the fused kernels against the runner on the twins.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before triton is imported)."""
 
@@ -21,7 +21,7 @@ from inference.layer_ops import get_layer_ops
 from inference.loader import load_model
 from inference.tiny import init_tiny
 from kernels import layer_ops
-from kernels.layer_ops_ref import rms_norm_ref, rope_and_cache_ref, rotary_ref, silu_mul_ref
+from kernels.layer_ops_ref import add_rms_norm_ref, rms_norm_ref, rope_and_cache_ref, rotary_ref, silu_mul_ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # 16-bit results may differ by a unit in the last place twice over (the normalised value, then its product with
@@ -42,6 +42,20 @@ def test_rms_norm_matches_torch(dtype: torch.dtype, shape: tuple[int, ...]) -> N
     w = rand(shape[-1], dtype=dtype, seed=1)
     atol, rtol = TOL[dtype]
     torch.testing.assert_close(layer_ops.rms_norm(x, w, 1e-6), rms_norm_ref(x, w, 1e-6), atol=atol, rtol=rtol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1, 16), (7, 64), (2, 100)])
+def test_add_rms_norm_matches_torch(dtype: torch.dtype, shape: tuple[int, ...]) -> None:
+    x, r = rand(*shape, dtype=dtype) * 3, rand(*shape, dtype=dtype, seed=2) * 3
+    w = rand(shape[-1], dtype=dtype, seed=1)
+    got, got_h = layer_ops.add_rms_norm(x, r, w, 1e-6)
+    want, want_h = add_rms_norm_ref(x, r, w, 1e-6)
+    atol, rtol = TOL[dtype]
+    torch.testing.assert_close(got_h, want_h, atol=atol, rtol=rtol)  # the residual stream, rounded once
+    torch.testing.assert_close(got, want, atol=atol, rtol=rtol)
+    with pytest.raises(ValueError, match="must match x"):
+        layer_ops.add_rms_norm(x, r[..., :8], w, 1e-6)
 
 
 def rope_case(t: int, hq: int, hkv: int, d: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
