@@ -95,9 +95,9 @@ class TritonPagedAttention:
     def __call__(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: BatchMetadata, scale: float
     ) -> torch.Tensor:
-        return self._launch(
-            q.contiguous(), k_cache, v_cache, batch.block_tables, batch.query_start, batch.context_lens,
-            batch.max_query_len, scale,
+        return self._launch(  # the kernel takes q's row and head strides: a view of a fused q/k/v output is fine
+            q if q.stride(2) == 1 else q.contiguous(), k_cache, v_cache, batch.block_tables, batch.query_start,
+            batch.context_lens, batch.max_query_len, scale,
         )
 
 
