@@ -417,6 +417,15 @@ class Engine:
         )  # (time, prefill, decode)
         self._totals = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0}
 
+    def warm_up_graphs(self, merges: tuple[int, ...] = (0, 1)) -> int:
+        """Capture the decode graphs of every batch bucket now (base-only steps, and steps with one adapter per
+        sequence when the LoRA layers are installed) instead of on first use; returns how many were captured (0
+        unless decode steps run as CUDA graphs). Call it after installing LoRA layers and before serving."""
+        if self.graphs is None:
+            return 0
+        with self._lock:
+            return self.graphs.warm_up(merges)
+
     def _num_blocks(self, dtype: torch.dtype) -> int:
         cfg = self.config
         if cfg.num_blocks is not None:

@@ -151,6 +151,21 @@ class DecodeGraphRunner:
                 return p
         raise ValueError(f"batch of {batch_size} is over the largest bucket {self.buckets[-1]}")
 
+    def warm_up(self, merges: tuple[int, ...] = (0, 1)) -> int:
+        """Capture every bucket for each number of merged adapters in `merges` now (a node does it at start, so
+        that no request waits for a capture), skipping what this runner cannot capture; returns the graphs
+        captured. Nothing to do in "static" mode (0)."""
+        if self.mode != "graphs":
+            return 0
+        before = self.captures
+        for m in merges:
+            if m > self.max_merge or (m > 0 and not (self._lora_capturable() and self._lora_contexts)):
+                continue  # merged columns need LoRA layers, on the triton backend
+            for p in self.buckets:
+                if (p, m) not in self._graphs:
+                    self._capture((p, m))
+        return self.captures - before
+
     # ---- running ---------------------------------------------------------------------------------------
     def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
         """Run one qualifying step (see `fits`); returns the logits of its B rows [B, vocab] float32.

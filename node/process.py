@@ -121,7 +121,11 @@ def build_engine(cfg: NodeConfig) -> tuple[Engine, AdapterStore]:
         max_tokens_per_step=m.max_tokens_per_step, attention_backend=attention, max_queue=cfg.server.max_queue,
         decode_graphs=m.decode_graphs,
     )
-    return Engine(engine_cfg, adapter_slots=store, model=model), store
+    engine = Engine(engine_cfg, adapter_slots=store, model=model)
+    captured = engine.warm_up_graphs()  # CUDA: every decode bucket captured now, not on a request's first step
+    if captured:
+        log.info("captured %d decode CUDA graphs", captured)
+    return engine, store
 
 
 # ---- adapters --------------------------------------------------------------------------------------------

@@ -154,6 +154,8 @@ def test_runner_declines_steps_it_cannot_run(tiny_model_dir: Path, tiny_model: L
     eng = engine(tiny_model_dir, tiny_model, "static", max_num_seqs=4)
     runner = eng.graphs
     assert runner is not None
+    assert eng.warm_up_graphs() == 0  # nothing to capture without CUDA graphs
+    assert engine(tiny_model_dir, tiny_model, "off").warm_up_graphs() == 0
     one = SeqChunk(0, (5,), 3, (0,))
     assert runner.fits([one])
     assert not runner.fits([SeqChunk(0, (5, 6), 3, (0, 1))])  # a prefill chunk
@@ -213,6 +215,12 @@ def test_cuda_graphs_equal_plain_steps(tiny_model_dir: Path, dtype: str, atol: f
         assert_same(got, got_again, atol=0.0)  # replays are deterministic
         stats = eng.stats()
         assert stats["graph_steps"] >= 2 * (NEW - 1)
-        assert 1 <= captured <= len(eng.graphs.buckets) if eng.graphs else False
+        assert eng.graphs is not None and 1 <= captured <= len(eng.graphs.buckets)
         assert stats["graph_captures"] == captured  # the second run replayed the graphs of the first
         assert_clean(eng)
+    warm = engine(tiny_model_dir, model, "graphs", device="cuda", dtype=dtype)
+    assert warm.graphs is not None
+    assert warm.warm_up_graphs() == len(warm.graphs.buckets)  # base-only graphs: the model has no LoRA layers
+    plain = engine(tiny_model_dir, model, "off", device="cuda", dtype=dtype)
+    assert_same_prefix(plain.generate(prompts(8), GREEDY), warm.generate(prompts(8), GREEDY), atol)
+    assert warm.stats()["graph_captures"] == len(warm.graphs.buckets)  # serving captured nothing more

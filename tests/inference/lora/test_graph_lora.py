@@ -123,3 +123,20 @@ def test_steps_with_adapters_are_captured_only_on_the_triton_lora_backend(tiny_m
     with pytest.raises(ValueError, match="unknown LoRA kernel backend"):
         slots.context.set_backend("cuda-magic")
     assert slots.context.backend == "triton"  # a refused switch changes nothing
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a CUDA device")
+def test_warm_up_captures_base_and_one_adapter_graphs(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
+    model = load_model(tiny_model_dir, dtype="fp32", device="cuda")
+    slots = apply_lora(model, num_slots=4, max_rank=64, backend="triton")
+    store = AdapterStore(slots, BaseDims.from_model_config(model.config))
+    for k, d in adapters.items():
+        store.register(k, d)
+    eng = Engine(EngineConfig(model_dir=tiny_model_dir, device="cuda", block_size=4, num_blocks=128, max_num_seqs=8,
+                              decode_graphs="graphs"), adapter_slots=store, model=model)
+    assert eng.graphs is not None
+    assert eng.warm_up_graphs() == 2 * len(eng.graphs.buckets)  # base-only and one-adapter steps
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    eng.generate([GenerationRequest(p, params, adapters=a) for p, a in zip(prompts(), REQUESTS, strict=True)])
+    merged_buckets = eng.stats()["graph_captures"] - 2 * len(eng.graphs.buckets)
+    assert 0 <= merged_buckets <= len(eng.graphs.buckets)  # only the merged request's steps (M = 2) were new
