@@ -11,6 +11,7 @@ step is padded to a bucket of P rows and written into static buffers:
 
     input_ids[P], positions[P], slot_mapping[P], context_lens[P]    this step's values
     block_tables[P, W]     W = ceil(max_model_len / block_size) columns, so no table outgrows them
+                           (these five int64 buffers are views of one, filled through a pinned host mirror)
     query_start = arange(P + 1), logits_indices = arange(P)         constant
     adapter slots / scales [M, P]   M merge columns (0: a base-only step), stored column-major so that each
                                     column the BGMV kernels read is contiguous
@@ -102,16 +103,22 @@ class DecodeGraphRunner:
         self.scratch_slot = scratch_block * self.block_size
         self._scratch_block = scratch_block
         p, dev = self.buckets[-1], model.device
-        self.input_ids = torch.zeros(p, dtype=torch.int64, device=dev)  # [P]
-        self.positions = torch.zeros(p, dtype=torch.int64, device=dev)  # [P]
-        self.slot_mapping = torch.full((p,), self.scratch_slot, dtype=torch.int64, device=dev)  # [P]
-        self.context_lens = torch.ones(p, dtype=torch.int32, device=dev)  # [P]
-        self.block_tables = torch.zeros(p, self.width, dtype=torch.int32, device=dev)  # [P, W]
-        self.block_tables[:, 0] = scratch_block
+        # ids, positions, slots, context lengths and block tables share one int64 buffer, mirrored on the host
+        # (pinned on CUDA): a step's inputs go over in two copies, rows [0, 4P) and the bucket's table rows
+        self._meta = torch.zeros(4 * p + p * self.width, dtype=torch.int64, device=dev)
+        self._host = torch.zeros(self._meta.shape, dtype=torch.int64, pin_memory=dev.type == "cuda")
+        self._host_np = self._host.numpy()
+        self.input_ids = self._meta[0:p]  # [P]
+        self.positions = self._meta[p : 2 * p]  # [P]
+        self.slot_mapping = self._meta[2 * p : 3 * p]  # [P]
+        self.context_lens = self._meta[3 * p : 4 * p]  # [P]
+        self.block_tables = self._meta[4 * p :].view(p, self.width)  # [P, W]
         self.query_start = torch.arange(p + 1, dtype=torch.int32, device=dev)  # [P+1]
         self.logits_indices = torch.arange(p, dtype=torch.int64, device=dev)  # [P]
         self.adapter_slots = torch.full((max_merge, p), -1, dtype=torch.int32, device=dev)  # [Mmax, P]
         self.adapter_scales = torch.zeros(max_merge, p, dtype=torch.float32, device=dev)  # [Mmax, P]
+        self._fill_padding(p, max_merge)
+        self._host.copy_(self._meta)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._batches: dict[tuple[int, int], BatchMetadata] = {}
         self._pool: Any = None  # torch.cuda.graph_pool_handle(), shared by every graph of the runner
@@ -213,26 +220,35 @@ class DecodeGraphRunner:
         return batch
 
     def _fill(self, chunks: list[SeqChunk], p: int, m: int) -> None:
-        """Write this step's rows into the buffers and reset rows [B, P) to padding (one host-to-device copy
-        per buffer). Table columns past the step's longest table keep earlier, valid block ids that no kernel
-        reads (context_lens bounds them) and the torch backend masks."""
-        bs, pad = self.block_size, p - len(chunks)
+        """Write this step's rows into the host mirror, rows [B, P) as padding, and copy them over: rows [0, 4P)
+        of the shared buffer and the bucket's P table rows (and the adapter columns when M > 0). Table columns
+        past a row's own table keep earlier, valid block ids that no kernel reads (context_lens bounds them)
+        and the torch backend masks."""
+        bs, b, pmax = self.block_size, len(chunks), self.buckets[-1]
+        host = self._host_np
         pos = [c.start_pos for c in chunks]
-        ids = [c.token_ids[0] for c in chunks] + [0] * pad
-        slots = [c.block_table[q // bs] * bs + q % bs for c, q in zip(chunks, pos, strict=True)]
-        ncols = max(len(c.block_table) for c in chunks)
-        tables = [list(c.block_table) + [0] * (ncols - len(c.block_table)) for c in chunks]
-        tables += [[self._scratch_block] + [0] * (ncols - 1)] * pad
-        self.input_ids[:p].copy_(torch.tensor(ids, dtype=torch.int64))
-        self.positions[:p].copy_(torch.tensor(pos + [0] * pad, dtype=torch.int64))
-        self.slot_mapping[:p].copy_(torch.tensor(slots + [self.scratch_slot] * pad, dtype=torch.int64))
-        self.context_lens[:p].copy_(torch.tensor([q + 1 for q in pos] + [1] * pad, dtype=torch.int32))
-        self.block_tables[:p, :ncols].copy_(torch.tensor(tables, dtype=torch.int32))
+        host[0:b] = [c.token_ids[0] for c in chunks]
+        host[pmax : pmax + b] = pos
+        host[2 * pmax : 2 * pmax + b] = [c.block_table[q // bs] * bs + q % bs for c, q in zip(chunks, pos, strict=True)]
+        host[3 * pmax : 3 * pmax + b] = [q + 1 for q in pos]
+        tables = host[4 * pmax :].reshape(pmax, self.width)
+        for i, c in enumerate(chunks):
+            tables[i, : len(c.block_table)] = c.block_table
+        if b < p:  # padding rows: token 0 at position 0 into the scratch slot, context 1 on the scratch block
+            host[b:p] = 0
+            host[pmax + b : pmax + p] = 0
+            host[2 * pmax + b : 2 * pmax + p] = self.scratch_slot
+            host[3 * pmax + b : 3 * pmax + p] = 1
+            tables[b:p, 0] = self._scratch_block
+        nb = self._meta.device.type == "cuda"  # pinned host memory: the copies queue behind earlier work
+        self._meta[: 4 * pmax].copy_(self._host[: 4 * pmax], non_blocking=nb)
+        rows = slice(4 * pmax, 4 * pmax + p * self.width)
+        self._meta[rows].copy_(self._host[rows], non_blocking=nb)
         if m:
             a_slots = [list(c.adapter_slots) + [-1] * (m - len(c.adapter_slots)) for c in chunks]
             a_scales = [list(c.adapter_scales) + [0.0] * (m - len(c.adapter_scales)) for c in chunks]
-            a_slots += [[-1] * m] * pad
-            a_scales += [[0.0] * m] * pad
+            a_slots += [[-1] * m] * (p - b)
+            a_scales += [[0.0] * m] * (p - b)
             self.adapter_slots[:m, :p].copy_(torch.tensor(a_slots, dtype=torch.int32).t())
             self.adapter_scales[:m, :p].copy_(torch.tensor(a_scales, dtype=torch.float32).t())
 
@@ -242,6 +258,7 @@ class DecodeGraphRunner:
         self.positions[:p].zero_()
         self.slot_mapping[:p].fill_(self.scratch_slot)
         self.context_lens[:p].fill_(1)
+        self.block_tables[:p].zero_()
         self.block_tables[:p, 0].fill_(self._scratch_block)
         self.adapter_slots[:m, :p].fill_(-1)
         self.adapter_scales[:m, :p].zero_()
