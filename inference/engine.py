@@ -7,12 +7,12 @@
 
 One step (`step()`): take new requests and cancellations in; ask the scheduler for this step's chunks;
 `build_batch` them (or fill the fixed-shape buffers a CUDA graph replays, `inference.graph_runner`); one model
-forward over the flat batch; while it runs (asynchronously on a GPU), the previous step's tokens get their text
-work: detokenizing, stop strings, streaming, final results; then logits at the sampled rows, `sample`, and
-each token is recorded on its sequence, which ends at once when its ids say so (EOS, stop token ids,
-max_tokens, the context): it leaves the next step and its KV blocks return to the pool. A stop string is found
-one step later, so that sequence has one more token computed, which is dropped (its answer ends at the token
-that completed the stop string).
+forward over the flat batch; logits at the sampled rows, `sample`, and each token is recorded on its sequence,
+which ends at once when its ids say so (EOS, stop token ids, max_tokens, the context): it leaves the next step
+and its KV blocks return to the pool. The text work of those tokens (detokenizing, stop strings, streaming,
+final results) runs in the next step: on CUDA while its kernels run (a stop string is then found one step late,
+and the extra token computed for that sequence is dropped: its answer ends at the token that completed the stop
+string); on the CPU before it is scheduled.
 
 Threads: `start()` runs the step loop on a background thread (torch releases the GIL in the forward); every
 public method is thread-safe. Handles deliver to the asyncio loop that iterates them through
@@ -99,6 +99,9 @@ class EngineConfig:
     # second thread pays a worker wake-up; measured on a 2-core machine, a small linear + silu took 155 us with
     # 2 threads against 9 us with 1, and a 20M model's decode step 20.0 ms against 17.4 ms (100M: equal)
     loop_cpu_threads: int = 1
+    # when a step's text work (detokenizing, stop strings, streaming) runs: None = while the next step's kernels
+    # run on CUDA, before the next step is scheduled on the CPU (see the module docstring); True / False force one
+    overlap_text_work: bool | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -115,6 +118,10 @@ class EngineConfig:
                 raise EngineConfigError(
                     f"EngineConfig.{name} must be a positive integer or None, got {value!r}"
                 )
+        if self.overlap_text_work is not None and not isinstance(self.overlap_text_work, bool):
+            raise EngineConfigError(
+                f"EngineConfig.overlap_text_work must be True, False or None, got {self.overlap_text_work!r}"
+            )
         if self.decode_graphs not in ("auto", *GRAPH_MODES):
             raise EngineConfigError(
                 f"EngineConfig.decode_graphs must be one of auto, {', '.join(GRAPH_MODES)}; got {self.decode_graphs!r}"
@@ -408,6 +415,11 @@ class Engine:
         self._cancels: collections.deque[str] = collections.deque()
         self._live: dict[str, _Tracked] = {}  # request_id -> state, from submit until finished
         self._pending: list[_Output] = []  # the last step's tokens, streamed while the next step runs
+        # Where that text work runs: on CUDA after the next step's kernels are queued (it overlaps them); on the
+        # CPU, where the forward runs in this thread with the GIL released, before the next step is scheduled,
+        # so that the consumers it wakes run during the forward rather than compete with the step's Python
+        overlap = config.overlap_text_work
+        self._overlap_outputs = self.device.type == "cuda" if overlap is None else bool(overlap)
         self._seq_ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -570,6 +582,8 @@ class Engine:
         """Run one engine step; returns the number of tokens it ran through the model (0 = nothing to do)."""
         with self._lock:
             self._take_inputs()
+            if not self._overlap_outputs:
+                self._finish_outputs()  # before scheduling: a stop string found now spares its sequence a step
             out = self.scheduler.schedule()
             for seq in out.failed:
                 self._emit_final(self._live[seq.request_id])
@@ -601,10 +615,11 @@ class Engine:
             if rows:
                 row_idx = batch.logits_indices[torch.tensor(rows, dtype=torch.int64, device=self.device)]
                 logits = self.model.compute_logits(hidden[row_idx])  # [R, V] float32
-        # The model's work for this step is queued (on a GPU it runs asynchronously until `sample` reads the
-        # logits): meanwhile, the previous step's tokens get their text work and are streamed.
         tracked = [self._live[out.seqs[i].request_id] for i in rows]  # before a stop string may end some
-        self._finish_outputs()
+        if self._overlap_outputs:
+            # the step's kernels are queued on the GPU and run until `sample` reads the logits: meanwhile the
+            # previous step's tokens get their text work and are streamed
+            self._finish_outputs()
         self.scheduler.advance(out)
         decodes = sum(
             1

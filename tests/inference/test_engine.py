@@ -47,9 +47,12 @@ def make_engine(model_dir: Path, model: LlamaModel, tok: Tokenizer, **kw: object
     return Engine(EngineConfig(model_dir=model_dir, **cfg), model=model, tokenizer=tok)  # type: ignore[arg-type]
 
 
-@pytest.fixture()
-def engine(tiny_model_dir: Path, tiny_model: LlamaModel, tokenizer: Tokenizer) -> Iterator[Engine]:
-    eng = make_engine(tiny_model_dir, tiny_model, tokenizer)
+@pytest.fixture(params=[False, True], ids=["text-work-before-step", "text-work-overlapped"])
+def engine(tiny_model_dir: Path, tiny_model: LlamaModel, tokenizer: Tokenizer,
+           request: pytest.FixtureRequest) -> Iterator[Engine]:
+    """The engine with its text work before each step is scheduled (the CPU default) and overlapped with the
+    step's forward (the CUDA default), so both orders are held to the same results."""
+    eng = make_engine(tiny_model_dir, tiny_model, tokenizer, overlap_text_work=request.param)
     yield eng
     assert_clean(eng)
 
