@@ -3,19 +3,21 @@
 # are there; web3 and bitsandbytes are not, and nothing this runs needs them). Three stages, one device call
 # each or a and b in one, so that a lease of 15 minutes holds them with room for a machine start:
 #
-#   a   the CUDA tests: captured decode graphs vs plain steps (base and adapters), the compiled Triton attention
-#       attention, LoRA and fused layer-op kernels against their torch twins; then bench_engine on a 1B-class random model (bf16, batch
-#       32): graphs vs eager steps vs transformers, decode step time vs the bandwidth bound          (est. 4 min)
-#   b   bench_engine on the Llama-3-8B shape (the bandwidth check where host time per step is small
-#       against the weights' read time)                                                             (est. 3 min)
-#   c   bench_lora on a reduced trace: Llama-3-8B shape, bf16, rank 16, N in {1, 8, 32}, peft up to 32 (est. 6 min)
+#   a   the CUDA tests (163): captured decode graphs vs plain steps (base and adapters), the compiled Triton
+#       attention, LoRA and fused layer-op kernels against their torch twins; then bench_engine on a 1B-class
+#       random model (bf16, batch 32): graphs vs eager steps vs transformers, decode step time vs the
+#       bandwidth bound (issue 3's targets)                                                          (est. 6 min)
+#   b   bench_lora on a reduced trace: Llama-3-8B shape, bf16, rank 16, N in {1, 8, 32}, peft up to 32
+#       (issue 4's targets)                                                                          (est. 6 min)
+#   c   bench_engine on the Llama-3-8B shape (the bandwidth check where host time per step is small
+#       against the weights' read time), if time is left                                            (est. 3 min)
 #
 #   bash scripts/gpu_check.sh a        # results and logs go to $OUT if set (the device tool's folder),
 #   bash scripts/gpu_check.sh b        # else to benchmarks/results/
 #   bash scripts/gpu_check.sh c
 #
-# The stage times are estimates from the CPU runs, not yet measured on a GPU: each step has its own timeout, so
-# a slow step leaves the others' results behind.
+# The stage times are estimates, not yet measured on a GPU (a cold Triton cache compiles every kernel variant
+# the tests use, a minute or two): each step has its own timeout, so a slow step leaves the others' results.
 set -uo pipefail
 stage=${1:-a}
 out=${OUT:-benchmarks/results}
@@ -32,21 +34,21 @@ EOF
 
 case "$stage" in
   a)
-    timeout 270 "$py" -m pytest -q -p no:cacheprovider -o addopts="-ra --import-mode=importlib" \
+    timeout 330 "$py" -m pytest -q -p no:cacheprovider -o addopts="-ra --import-mode=importlib" \
       tests/inference/test_graph_runner.py tests/inference/lora/test_graph_lora.py \
       tests/inference/test_attention.py tests/kernels/test_lora_kernels.py tests/kernels/test_layer_ops.py \
       2>&1 | tee "$out/gpu_tests.log"
-    timeout 300 "$py" scripts/bench_engine.py --device cuda --out "$out/engine_cuda.json" 2>&1 \
+    timeout 240 "$py" scripts/bench_engine.py --device cuda --out "$out/engine_cuda.json" 2>&1 \
       | tee "$out/bench_engine_cuda.log"
     ;;
   b)
-    timeout 300 "$py" scripts/bench_engine.py --device cuda --size llama3-8b --out "$out/engine_cuda_8b.json" 2>&1 \
-      | tee "$out/bench_engine_cuda_8b.log"
-    ;;
-  c)
     timeout 480 "$py" scripts/bench_lora.py --device cuda --num-adapters 1,8,32 --num-requests 128 \
       --input-len 8 128 --output-len 8 128 --peft-max-adapters 32 --peft-max-requests 64 --distinct-files 32 \
       --out "$out/lora_cuda.json" 2>&1 | tee "$out/bench_lora_cuda.log"
+    ;;
+  c)
+    timeout 300 "$py" scripts/bench_engine.py --device cuda --size llama3-8b --out "$out/engine_cuda_8b.json" 2>&1 \
+      | tee "$out/bench_engine_cuda_8b.log"
     ;;
   *)
     echo "usage: bash scripts/gpu_check.sh a|b|c" >&2
