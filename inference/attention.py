@@ -79,25 +79,41 @@ class TorchPagedAttention:
 
 
 class TritonPagedAttention:
-    """The Triton kernel backend (one kernel for prefill chunks and decodes)."""
+    """The Triton kernel backend: one kernel for prefill chunks and decodes, and split-KV decoding (spans of
+    each context run side by side, then merged) for decode steps with too few (sequence, kv head) programs to
+    fill the GPU's SMs and contexts long enough to cut (`kernels.paged_attention.decode_splits`).
+
+    `num_sms`: the SM count that choice assumes (default: the device's; 1 on the CPU, i.e. never split)."""
 
     name = "triton"
 
-    def __init__(self) -> None:
+    def __init__(self, num_sms: int | None = None) -> None:
         if importlib.util.find_spec("triton") is None:
             raise BackendError(
                 "attention backend 'triton' needs the triton package (pip extra 'gpu'); use backend 'torch'"
             )
-        from kernels.paged_attention import paged_attention
+        from kernels.paged_attention import decode_splits, paged_attention
 
         self._launch = paged_attention
+        self._splits = decode_splits
+        self._num_sms = num_sms
+
+    def _sms(self, device: torch.device) -> int:
+        if self._num_sms is None:
+            cuda = device.type == "cuda"
+            self._num_sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
+        return self._num_sms
 
     def __call__(
         self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, batch: BatchMetadata, scale: float
     ) -> torch.Tensor:
+        splits, split_len = 1, 0
+        if batch.is_decode_only:  # static sizes only: a captured step keeps its choice
+            splits, split_len = self._splits(batch.num_seqs, k_cache.shape[2], batch.max_context_len,
+                                             self._sms(q.device))
         return self._launch(  # the kernel takes q's row and head strides: a view of a fused q/k/v output is fine
             q if q.stride(2) == 1 else q.contiguous(), k_cache, v_cache, batch.block_tables, batch.query_start,
-            batch.context_lens, batch.max_query_len, scale,
+            batch.context_lens, batch.max_query_len, scale, num_splits=splits, split_len=split_len,
         )
 
 

@@ -142,6 +142,40 @@ def test_triton_matches_reference(
     assert err < 1e-5, f"triton vs reference: max abs error {err}"
 
 
+@pytest.mark.parametrize(("num_splits", "split_len"), [(2, 32), (3, 96), (8, 32), (5, 256)])
+@pytest.mark.parametrize(("hq", "hkv"), [(4, 2), (8, 1), (3, 3)])
+def test_split_kv_decode_matches_reference(
+    triton_kernels: ModuleType, num_splits: int, split_len: int, hq: int, hkv: int
+) -> None:
+    """Split-KV decoding: contexts of 1 to 300 keys cut into spans (some empty, some partial) and merged give the
+    reference's output; the unsplit kernel gives the same."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    seqs = [(1, 1), (31, 1), (32, 1), (100, 1), (257, 1)]
+    if num_splits * split_len < 257:
+        seqs = [(c, q) for c, q in seqs if c <= num_splits * split_len]  # the spans must cover every context
+    case = make_case(seqs, 16, hq, hkv, 32, device=device)
+    args = [case[k] for k in ("q", "k_cache", "v_cache", "block_tables", "query_start", "context_lens",
+                              "max_query_len", "scale")]
+    got = triton_kernels.paged_attention(*args, num_splits=num_splits, split_len=split_len)
+    ref = run_ref(case)
+    assert (got - ref).abs().max().item() < 1e-5
+    assert (triton_kernels.paged_attention(*args) - ref).abs().max().item() < 1e-5
+
+
+def test_decode_splits_cover_the_context_and_keep_busy_batches_whole(triton_kernels: ModuleType) -> None:
+    split = triton_kernels.decode_splits
+    assert split(64, 8, 4096, 132) == (1, 0)  # 512 programs already fill 132 SMs
+    assert split(1, 8, 200, 132) == (1, 0)  # short contexts: nothing to split
+    for seqs, ctx in ((1, 4096), (2, 1000), (4, 300), (1, 200_000)):
+        n, length = split(seqs, 8, ctx, 132)
+        assert n > 1 and n * length >= ctx and length % 32 == 0 and n <= triton_kernels.MAX_SPLITS
+    case = make_case([(40, 5)], 4, 2, 2, 16)
+    args = [case[k] for k in ("q", "k_cache", "v_cache", "block_tables", "query_start", "context_lens",
+                              "max_query_len", "scale")]
+    with pytest.raises(ValueError, match="decode-only batches"):
+        triton_kernels.paged_attention(*args, num_splits=2, split_len=32)
+
+
 def test_triton_launcher_rejects_bad_inputs(triton_kernels: ModuleType) -> None:
     case = make_case([(5, 5)], 4, 2, 2, 16)
     launch = triton_kernels.paged_attention
@@ -170,6 +204,23 @@ def test_runner_on_triton_backend_matches_torch_backend(
     caches = {m: PagedKVCache.for_model(m.config, 6, 4, device=m.device) for m in (model, tiny_model)}
     for chunks in steps:
         outs = [m(build_batch(chunks, 4, device=m.device), caches[m]).cpu() for m in (model, tiny_model)]
+        assert (outs[0] - outs[1]).abs().max() < 1e-4
+
+
+def test_runner_decodes_long_contexts_with_split_kv(
+    triton_kernels: ModuleType, tiny_model_dir: Path, tiny_model: LlamaModel
+) -> None:
+    """A 300-token prompt then decode steps on the Triton backend told of 64 SMs (so one sequence's decode is
+    cut into spans): the torch backend's hidden states, step after step."""
+    device = "cuda" if HAS_CUDA else "cpu"
+    model = load_model(tiny_model_dir, device=device, attention=TritonPagedAttention(num_sms=64))
+    assert triton_kernels.decode_splits(1, model.config.num_kv_heads, 301, 64)[0] > 1
+    table = tuple(range(20))
+    prompt = tuple(int(t) for t in torch.randint(6, 500, (300,), generator=torch.Generator().manual_seed(5)))
+    caches = {m: PagedKVCache.for_model(m.config, 20, 16, device=m.device) for m in (model, tiny_model)}
+    steps = [[SeqChunk(0, prompt, 0, table)], [SeqChunk(0, (7,), 300, table)], [SeqChunk(0, (8,), 301, table)]]
+    for chunks in steps:
+        outs = [m(build_batch(chunks, 16, device=m.device), caches[m]).cpu() for m in (model, tiny_model)]
         assert (outs[0] - outs[1]).abs().max() < 1e-4
 
 
