@@ -3,7 +3,7 @@
 # are there; web3 and bitsandbytes are not, and nothing this runs needs them). Three stages, one device call
 # each or a and b in one, so that a lease of 15 minutes holds them with room for a machine start:
 #
-#   a   the CUDA tests (163): captured decode graphs vs plain steps (base and adapters), the compiled Triton
+#   a   the CUDA tests (~180): captured decode graphs vs plain steps (base and adapters), the compiled Triton
 #       attention, LoRA and fused layer-op kernels against their torch twins; then bench_engine on a 1B-class
 #       random model (bf16, batch 32): graphs vs eager steps vs transformers, decode step time vs the
 #       bandwidth bound (issue 3's targets)                                                          (est. 6 min)
