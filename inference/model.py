@@ -46,7 +46,7 @@ from inference.config import ModelConfig, RopeConfig
 from inference.fused_linear import FusedLinear
 from inference.kv_cache import PagedKVCache
 from inference.layer_ops import LayerOps, get_layer_ops
-from kernels.layer_ops_ref import rms_norm_ref, rotary_ref
+from kernels.layer_ops_ref import rms_norm_ref
 
 LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -115,11 +115,6 @@ class RotaryEmbedding(nn.Module):
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [T, D/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
         return emb.cos().to(dtype), emb.sin().to(dtype)
-
-
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D]; x * cos + rotate_half(x) * sin, rotate_half(x) = cat(-x[..., D/2:], x[..., :D/2])."""
-    return rotary_ref(x, cos, sin)
 
 
 class Attention(nn.Module):

@@ -24,33 +24,20 @@ _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
 @triton.jit
-def _rms_norm_kernel(x_ptr, w_ptr, out_ptr, n_cols, stride_x, stride_o, eps,
-                     BLOCK: tl.constexpr, ROUND_BEFORE_WEIGHT: tl.constexpr):
+def _rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, n_cols, stride_x, stride_r, stride_o, stride_h, eps,
+                     BLOCK: tl.constexpr, HAS_RESIDUAL: tl.constexpr, ROUND_BEFORE_WEIGHT: tl.constexpr):
+    """One row: out = rms_norm(h) * w with h = x, or with HAS_RESIDUAL h = x + r (stored at h_ptr)."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < n_cols
     x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        h = (x + r).to(h_ptr.dtype.element_ty)  # the residual stream keeps the model's dtype, as torch's add does
+        tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
+        x = h.to(tl.float32)
     var = tl.sum(x * x, axis=0) / n_cols
     y = x * (1.0 / tl.sqrt(var + eps))
-    if ROUND_BEFORE_WEIGHT:
-        y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + cols, (y * w).to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, out_ptr, h_ptr, n_cols, stride_x, stride_r, stride_o, stride_h, eps,
-                         BLOCK: tl.constexpr, ROUND_BEFORE_WEIGHT: tl.constexpr):
-    row = tl.program_id(0).to(tl.int64)
-    cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
-    r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
-    h = (x + r).to(h_ptr.dtype.element_ty)  # the residual stream keeps the model's dtype, as torch's add does
-    tl.store(h_ptr + row * stride_h + cols, h, mask=mask)
-    hf = h.to(tl.float32)
-    var = tl.sum(hf * hf, axis=0) / n_cols
-    y = hf * (1.0 / tl.sqrt(var + eps))
     if ROUND_BEFORE_WEIGHT:
         y = y.to(out_ptr.dtype.element_ty).to(tl.float32)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
@@ -118,24 +105,7 @@ def _need(cond: bool, msg: str) -> None:
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """x: [..., D] with contiguous rows, weight: [D] of x's dtype -> [..., D] (see `layer_ops_ref.rms_norm_ref`)."""
-    d = x.shape[-1]
-    _need(x.dtype in _DTYPES and weight.dtype == x.dtype, f"rms_norm wants x in {_DTYPES} and a weight of the same "
-          f"dtype, got {x.dtype} and {weight.dtype}")
-    _need(weight.shape == (d,) and weight.is_contiguous(), f"weight must be [{d}] contiguous, got {tuple(weight.shape)}")
-    _need(x.device == weight.device, f"x on {x.device}, weight on {weight.device}")
-    _need(d <= 65536, f"rms_norm rows of {d} values are over the kernel's 65536")
-    x2 = x.reshape(-1, d)
-    _need(x2.stride(-1) == 1, "x rows must be contiguous")
-    out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    rows = x2.shape[0]
-    if rows:
-        block = triton.next_power_of_2(d)
-        _rms_norm_kernel[(rows,)](
-            x2, weight, out, d, x2.stride(0), out.stride(0), eps,
-            BLOCK=block, ROUND_BEFORE_WEIGHT=x.dtype != torch.float32,
-            num_warps=4 if block <= 1024 else (8 if block <= 4096 else 16),
-        )
-    return out.view(x.shape)
+    return _norm(x, None, weight, eps)[0]
 
 
 def add_rms_norm(
@@ -143,27 +113,39 @@ def add_rms_norm(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(rms_norm(x + residual), x + residual) in one pass; x, residual: [..., D] of one shape and dtype with
     contiguous rows, weight: [D] of that dtype (see `layer_ops_ref.add_rms_norm_ref`)."""
+    h, out = _norm(x, residual, weight, eps)
+    assert out is not None
+    return h, out
+
+
+def _norm(
+    x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The launcher of both norms: (rms_norm(h) * weight, h or None), h = x (+ residual)."""
     d = x.shape[-1]
-    _need(residual.shape == x.shape and residual.dtype == x.dtype, f"residual {tuple(residual.shape)} "
-          f"{residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
-    _need(x.dtype in _DTYPES and weight.dtype == x.dtype, f"add_rms_norm wants x in {_DTYPES} and a weight of "
-          f"the same dtype, got {x.dtype} and {weight.dtype}")
+    if residual is not None:
+        _need(residual.shape == x.shape and residual.dtype == x.dtype, f"residual {tuple(residual.shape)} "
+              f"{residual.dtype} must match x {tuple(x.shape)} {x.dtype}")
+        _need(residual.device == x.device, "x and residual must share one device")
+    _need(x.dtype in _DTYPES and weight.dtype == x.dtype, f"rms_norm wants x in {_DTYPES} and a weight of the same "
+          f"dtype, got {x.dtype} and {weight.dtype}")
     _need(weight.shape == (d,) and weight.is_contiguous(), f"weight must be [{d}] contiguous, got {tuple(weight.shape)}")
-    _need(x.device == residual.device == weight.device, "x, residual and weight must share one device")
-    _need(d <= 65536, f"add_rms_norm rows of {d} values are over the kernel's 65536")
-    x2, r2 = x.reshape(-1, d), residual.reshape(-1, d)
-    _need(x2.stride(-1) == 1 and r2.stride(-1) == 1, "x and residual rows must be contiguous")
+    _need(x.device == weight.device, f"x on {x.device}, weight on {weight.device}")
+    _need(d <= 65536, f"rms_norm rows of {d} values are over the kernel's 65536")
+    x2 = x.reshape(-1, d)
+    r2 = residual.reshape(-1, d) if residual is not None else x2
+    _need(x2.stride(-1) == 1 and r2.stride(-1) == 1, "x (and residual) rows must be contiguous")
     out = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
-    h = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    h = torch.empty(x2.shape, dtype=x.dtype, device=x.device) if residual is not None else out
     rows = x2.shape[0]
     if rows:
         block = triton.next_power_of_2(d)
-        _add_rms_norm_kernel[(rows,)](
+        _rms_norm_kernel[(rows,)](
             x2, r2, weight, out, h, d, x2.stride(0), r2.stride(0), out.stride(0), h.stride(0), eps,
-            BLOCK=block, ROUND_BEFORE_WEIGHT=x.dtype != torch.float32,
+            BLOCK=block, HAS_RESIDUAL=residual is not None, ROUND_BEFORE_WEIGHT=x.dtype != torch.float32,
             num_warps=4 if block <= 1024 else (8 if block <= 4096 else 16),
         )
-    return out.view(x.shape), h.view(x.shape)
+    return out.view(x.shape), (h.view(x.shape) if residual is not None else None)
 
 
 def rope_and_cache(
