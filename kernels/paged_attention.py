@@ -296,6 +296,9 @@ def paged_attention(
         return out
     block_m = 16 if max_query_len * group <= 16 else 64
     block_n = 32
+    # fp32 tiles of 64 query rows over head_dim >= 64 hold more than 4 warps' registers (ptxas spills 1 to 38 KB
+    # on sm_80/sm_90, `scripts/check_triton_compile.py`); 8 warps halve each thread's share
+    num_warps = 8 if q.dtype == torch.float32 and block_m == 64 and block_d >= 64 else 4
     grid = (b, triton.cdiv(max_query_len * group, block_m), hkv)
     _paged_attention_kernel[grid](
         q, k_cache, v_cache, out, block_tables, query_start, context_lens, scale,
@@ -304,7 +307,7 @@ def paged_attention(
         v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         block_tables.stride(0), d,
         PAGE=page, GROUP=group, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-        DOT_PRECISION=dot_precision,
+        DOT_PRECISION=dot_precision, num_warps=num_warps,
     )
     return out
 
