@@ -103,22 +103,32 @@ class DecodeGraphRunner:
         self.scratch_slot = scratch_block * self.block_size
         self._scratch_block = scratch_block
         p, dev = self.buckets[-1], model.device
-        # ids, positions, slots, context lengths and block tables share one int64 buffer, mirrored on the host
-        # (pinned on CUDA): a step's inputs go over in two copies, rows [0, 4P) and the bucket's table rows
-        self._meta = torch.zeros(4 * p + p * self.width, dtype=torch.int64, device=dev)
-        self._host = torch.zeros(self._meta.shape, dtype=torch.int64, pin_memory=dev.type == "cuda")
-        self._host_np = self._host.numpy()
+        # ids, positions, slots, context lengths, token sources (below) and block tables share one int64
+        # buffer, mirrored on the host: a step's inputs go over in two copies, rows [0, 5P) and the bucket's
+        # table rows. On CUDA the mirrors are pinned and the copies do not wait; there are two mirrors, used in
+        # turn, so that filling the next step never writes one a queued copy has yet to read
+        self._meta = torch.zeros(5 * p + p * self.width, dtype=torch.int64, device=dev)
+        pin = dev.type == "cuda"
+        self._hosts = [torch.zeros(self._meta.shape, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._host_slots = [torch.full((max_merge, p), -1, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
+        self._host_scales = [torch.zeros(max_merge, p, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
+        self._turn = 0
         self.input_ids = self._meta[0:p]  # [P]
         self.positions = self._meta[p : 2 * p]  # [P]
         self.slot_mapping = self._meta[2 * p : 3 * p]  # [P]
         self.context_lens = self._meta[3 * p : 4 * p]  # [P]
-        self.block_tables = self._meta[4 * p :].view(p, self.width)  # [P, W]
+        # per row, -1, or the row of `last_tokens` that holds its input token (a step run before the previous
+        # one's tokens reached the host, `Engine` with async_decode)
+        self.token_sources = self._meta[4 * p : 5 * p]  # [P]
+        self.block_tables = self._meta[5 * p :].view(p, self.width)  # [P, W]
+        self.last_tokens = torch.zeros(p, dtype=torch.int64, device=dev)  # [P] the previous step's samples
         self.query_start = torch.arange(p + 1, dtype=torch.int32, device=dev)  # [P+1]
         self.logits_indices = torch.arange(p, dtype=torch.int64, device=dev)  # [P]
         self.adapter_slots = torch.full((max_merge, p), -1, dtype=torch.int32, device=dev)  # [Mmax, P]
         self.adapter_scales = torch.zeros(max_merge, p, dtype=torch.float32, device=dev)  # [Mmax, P]
         self._fill_padding(p, max_merge)
-        self._host.copy_(self._meta)
+        for h in self._hosts:
+            h.copy_(self._meta)
         self._graphs: dict[tuple[int, int], _Graph] = {}
         self._batches: dict[tuple[int, int], BatchMetadata] = {}
         self._pool: Any = None  # torch.cuda.graph_pool_handle(), shared by every graph of the runner
@@ -174,9 +184,11 @@ class DecodeGraphRunner:
         return self.captures - before
 
     # ---- running ---------------------------------------------------------------------------------------
-    def run(self, chunks: list[SeqChunk]) -> torch.Tensor:
+    def run(self, chunks: list[SeqChunk], token_sources: list[int] | None = None) -> torch.Tensor:
         """Run one qualifying step (see `fits`); returns the logits of its B rows [B, vocab] float32.
 
+        `token_sources[i] >= 0`: row i's input token is `last_tokens[token_sources[i]]` (written on the device
+        by `keep_tokens` after the previous step's sampling), not `chunks[i].token_ids[0]`.
         In "graphs" mode the result is a view of the graph's output buffer: use it before the next step."""
         b = len(chunks)
         p = self.bucket(b)
@@ -184,7 +196,11 @@ class DecodeGraphRunner:
         key = (p, m)
         if self.mode == "graphs" and key not in self._graphs:
             self._capture(key)
-        self._fill(chunks, p, m)
+        self._fill(chunks, p, m, token_sources)
+        if token_sources is not None:  # outside the graph: it replays over whatever input_ids then hold
+            src = self.token_sources[:p]
+            ids = self.input_ids[:p]
+            ids.copy_(torch.where(src >= 0, self.last_tokens[src.clamp(min=0)], ids))
         self.steps += 1
         if self.mode == "graphs":
             g = self._graphs[key]
@@ -219,19 +235,27 @@ class DecodeGraphRunner:
             self._batches[key] = batch
         return batch
 
-    def _fill(self, chunks: list[SeqChunk], p: int, m: int) -> None:
-        """Write this step's rows into the host mirror, rows [B, P) as padding, and copy them over: rows [0, 4P)
+    def keep_tokens(self, tokens: torch.Tensor) -> None:
+        """Keep a step's sampled tokens [R] on the device, where the next step's `token_sources` point."""
+        self.last_tokens[: tokens.shape[0]].copy_(tokens)
+
+    def _fill(self, chunks: list[SeqChunk], p: int, m: int, token_sources: list[int] | None = None) -> None:
+        """Write this step's rows into a host mirror, rows [B, P) as padding, and copy them over: rows [0, 5P)
         of the shared buffer and the bucket's P table rows (and the adapter columns when M > 0). Table columns
         past a row's own table keep earlier, valid block ids that no kernel reads (context_lens bounds them)
         and the torch backend masks."""
         bs, b, pmax = self.block_size, len(chunks), self.buckets[-1]
-        host = self._host_np
+        turn = self._turn
+        self._turn ^= 1
+        host_t = self._hosts[turn]
+        host = host_t.numpy()
         pos = [c.start_pos for c in chunks]
-        host[0:b] = [c.token_ids[0] for c in chunks]
+        host[0:b] = [max(c.token_ids[0], 0) for c in chunks]  # a placeholder (-1) row takes its token_sources
         host[pmax : pmax + b] = pos
         host[2 * pmax : 2 * pmax + b] = [c.block_table[q // bs] * bs + q % bs for c, q in zip(chunks, pos, strict=True)]
         host[3 * pmax : 3 * pmax + b] = [q + 1 for q in pos]
-        tables = host[4 * pmax :].reshape(pmax, self.width)
+        host[4 * pmax : 4 * pmax + b] = token_sources if token_sources is not None else -1
+        tables = host[5 * pmax :].reshape(pmax, self.width)
         for i, c in enumerate(chunks):
             tables[i, : len(c.block_table)] = c.block_table
         if b < p:  # padding rows: token 0 at position 0 into the scratch slot, context 1 on the scratch block
@@ -239,18 +263,24 @@ class DecodeGraphRunner:
             host[pmax + b : pmax + p] = 0
             host[2 * pmax + b : 2 * pmax + p] = self.scratch_slot
             host[3 * pmax + b : 3 * pmax + p] = 1
+            host[4 * pmax + b : 4 * pmax + p] = -1
             tables[b:p, 0] = self._scratch_block
         nb = self._meta.device.type == "cuda"  # pinned host memory: the copies queue behind earlier work
-        self._meta[: 4 * pmax].copy_(self._host[: 4 * pmax], non_blocking=nb)
-        rows = slice(4 * pmax, 4 * pmax + p * self.width)
-        self._meta[rows].copy_(self._host[rows], non_blocking=nb)
+        self._meta[: 5 * pmax].copy_(host_t[: 5 * pmax], non_blocking=nb)
+        rows = slice(5 * pmax, 5 * pmax + p * self.width)
+        self._meta[rows].copy_(host_t[rows], non_blocking=nb)
         if m:
-            a_slots = [list(c.adapter_slots) + [-1] * (m - len(c.adapter_slots)) for c in chunks]
-            a_scales = [list(c.adapter_scales) + [0.0] * (m - len(c.adapter_scales)) for c in chunks]
-            a_slots += [[-1] * m] * (p - b)
-            a_scales += [[0.0] * m] * (p - b)
-            self.adapter_slots[:m, :p].copy_(torch.tensor(a_slots, dtype=torch.int32).t())
-            self.adapter_scales[:m, :p].copy_(torch.tensor(a_scales, dtype=torch.float32).t())
+            slots_t, scales_t = self._host_slots[turn], self._host_scales[turn]
+            slots, scales = slots_t.numpy(), scales_t.numpy()
+            slots[:m, :p] = -1
+            scales[:m, :p] = 0.0
+            for i, c in enumerate(chunks):
+                k = len(c.adapter_slots)
+                if k:
+                    slots[:k, i] = c.adapter_slots
+                    scales[:k, i] = c.adapter_scales
+            self.adapter_slots[:m, :p].copy_(slots_t[:m, :p], non_blocking=nb)
+            self.adapter_scales[:m, :p].copy_(scales_t[:m, :p], non_blocking=nb)
 
     def _fill_padding(self, p: int, m: int) -> None:
         """Every row of bucket P padding (what the warm-up and capture run over: no real slot is written)."""

@@ -95,6 +95,61 @@ def _truncate(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torc
     return torch.empty_like(z).scatter_(1, order, sorted_z)
 
 
+def to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A small host list as a tensor on `device`. On CUDA through pinned memory with a non-blocking copy: a
+    plain copy from pageable memory waits for every kernel queued before it, which would stall the host
+    behind a step still running on the GPU (torch's pinned allocator keeps the buffer until the copy is done)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
+
+
+class PendingSample:
+    """The device side of one `sample_start`: the chosen tokens (and logprobs) are computed or queued on the
+    device and being copied to host memory; `result()` waits for that copy only (on CUDA an event recorded
+    after it), not for work queued later, then builds the `SampleOutput`."""
+
+    def __init__(self, chosen: torch.Tensor, chosen_lp: torch.Tensor | None, top: torch.Tensor | None,
+                 top_ids: torch.Tensor | None, want_logprobs: list[int | None]) -> None:
+        self.chosen = chosen  # [B] int64 on the logits' device (a CUDA-graph step reads its next input here)
+        self.want_logprobs = want_logprobs
+        device_side = [chosen, chosen_lp, top, top_ids]
+        self._event: torch.cuda.Event | None = None
+        if chosen.device.type == "cuda":
+            host = [None if t is None else torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in device_side]
+            for h, t in zip(host, device_side, strict=True):
+                if h is not None and t is not None:
+                    h.copy_(t, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+            self._host = host
+        else:
+            self._host = device_side
+        self._result: SampleOutput | None = None
+
+    def result(self) -> SampleOutput:
+        if self._result is None:
+            if self._event is not None:
+                self._event.synchronize()
+            chosen, chosen_lp, top_vals, top_ids = self._host
+            assert chosen is not None
+            b = chosen.shape[0]
+            logprobs: list[float | None] = [None] * b
+            top: list[list[tuple[int, float]] | None] = [None] * b
+            if chosen_lp is not None:
+                lp = chosen_lp.tolist()
+                for i, n in enumerate(self.want_logprobs):
+                    if n is None:
+                        continue
+                    logprobs[i] = lp[i]
+                    if n > 0 and top_vals is not None and top_ids is not None:
+                        top[i] = list(zip(top_ids[i, :n].tolist(), top_vals[i, :n].tolist()))
+                    else:
+                        top[i] = []
+            self._result = SampleOutput(token_ids=chosen.tolist(), logprobs=logprobs, top_logprobs=top)
+        return self._result
+
+
 def sample(
     logits: torch.Tensor,
     requests: list[SampleRequest],
@@ -104,6 +159,15 @@ def sample(
 
     `generator` draws the noise of unseeded rows (None = torch's default generator).
     """
+    return sample_start(logits, requests, generator).result()
+
+
+def sample_start(
+    logits: torch.Tensor,
+    requests: list[SampleRequest],
+    generator: torch.Generator | None = None,
+) -> PendingSample:
+    """`sample` without waiting for the device: the choice is queued, its result read by `.result()`."""
     b, v = logits.shape
     if len(requests) != b:
         raise ValueError(f"sample got {b} rows of logits but {len(requests)} requests")
@@ -122,41 +186,33 @@ def sample(
 
     rows = [i for i, r in enumerate(requests) if not r.params.greedy]
     if rows:
-        row_idx = torch.tensor(rows, dtype=torch.int64, device=device)
-        temp = torch.tensor(
-            [requests[i].params.temperature for i in rows], dtype=torch.float32, device=device
-        )
+        row_idx = to_device(rows, torch.int64, device)
+        temp = to_device([requests[i].params.temperature for i in rows], torch.float32, device)
         zs = z[row_idx] / temp.unsqueeze(1)  # [R, V]
         need_trunc = [requests[i].params.top_k > 0 or requests[i].params.top_p < 1.0 for i in rows]
         if any(need_trunc):
-            top_k = torch.tensor([requests[i].params.top_k for i in rows], dtype=torch.int64, device=device)
-            top_p = torch.tensor([requests[i].params.top_p for i in rows], dtype=torch.float32, device=device)
+            top_k = to_device([requests[i].params.top_k for i in rows], torch.int64, device)
+            top_p = to_device([requests[i].params.top_p for i in rows], torch.float32, device)
             zs = _truncate(zs, top_k, top_p)
         probs = torch.softmax(zs, dim=-1)  # [R, V]
         q = torch.empty_like(probs)
         unseeded = [j for j, i in enumerate(rows) if requests[i].generator is None]
-        if unseeded:
-            q[unseeded] = torch.empty((len(unseeded), v), device=device).exponential_(generator=generator)
+        if len(unseeded) == len(rows):
+            q.exponential_(generator=generator)
+        elif unseeded:
+            q[to_device(unseeded, torch.int64, device)] = torch.empty(
+                (len(unseeded), v), device=device).exponential_(generator=generator)
         for j, i in enumerate(rows):
             g = requests[i].generator
             if g is not None:
-                q[j] = torch.empty(v, device=device).exponential_(generator=g)
+                q[j].exponential_(generator=g)
         q.clamp_(min=torch.finfo(q.dtype).tiny)  # an exact 0 draw would turn 0 / 0 into nan
         chosen[row_idx] = (probs / q).argmax(dim=-1)
 
-    token_ids = chosen.tolist()
-    logprobs: list[float | None] = [None] * b
-    top: list[list[tuple[int, float]] | None] = [None] * b
+    chosen_lp = top_vals = top_ids = None
     if raw_logprobs is not None:
         n_max = max(n for n in want_logprobs if n is not None)
-        top_vals, top_ids = raw_logprobs.topk(n_max, dim=-1) if n_max > 0 else (None, None)
-        chosen_lp = raw_logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1).tolist()
-        for i, n in enumerate(want_logprobs):
-            if n is None:
-                continue
-            logprobs[i] = chosen_lp[i]
-            if n > 0 and top_vals is not None and top_ids is not None:
-                top[i] = list(zip(top_ids[i, :n].tolist(), top_vals[i, :n].tolist()))
-            else:
-                top[i] = []
-    return SampleOutput(token_ids=token_ids, logprobs=logprobs, top_logprobs=top)
+        if n_max > 0:
+            top_vals, top_ids = raw_logprobs.topk(n_max, dim=-1)
+        chosen_lp = raw_logprobs.gather(1, chosen.unsqueeze(1)).squeeze(1)
+    return PendingSample(chosen, chosen_lp, top_vals, top_ids, want_logprobs)
