@@ -38,14 +38,14 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Iterable
 from collections.abc import Sequence as Seq
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Self
 
 import torch
 
 from inference.attention import get_attention_backend
-from inference.batch import build_batch
+from inference.batch import SeqChunk, build_batch
 from inference.block_manager import BlockManager
 from inference.config import ModelConfig, parse_dtype
 from inference.errors import CapacityError, EngineConfigError, EngineError, InvalidRequestError
@@ -53,8 +53,8 @@ from inference.graph_runner import GRAPH_MODES, DecodeGraphRunner
 from inference.kv_cache import PagedKVCache, bytes_per_block, num_blocks_for_budget
 from inference.model import LlamaModel
 from inference.quant import check_quantize_mode, load_model_quantized
-from inference.sampling import SampleRequest, make_generator, sample
-from inference.scheduler import AdapterSlots, Scheduler, SchedulerConfig, SchedulerOutput
+from inference.sampling import PendingSample, SampleRequest, make_generator, sample_start
+from inference.scheduler import AdapterSlots, Scheduler, SchedulerConfig, SchedulerOutput, token_ids_of
 from inference.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 from inference.tokenizer import IncrementalDetokenizer, Tokenizer
 
@@ -67,6 +67,8 @@ log = logging.getLogger(__name__)
 MERGE_WEIGHT_TOLERANCE = 1e-6
 # Longest wait of an idle step for adapters the store is loading in the background (seconds).
 ADAPTER_LOAD_POLL_S = 0.05
+# An output token still on the device (async_decode): it holds the sequence's place until its step is collected.
+PLACEHOLDER = -1
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -102,6 +104,11 @@ class EngineConfig:
     # when a step's text work (detokenizing, stop strings, streaming) runs: None = while the next step's kernels
     # run on CUDA, before the next step is scheduled on the CPU (see the module docstring); True / False force one
     overlap_text_work: bool | None = None
+    # run a pure-decode fixed-shape step before the previous step's tokens reach the host: the host schedules and
+    # fills step N+1 while the device runs step N, and each row of N+1 takes its input token from N's samples
+    # on the device. A row whose sequence ended at N (EOS, a stop id) is computed once more and dropped. None =
+    # on with CUDA graphs, off elsewhere; True needs decode_graphs "static" or "graphs" (see `Engine._run`)
+    async_decode: bool | None = None
 
     def __post_init__(self) -> None:
         try:
@@ -118,6 +125,13 @@ class EngineConfig:
                 raise EngineConfigError(
                     f"EngineConfig.{name} must be a positive integer or None, got {value!r}"
                 )
+        if self.async_decode is not None and not isinstance(self.async_decode, bool):
+            raise EngineConfigError(f"EngineConfig.async_decode must be True, False or None, got {self.async_decode!r}")
+        if self.async_decode and self.graph_mode == "off":
+            raise EngineConfigError(
+                "EngineConfig.async_decode=True runs fixed-shape decode steps ahead; it needs decode_graphs 'static' "
+                f"or 'graphs' (or 'auto' on CUDA), got decode_graphs={self.decode_graphs!r} on {self.device!r}"
+            )
         if self.overlap_text_work is not None and not isinstance(self.overlap_text_work, bool):
             raise EngineConfigError(
                 f"EngineConfig.overlap_text_work must be True, False or None, got {self.overlap_text_work!r}"
@@ -351,6 +365,41 @@ class _Output:
     reason: FinishReason | None  # what its ids alone decided: "stop" (stop id / EOS), "length", or None
 
 
+@dataclass
+class _Inflight:
+    """A step run ahead (async_decode): its sampled rows' requests, each one's placeholder index in its
+    sequence's output_ids (-1: none, it had finished), and the pending sample."""
+
+    tracked: list[_Tracked]
+    at: list[int]
+    pending: PendingSample
+    rows: dict[int, int] = field(default_factory=dict)  # seq_id -> its row of the pending sample
+
+    def __post_init__(self) -> None:
+        self.rows = {t.seq.seq_id: j for j, t in enumerate(self.tracked)}
+
+    def source_row(self, chunk: SeqChunk) -> int:
+        """The row of this step's samples holding `chunk`'s input token, or -1 when the chunk has its token."""
+        if chunk.token_ids[0] != PLACEHOLDER:
+            return -1
+        row = self.rows.get(chunk.seq_id)
+        if row is None:
+            raise EngineError(f"sequence {chunk.seq_id} waits on a token of no step in flight")
+        return row
+
+
+def _needs_history(seqs: Iterable[Sequence]) -> bool:
+    """Some sequence samples with a repetition penalty, which reads its token history on the host."""
+    return any(s.params.repetition_penalty != 1.0 for s in seqs)
+
+
+def _resolved(seq: Sequence, chunk: SeqChunk) -> SeqChunk:
+    """`chunk` with its placeholder token replaced by the recorded one (after `Engine._collect`)."""
+    if PLACEHOLDER not in chunk.token_ids:
+        return chunk
+    return replace(chunk, token_ids=token_ids_of(seq, chunk.start_pos, len(chunk.token_ids)))
+
+
 # ---- the engine ------------------------------------------------------------------------------------------
 
 
@@ -420,6 +469,8 @@ class Engine:
         # so that the consumers it wakes run during the forward rather than compete with the step's Python
         overlap = config.overlap_text_work
         self._overlap_outputs = self.device.type == "cuda" if overlap is None else bool(overlap)
+        self._async = graph_mode == "graphs" if config.async_decode is None else config.async_decode
+        self._inflight: _Inflight | None = None  # the step run ahead of the host, tokens not yet recorded
         self._seq_ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -427,7 +478,7 @@ class Engine:
         self._recent: collections.deque[tuple[float, int, int]] = (
             collections.deque()
         )  # (time, prefill, decode)
-        self._totals = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0}
+        self._totals = {"steps": 0, "prompt_tokens": 0, "generated_tokens": 0, "preemptions": 0, "steps_ahead": 0}
 
     def warm_up_graphs(self, merges: tuple[int, ...] = (0, 1)) -> int:
         """Capture the decode graphs of every batch bucket now (base-only steps, and steps with one adapter per
@@ -589,6 +640,8 @@ class Engine:
                 self._emit_final(self._live[seq.request_id])
             self._totals["preemptions"] += len(out.preempted)
             if out.is_empty:
+                if self._inflight is not None:  # every running sequence waits on it (each ends with it)
+                    self._collect()
                 self._finish_outputs()  # the last step's text work, with no step to overlap it with
                 self._wait_for_adapter_loads()
                 return 0
@@ -603,10 +656,27 @@ class Engine:
             wait(ADAPTER_LOAD_POLL_S)
 
     def _run(self, out: SchedulerOutput) -> None:
+        """Run one scheduled step: forward, sampling, and the tokens recorded on their sequences.
+
+        With async_decode a pure-decode fixed-shape step is not waited for: its tokens stay on the device
+        (`_Inflight`) and each sampled sequence gets a PLACEHOLDER output, so that the next step can be
+        scheduled and filled while this one runs; that next step's rows read their input tokens on the device
+        (`DecodeGraphRunner.run(token_sources=)`), and only then is this step's result read and recorded
+        (`_collect`). Any other step after one run ahead collects it first and puts the real tokens in."""
+        inflight = self._inflight
+        graph_step = self.graphs is not None and self.graphs.fits(out.chunks)
+        sources: list[int] | None = None
+        if inflight is not None:
+            if graph_step and not _needs_history(out.seqs):
+                sources = [inflight.source_row(c) for c in out.chunks]
+            else:
+                self._collect()
+                inflight = None
+                out.chunks = [_resolved(s, c) for s, c in zip(out.seqs, out.chunks, strict=True)]
         rows = [i for i, c in enumerate(out.chunks) if c.sample]
         logits: torch.Tensor | None = None  # [R, V] float32 at the sampled rows
-        if self.graphs is not None and self.graphs.fits(out.chunks):
-            all_logits = self.graphs.run(out.chunks)  # [B, V]: a fixed-shape step (a CUDA graph replay)
+        if self.graphs is not None and graph_step:
+            all_logits = self.graphs.run(out.chunks, sources)  # [B, V]: a fixed-shape step (a CUDA graph replay)
             if rows:
                 logits = all_logits if len(rows) == len(out.chunks) else all_logits[rows]
         else:
@@ -616,7 +686,7 @@ class Engine:
                 row_idx = batch.logits_indices[torch.tensor(rows, dtype=torch.int64, device=self.device)]
                 logits = self.model.compute_logits(hidden[row_idx])  # [R, V] float32
         tracked = [self._live[out.seqs[i].request_id] for i in rows]  # before a stop string may end some
-        if self._overlap_outputs:
+        if self._overlap_outputs and inflight is None:
             # the step's kernels are queued on the GPU and run until `sample` reads the logits: meanwhile the
             # previous step's tokens get their text work and are streamed
             self._finish_outputs()
@@ -627,37 +697,88 @@ class Engine:
             if len(c.token_ids) == 1 and c.start_pos >= len(s.prompt_ids)
         )
         self._count(out.num_tokens - decodes, len(rows))
-        if logits is None:
+        pending: PendingSample | None = None
+        if logits is not None:
+            requests = [
+                SampleRequest(
+                    t.seq.params, t.seq.all_ids if t.seq.params.repetition_penalty != 1.0 else [], t.generator
+                )
+                for t in tracked
+            ]
+            pending = sample_start(logits, requests, self._generator)
+        ahead = pending is not None and self._async and graph_step and not _needs_history(t.seq for t in tracked)
+        if ahead and self.graphs is not None and pending is not None:
+            self.graphs.keep_tokens(pending.chosen)  # where the next step's rows find their input tokens
+        if inflight is not None:
+            self._collect()  # the previous step's tokens: done on the device, or about to (this step queues behind)
+            if self._overlap_outputs:
+                self._finish_outputs()
+        if pending is None:
             return
-        requests = [
-            SampleRequest(
-                t.seq.params, t.seq.all_ids if t.seq.params.repetition_penalty != 1.0 else [], t.generator
-            )
-            for t in tracked
-        ]
-        result = sample(logits, requests, self._generator)
+        if ahead:
+            self._inflight = self._hold_places(tracked, pending)
+            self._totals["steps_ahead"] += 1
+            return
+        result = pending.result()
         for j, t in enumerate(tracked):
             if t.seq.status is SequenceStatus.FINISHED:
                 continue  # a stop string of its previous token ended it while this step ran: this token is void
             top = result.top_logprobs[j]
             self._record(t, result.token_ids[j], result.logprobs[j], tuple(top) if top is not None else None)
 
+    def _hold_places(self, tracked: list[_Tracked], pending: PendingSample) -> _Inflight:
+        """A PLACEHOLDER output for each sampled sequence of a step run ahead. A sequence this token ends by
+        length is held out of the next step (the scheduler skips it) until `_collect` finishes it."""
+        at: list[int] = []
+        for t in tracked:
+            seq = t.seq
+            if seq.status is SequenceStatus.FINISHED:
+                at.append(-1)
+                continue
+            at.append(len(seq.output_ids))
+            seq.output_ids.append(PLACEHOLDER)
+            if len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+                seq.held = True
+        return _Inflight(tracked, at, pending)
+
+    def _collect(self) -> None:
+        """Read the tokens of the step run ahead (waits for it on the device) and record them in place of
+        their placeholders; a sequence finished since (cancel, stop string) drops its token."""
+        inflight, self._inflight = self._inflight, None
+        if inflight is None:
+            return
+        result = inflight.pending.result()
+        for j, t in enumerate(inflight.tracked):
+            if t.seq.status is SequenceStatus.FINISHED or inflight.at[j] < 0:
+                continue
+            top = result.top_logprobs[j]
+            self._record(t, result.token_ids[j], result.logprobs[j], tuple(top) if top is not None else None,
+                         at=inflight.at[j])
+
     def _record(
-        self, t: _Tracked, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] | None
+        self, t: _Tracked, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] | None,
+        at: int | None = None,
     ) -> None:
-        """Add one sampled token to its sequence and end the sequence now if its ids say so (a stop token id,
-        EOS, max_tokens, the context): the next step is scheduled without it and its KV blocks are free. The
-        text work (detokenizing, stop strings, streaming) waits in `_pending` for `_finish_outputs`."""
+        """Add one sampled token to its sequence (or put it at output index `at`, its placeholder) and end the
+        sequence now if its ids say so (a stop token id, EOS, max_tokens, the context): the next step is
+        scheduled without it and its KV blocks are free. The text work (detokenizing, stop strings,
+        streaming) waits in `_pending` for `_finish_outputs`."""
         seq, params = t.seq, t.seq.params
-        seq.output_ids.append(token)
+        if at is None:
+            seq.output_ids.append(token)
+            n = len(seq.output_ids)
+        else:
+            seq.output_ids[at] = token
+            n = at + 1
         if logprob is not None:
             t.logprobs.append(logprob)
         reason: FinishReason | None = None
         if token in params.stop_token_ids or (not params.ignore_eos and token in self.eos_token_ids):
             reason = "stop"
-        elif len(seq.output_ids) >= params.max_tokens or len(seq) >= self.max_model_len:
+        elif n >= params.max_tokens or len(seq.prompt_ids) + n >= self.max_model_len:
             reason = "length"
         if reason is not None:
+            del seq.output_ids[n:]  # the placeholder of a step run after this one: that token is void
             self.scheduler.finish(seq, reason)
         self._pending.append(_Output(t, token, logprob, top, reason))
 
@@ -697,16 +818,17 @@ class Engine:
         assert seq.finish_reason is not None
         if seq.finish_reason in ("cancelled", "error"):
             t.text = t.text[: t.emitted]  # the answer is what was streamed: a held-back tail is dropped
+        outputs = tuple(i for i in seq.output_ids if i != PLACEHOLDER)  # a token still on the device is void
         with self._wakeup:
             self._live.pop(seq.request_id, None)
         t.handle._push(
             GenerationResult(
                 request_id=seq.request_id,
                 text=t.text,
-                token_ids=tuple(seq.output_ids),
+                token_ids=outputs,
                 finish_reason=seq.finish_reason,
                 prompt_tokens=len(seq.prompt_ids),
-                completion_tokens=len(seq.output_ids),
+                completion_tokens=len(outputs),
                 adapters=seq.adapters,
                 logprobs=tuple(t.logprobs) if seq.params.logprobs is not None else None,
                 error=seq.error,
@@ -718,6 +840,7 @@ class Engine:
         """After a failed step: finish every live request with reason "error" (their cache state is lost)."""
         with self._lock:
             self._pending.clear()
+            self._inflight = None
             self._take_inputs()
             for t in list(self._live.values()):
                 self.scheduler.finish(t.seq, "error", message)

@@ -279,8 +279,10 @@ class DecodeGraphRunner:
                 if k:
                     slots[:k, i] = c.adapter_slots
                     scales[:k, i] = c.adapter_scales
-            self.adapter_slots[:m, :p].copy_(slots_t[:m, :p], non_blocking=nb)
-            self.adapter_scales[:m, :p].copy_(scales_t[:m, :p], non_blocking=nb)
+            # whole rows (contiguous on both sides, so the copy needs no pageable staging); the columns past P
+            # are stale and unread by this bucket
+            self.adapter_slots[:m].copy_(slots_t[:m], non_blocking=nb)
+            self.adapter_scales[:m].copy_(scales_t[:m], non_blocking=nb)
 
     def _fill_padding(self, p: int, m: int) -> None:
         """Every row of bucket P padding (what the warm-up and capture run over: no real slot is written)."""

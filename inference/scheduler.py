@@ -121,7 +121,7 @@ class SchedulerOutput:
         return not self.chunks
 
 
-def _token_ids(seq: Sequence, start: int, n: int) -> tuple[int, ...]:
+def token_ids_of(seq: Sequence, start: int, n: int) -> tuple[int, ...]:
     """seq.all_ids[start : start + n] without copying prompt + outputs (a decode reads one output token)."""
     prompt_len = len(seq.prompt_ids)
     if start >= prompt_len:
@@ -199,6 +199,8 @@ class Scheduler:
         decodes: list[tuple[Sequence, int]] = []  # (seq, tokens not yet in the cache): decodes first
         prefills: list[tuple[Sequence, int]] = []
         for s in self.running:
+            if s.held:
+                continue  # its last token is still on the device (`Engine` async_decode): nothing to run
             u = s.num_uncomputed
             (decodes if u == 1 else prefills).append((s, u))
         for seq, uncomputed in decodes + prefills:
@@ -233,7 +235,7 @@ class Scheduler:
             out.chunks.append(
                 SeqChunk(
                     seq_id=seq.seq_id,
-                    token_ids=_token_ids(seq, start, n),
+                    token_ids=token_ids_of(seq, start, n),
                     start_pos=start,
                     block_table=self.blocks.block_table(seq.seq_id),
                     adapter_slots=seq.adapter_slots,
@@ -261,6 +263,8 @@ class Scheduler:
         for seq in list(self.waiting):
             if len(self.running) >= self.config.max_num_seqs or budget == 0:
                 break
+            if seq.held:
+                continue  # preempted while its last token was on the device: it ends when that token lands
             n = min(seq.num_uncomputed, budget)
             if not self.blocks.can_grow(seq.seq_id, n):
                 break  # FCFS: the head waits for blocks, nobody overtakes it

@@ -153,6 +153,7 @@ class Sequence:
     num_computed: int = 0
     num_preemptions: int = 0
     adapter_slots: tuple[int, ...] = ()  # GPU slots while RUNNING with adapters, else ()
+    held: bool = False  # its last output is a token still on the device that ends it: never scheduled again
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:

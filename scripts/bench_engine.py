@@ -7,10 +7,11 @@ share the same tensors), same random prompts, greedy, EOS ignored:
     decode  tok/s = B * (N - 1) / (time(generate N new tokens) - time(generate 1 new token))
 
 for B prompts of L tokens and N new tokens, each timed after a warm-up, the fastest over --repeats rounds that
-run every system in turn. On CUDA the engine runs twice in the
-same process, with its decode steps replayed as CUDA graphs (`decode_graphs="graphs"`, the default there) and
-as plain eager steps (`"off"`), and it also times one decode step at batch 1, 8 and B of each against the
-bandwidth bound (bytes a decode step reads / measured device copy bandwidth).
+run every system in turn. On CUDA the engine runs three times in the same process: its decode steps
+replayed as CUDA graphs and run ahead of the host (`decode_graphs="graphs"`, `async_decode`, the defaults
+there), the same graphs waited for step by step, and plain eager steps (`"off"`); it also times one decode
+step at batch 1, 8 and B of each against the bandwidth bound (bytes a decode step reads / measured device copy
+bandwidth). `--compare-static` runs the graphs' padded steps eagerly on the CPU, waited for and run ahead.
 Writes JSON with the machine description to benchmarks/results/engine_<device>.json.
 
     python scripts/bench_engine.py                      # CPU: ~125M model, batch 4, prompt 32, 8 new tokens
@@ -91,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     blocks = batch * -(-(plen + new) // args.block_size) + batch
 
-    def make_engine(graphs: str) -> Engine:
+    def make_engine(graphs: str, ahead: bool | None = None) -> Engine:
         cfg = EngineConfig(
             model_dir=models.tokenizer_dir,
             dtype=dtype,
@@ -102,15 +103,18 @@ def main(argv: list[str] | None = None) -> int:
             max_tokens_per_step=max(batch * plen, batch),
             max_model_len=plen + new,
             decode_graphs=graphs,
+            async_decode=ahead,
         )
         return Engine(cfg, model=models.runner, tokenizer=models.tokenizer)
 
     engine = make_engine("auto")
     engines = {"engine": engine}
-    if on_cuda:  # the same weights, eager steps: what the graphs buy
+    if on_cuda:  # the same weights: graphs waited for step by step (what running ahead buys), eager steps
+        engines["engine_sync_graphs"] = make_engine("graphs", ahead=False)
         engines["engine_no_graphs"] = make_engine("off")
-    elif args.compare_static:  # the padded fixed-shape step a graph would replay, run eagerly (a CPU check)
-        engines["engine_static"] = make_engine("static")
+    elif args.compare_static:  # the padded fixed-shape step a graph would replay, run eagerly (a CPU check),
+        engines["engine_static"] = make_engine("static", ahead=False)  # waited for, and run ahead
+        engines["engine_static_ahead"] = make_engine("static", ahead=True)
     n_params = sum(p.numel() for p in engine.model.parameters())
     weight_bytes = models.total_bytes
     vocab = engine.vocab_size
@@ -166,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
     for name, eng in engines.items():
         results[name]["graph_steps"] = eng.stats()["graph_steps"]
         results[name]["graph_captures"] = eng.stats()["graph_captures"]
+        results[name]["steps_ahead"] = eng.stats()["steps_ahead"]
 
     report: dict[str, Any] = {
         "benchmark": "engine vs transformers.generate",
@@ -197,6 +202,11 @@ def main(argv: list[str] | None = None) -> int:
         report["ratio"]["decode_graphs_over_eager"] = (
             results["engine"]["decode_tokens_per_s"] / results["engine_no_graphs"]["decode_tokens_per_s"]
         )
+    for ahead, waited in (("engine", "engine_sync_graphs"), ("engine_static_ahead", "engine_static")):
+        if ahead in results and waited in results:  # the same fixed-shape steps, run ahead vs waited for
+            report["ratio"][f"decode_{ahead}_ahead_over_waited"] = (
+                results[ahead]["decode_tokens_per_s"] / results[waited]["decode_tokens_per_s"]
+            )
     if on_cuda or args.compare_static:
         bw = copy_bandwidth(device)
         bound = models.base_bytes / bw  # every weight a decode step reads (all but the input embedding)
