@@ -35,7 +35,8 @@ EOF
 case "$stage" in
   a)
     timeout 330 "$py" -m pytest -q -p no:cacheprovider -o addopts="-ra --import-mode=importlib" \
-      tests/inference/test_graph_runner.py tests/inference/lora/test_graph_lora.py \
+      tests/inference/test_graph_runner.py tests/inference/lora/test_graph_lora.py tests/inference/test_async_decode.py \
+      tests/inference/lora/test_graph_capture_safety.py \
       tests/inference/test_attention.py tests/kernels/test_lora_kernels.py tests/kernels/test_layer_ops.py \
       2>&1 | tee "$out/gpu_tests.log"
     timeout 240 "$py" scripts/bench_engine.py --device cuda --out "$out/engine_cuda.json" 2>&1 \

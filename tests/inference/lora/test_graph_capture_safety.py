@@ -201,13 +201,14 @@ def adapters(tiny_model_dir: Path, make_adapter: Any, tmp_path_factory: pytest.T
 
 def test_static_steps_read_nothing_on_the_host_and_replay_alike(tiny_model_dir: Path,
                                                                 adapters: dict[str, Path]) -> None:
-    model = load_model(tiny_model_dir, dtype="fp32", device="cpu")
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the Triton kernels run interpreted
+    model = load_model(tiny_model_dir, dtype="fp32", device=device)
     model.set_layer_ops("triton")
     slots = apply_lora(model, num_slots=4, max_rank=16, backend="triton")
     store = AdapterStore(slots, BaseDims.from_model_config(model.config))
     for k, d in adapters.items():
         store.register(k, d)
-    eng = Engine(EngineConfig(model_dir=tiny_model_dir, block_size=4, num_blocks=128, max_num_seqs=8,
+    eng = Engine(EngineConfig(model_dir=tiny_model_dir, device=device, block_size=4, num_blocks=128, max_num_seqs=8,
                               decode_graphs="static", attention_backend="triton"), adapter_slots=store, model=model)
     model.attention = TritonPagedAttention(num_sms=132)  # split-KV decoding as an H100 would choose it
     steps = trace_static_steps(model)

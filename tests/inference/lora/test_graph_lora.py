@@ -53,17 +53,20 @@ def run(model_dir: Path, adapters: dict[str, Path], backend: str, device: str, m
         store.register(k, d)
     params = SamplingParams(temperature=0.0, max_tokens=max_tokens, ignore_eos=True, logprobs=0)
     out = {}
-    for mode in modes:
-        # the plain steps run the torch twins of the kernels (the oracle); the others run on `backend`
+    for name in modes:
+        # the plain steps run the torch twins of the kernels (the oracle); the others run on `backend`;
+        # "<mode>-ahead": that mode's steps run ahead of the host (async_decode)
+        mode, ahead = name.removesuffix("-ahead"), name.endswith("-ahead")
         kernels = "torch" if mode == "off" else backend
         slots.context.set_backend(kernels)
         attention = "triton" if kernels == "triton" else "torch"
         eng = Engine(EngineConfig(model_dir=model_dir, device=device, block_size=4, num_blocks=128, max_num_seqs=8,
-                                  decode_graphs=mode, attention_backend=attention), adapter_slots=store, model=model)
+                                  decode_graphs=mode, attention_backend=attention, async_decode=ahead),
+                     adapter_slots=store, model=model)
         results = eng.generate([GenerationRequest(p, params, adapters=a) for p, a in zip(prompts(), REQUESTS,
                                                                                           strict=True)])
         assert eng.block_manager.num_free_blocks == eng.block_manager.num_blocks
-        out[mode] = (results, eng)
+        out[name] = (results, eng)
     assert store.pinned() == {}
     return out
 
@@ -78,10 +81,12 @@ def assert_same(a: list[GenerationResult], b: list[GenerationResult], atol: floa
 def test_static_steps_with_mixed_and_merged_adapters_equal_plain_steps(
     tiny_model_dir: Path, adapters: dict[str, Path]
 ) -> None:
-    out = run(tiny_model_dir, adapters, "torch", "cpu", ("off", "static"))
-    (plain, _), (static, eng) = out["off"], out["static"]
+    out = run(tiny_model_dir, adapters, "torch", "cpu", ("off", "static", "static-ahead"))
+    (plain, _), (static, eng), (ahead, ahead_eng) = out["off"], out["static"], out["static-ahead"]
     assert_same(plain, static, atol=1e-5)
+    assert_same(static, ahead, atol=0.0)  # the same steps, run ahead of the host: the very same answers
     assert eng.stats()["graph_steps"] > 0
+    assert ahead_eng.stats()["steps_ahead"] > 0
     assert len({r.token_ids for r in plain}) > 3  # the adapters steer the requests apart
 
 
@@ -100,9 +105,10 @@ def test_static_steps_on_bgmv_kernels_equal_plain_torch_steps(
 
 @pytest.mark.skipif(not HAS_CUDA, reason="CUDA graphs need a CUDA device")
 def test_cuda_graphs_with_adapters_equal_plain_steps(tiny_model_dir: Path, adapters: dict[str, Path]) -> None:
-    out = run(tiny_model_dir, adapters, "triton", "cuda", ("off", "graphs"))
-    (plain, _), (graphs, eng) = out["off"], out["graphs"]
+    out = run(tiny_model_dir, adapters, "triton", "cuda", ("off", "graphs", "graphs-ahead"))
+    (plain, _), (graphs, eng), (ahead, _) = out["off"], out["graphs"], out["graphs-ahead"]
     assert_same(plain, graphs, atol=1e-4)
+    assert_same(graphs, ahead, atol=0.0)
     stats = eng.stats()
     assert stats["graph_steps"] > 0 and stats["graph_captures"] > 0
 
