@@ -5,8 +5,8 @@ Sources, later ones winning: built-in defaults (which work with `loraledger devn
 `LORALEDGER_<SECTION>_<KEY>` (e.g. `LORALEDGER_SERVER_LISTEN=0.0.0.0:50051`), then command-line flags.
 
     [server]      listen, max_queue, grace_seconds, max_message_bytes, workers
-    [model]       dir, dtype, device, quantize, attention, decode_graphs, block_size, kv_cache_mb,
-                  max_num_seqs, max_tokens_per_step, default_max_tokens
+    [model]       dir, dtype, device, quantize, attention, decode_graphs, async_decode, block_size,
+                  kv_cache_mb, max_num_seqs, max_tokens_per_step, default_max_tokens
     [adapters]    dir, slots, max_rank, aliases = { alias = "path" }
     [chain]       deployment, rpc_url, key_env, key_file, password_env
     [records]     path, postgres_dsn
@@ -56,6 +56,7 @@ class ModelConfigSection:
     quantize: str = "none"  # "none" or "nf4"
     attention: str = "auto"  # "auto", "torch", "triton"
     decode_graphs: str = "auto"  # "auto" (CUDA graphs on CUDA), "off", "static", "graphs" (inference.graph_runner)
+    async_decode: str = "auto"  # "auto" (with CUDA graphs), "on", "off": decode steps run ahead of the host
     block_size: int = 16
     kv_cache_mb: int = 256
     max_num_seqs: int = 64
@@ -71,6 +72,8 @@ class ModelConfigSection:
             raise ConfigError(f"model.attention must be auto, torch or triton, got {self.attention!r}")
         if self.decode_graphs not in ("auto", "off", "static", "graphs"):
             raise ConfigError(f"model.decode_graphs must be auto, off, static or graphs, got {self.decode_graphs!r}")
+        if self.async_decode not in ("auto", "on", "off"):
+            raise ConfigError(f"model.async_decode must be auto, on or off, got {self.async_decode!r}")
         for name in ("block_size", "kv_cache_mb", "max_num_seqs", "max_tokens_per_step", "default_max_tokens"):
             _positive(f"model.{name}", getattr(self, name))
 

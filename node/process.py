@@ -119,7 +119,7 @@ def build_engine(cfg: NodeConfig) -> tuple[Engine, AdapterStore]:
         model_dir=model_dir, dtype=m.dtype, device=device, block_size=m.block_size,
         kv_cache_bytes=m.kv_cache_mb * (1 << 20), max_num_seqs=m.max_num_seqs,
         max_tokens_per_step=m.max_tokens_per_step, attention_backend=attention, max_queue=cfg.server.max_queue,
-        decode_graphs=m.decode_graphs,
+        decode_graphs=m.decode_graphs, async_decode={"auto": None, "on": True, "off": False}[m.async_decode],
     )
     engine = Engine(engine_cfg, adapter_slots=store, model=model)
     captured = engine.warm_up_graphs()  # CUDA: every decode bucket captured now, not on a request's first step

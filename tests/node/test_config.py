@@ -42,6 +42,7 @@ def test_sources_layer_in_order(tmp_path: Path) -> None:
         ("[server]\nmax_queue = 'many'\n", {}, r"server.max_queue .* must be an integer"),
         ("[server]\nlisten = 'nohost'\n", {}, r"server.listen must be HOST:PORT"),
         ("[model]\nquantize = 'int3'\n", {}, r"model.quantize must be 'none' or 'nf4'"),
+        ("[model]\nasync_decode = 'yes'\n", {}, r"model.async_decode must be auto, on or off"),
         ("[attribution]\ntoken_level_lambda = 1.5\n", {}, r"token_level_lambda must be in \[0, 1\]"),
         ("[adapters]\naliases = { 42 = '/x' }\n", {}, r"all digits"),
         ("", {"LORALEDGER_SETTLEMENT_ENABLED": "maybe"}, r"settlement.enabled \(from environment\) must be a boolean"),
