@@ -145,8 +145,10 @@ class StepLog:
     _current: tuple[bool, int, int] = (False, 0, 0)
     _in_graph_runner: bool = False
 
-    def attach(self, engine: Engine, device: torch.device) -> Callable[[], None]:
+    def attach(self, engine: Engine, device: torch.device, timed: bool = True) -> Callable[[], None]:
+        """Hook `engine`; `timed=False` only counts (no synchronizing: steps run ahead as they would)."""
         model: nn.Module = engine.model
+        wait = (lambda: sync(device)) if timed else (lambda: None)
 
         def pre(_m: nn.Module, args: tuple[Any, ...]) -> None:
             if self._in_graph_runner:
@@ -155,13 +157,13 @@ class StepLog:
             slots = batch.token_adapter_slots
             distinct = int(torch.unique(slots[slots >= 0]).numel()) if slots.numel() else 0
             self._current = (batch.is_decode_only, batch.num_seqs, distinct)
-            sync(device)
+            wait()
             self._t0 = time.perf_counter()
 
         def post(_m: nn.Module, _args: tuple[Any, ...], _out: Any) -> None:
             if self._in_graph_runner:
                 return
-            sync(device)
+            wait()
             self.steps.append((*self._current, time.perf_counter() - self._t0))
 
         h1, h2 = model.register_forward_pre_hook(pre), model.register_forward_hook(post)
@@ -169,16 +171,16 @@ class StepLog:
         if runner is not None:
             plain_run = runner.run
 
-            def timed_run(chunks: list[Any]) -> torch.Tensor:
+            def timed_run(chunks: list[Any], token_sources: list[int] | None = None) -> torch.Tensor:
                 distinct = len({s for c in chunks for s in c.adapter_slots if s >= 0})
-                sync(device)
+                wait()
                 t0 = time.perf_counter()
                 self._in_graph_runner = True
                 try:
-                    logits = plain_run(chunks)
+                    logits = plain_run(chunks, token_sources)
                 finally:
                     self._in_graph_runner = False
-                sync(device)
+                wait()
                 self.steps.append((True, len(chunks), distinct, time.perf_counter() - t0))
                 return logits
 
@@ -260,6 +262,7 @@ def engine_config(models: Models, device: torch.device, dtype: torch.dtype, args
     return EngineConfig(model_dir=models.tokenizer_dir, dtype=str(dtype).removeprefix("torch."), device=str(device),
                         max_num_seqs=args.max_num_seqs, max_tokens_per_step=args.max_tokens_per_step,
                         max_model_len=max_len, decode_graphs=args.decode_graphs,
+                        async_decode={"auto": None, "on": True, "off": False}[args.async_decode],
                         num_blocks=args.max_num_seqs * -(-max_len // 16) + args.max_num_seqs if device.type == "cpu"
                         else None)
 
@@ -271,7 +274,7 @@ def run_engine(models: Models, store: AdapterStore | None, keys: list[str] | Non
     memory_mark(device)
     engine = Engine(cfg, adapter_slots=store, model=models.runner, tokenizer=models.tokenizer)
     log = StepLog()
-    detach = log.attach(engine, device)
+    detach = log.attach(engine, device, timed=False)  # counts only: the steps run ahead, undisturbed
     try:
         with engine:
             timings, makespan = asyncio.run(_drive(engine, trace, keys, concurrency, models.runner.config.vocab_size))
@@ -544,6 +547,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--step-tokens", type=int, default=None, help="new tokens of the decode-step table (CPU 12, CUDA 32)")
     ap.add_argument("--decode-graphs", default="auto", choices=("auto", "off", "static", "graphs"),
                     help="our engine's decode steps: auto = CUDA graphs on CUDA, plain steps on the CPU")
+    ap.add_argument("--async-decode", default="auto", choices=("auto", "on", "off"),
+                    help="fixed-shape decode steps run ahead of the host: auto = with CUDA graphs")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="default: benchmarks/results/lora_<device>.json (+ .png)")
     args = ap.parse_args(argv)
