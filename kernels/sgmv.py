@@ -14,6 +14,8 @@ Reference twins: `kernels.lora.shrink_ref` / `expand_ref` with `slots_from_segme
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -126,7 +128,15 @@ def _sgmv_expand_kernel(
 def _dot_in_f32(dtype: torch.dtype) -> bool:
     """fp32 inputs: IEEE fp32 dots. bf16 under the interpreter: upcast too, because triton's CPU interpreter
     computes bf16 `tl.dot` wrongly (checked with triton 3.9); on the GPU bf16/fp16 use tensor cores."""
-    return dtype == torch.float32 or (dtype == torch.bfloat16 and bool(triton.knobs.runtime.interpret))
+    return dtype == torch.float32 or (dtype == torch.bfloat16 and _interpreting())
+
+
+def _interpreting() -> bool:
+    """Triton's interpreter is on (`triton.knobs` from triton 3.4; the environment variable before it)."""
+    knobs = getattr(triton, "knobs", None)
+    if knobs is not None:
+        return bool(knobs.runtime.interpret)
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def _block_m(max_seg_len: int) -> int:
