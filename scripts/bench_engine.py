@@ -171,6 +171,17 @@ def main(argv: list[str] | None = None) -> int:
         results[name]["graph_steps"] = eng.stats()["graph_steps"]
         results[name]["graph_captures"] = eng.stats()["graph_captures"]
         results[name]["steps_ahead"] = eng.stats()["steps_ahead"]
+    # what was timed must also be right: the greedy tokens of every engine variant against the first one
+    # (run-ahead and waited-for graphs replay the same kernels: equal; eager steps may round differently in
+    # 16 bits, so their figure is the share of tokens agreeing up to each answer's first difference)
+    check = SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True)
+    answers = {name: [r.token_ids for r in eng.generate([GenerationRequest(p.tolist(), check) for p in prompts])]
+               for name, eng in engines.items()}
+    first = answers["engine"]
+    for name, got in answers.items():
+        agree = [next((i for i, (x, y) in enumerate(zip(a, b, strict=True)) if x != y), len(a)) / len(a)
+                 for a, b in zip(first, got, strict=True)]
+        results[name]["tokens_agreeing_with_engine"] = sum(agree) / len(agree)
 
     report: dict[str, Any] = {
         "benchmark": "engine vs transformers.generate",

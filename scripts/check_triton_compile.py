@@ -12,7 +12,8 @@ per variant its shared memory, registers and spills, and fails on any error or o
     python scripts/check_triton_compile.py --sizes tiny --targets sm90 --out /tmp/report.json
 
 Run it without TRITON_INTERPRET (it unsets it): the interpreter replaces the jit functions `tl.sum` and
-friends are made of, and the compiler cannot use them then.
+friends are made of, and the compiler cannot use them then. The specialization step uses Triton's JIT
+internals (`create_function_from_signature`, `JITFunction._pack_args`), stable within the pinned triton.
 """
 
 from __future__ import annotations

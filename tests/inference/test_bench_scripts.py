@@ -30,6 +30,8 @@ def test_bench_engine_runs_with_static_steps_waited_for_and_ahead(tmp_path: Path
     report = json.loads(out.read_text())
     res = report["results"]
     assert res["engine_static_ahead"]["steps_ahead"] > 0 and res["engine_static"]["steps_ahead"] == 0
+    assert res["engine_static_ahead"]["tokens_agreeing_with_engine"] == 1.0  # fp32: every variant agrees
+    assert res["engine_static"]["tokens_agreeing_with_engine"] == 1.0
     assert report["ratio"]["decode_engine_static_ahead_ahead_over_waited"] > 0
     assert set(report["decode_step"]) >= {"bandwidth_bound_s", "engine", "engine_static", "engine_static_ahead"}
 
