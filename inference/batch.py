@@ -31,6 +31,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kernels import to_device
+
 
 @dataclass
 class BatchMetadata:
@@ -136,16 +138,16 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device: torch.device | 
         scales.extend([row_scales] * n)
         tables.append(list(c.block_table) + [0] * (max_blocks - len(c.block_table)))
     t = len(input_ids)
-    return BatchMetadata(
-        input_ids=torch.tensor(input_ids, dtype=torch.int64, device=device),
-        positions=torch.tensor(positions, dtype=torch.int64, device=device),
-        query_start=torch.tensor(query_start, dtype=torch.int32, device=device),
-        context_lens=torch.tensor(context_lens, dtype=torch.int32, device=device),
-        block_tables=torch.tensor(tables, dtype=torch.int32, device=device),
-        slot_mapping=torch.tensor(slot_mapping, dtype=torch.int64, device=device),
-        logits_indices=torch.tensor(logits_indices, dtype=torch.int64, device=device),
-        token_adapter_slots=torch.tensor(slots, dtype=torch.int32, device=device).reshape(t, max_m),
-        token_adapter_scales=torch.tensor(scales, dtype=torch.float32, device=device).reshape(t, max_m),
+    return BatchMetadata(  # pinned, non-blocking copies on CUDA: building a step never waits for the one running
+        input_ids=to_device(input_ids, torch.int64, device),
+        positions=to_device(positions, torch.int64, device),
+        query_start=to_device(query_start, torch.int32, device),
+        context_lens=to_device(context_lens, torch.int32, device),
+        block_tables=to_device(tables, torch.int32, device),
+        slot_mapping=to_device(slot_mapping, torch.int64, device),
+        logits_indices=to_device(logits_indices, torch.int64, device),
+        token_adapter_slots=to_device(slots, torch.int32, device).reshape(t, max_m),
+        token_adapter_scales=to_device(scales, torch.float32, device).reshape(t, max_m),
         block_size=block_size,
         max_query_len=max(len(c.token_ids) for c in chunks),
         max_context_len=max(context_lens),

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from inference.sequence import SamplingParams
+from kernels import to_device
 
 
 @dataclass
@@ -93,15 +94,6 @@ def _truncate(z: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torc
     drop[:, 0] = False
     sorted_z = sorted_z.masked_fill(drop, float("-inf"))
     return torch.empty_like(z).scatter_(1, order, sorted_z)
-
-
-def to_device(values: list[int] | list[float], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on `device`. On CUDA through pinned memory with a non-blocking copy: a
-    plain copy from pageable memory waits for every kernel queued before it, which would stall the host
-    behind a step still running on the GPU (torch's pinned allocator keeps the buffer until the copy is done)."""
-    if device.type != "cuda":
-        return torch.tensor(values, dtype=dtype, device=device)
-    return torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True)
 
 
 class PendingSample:

@@ -44,6 +44,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from kernels import to_device
+
 BACKENDS = ("torch", "triton")
 
 
@@ -165,12 +167,10 @@ def _plan_column(
         if 3 * len(short) <= (7 if bmm else 2 * len(order) + 4):  # few short runs: cheaper sliced as runs too
             buckets.append(LoRABucket(r, "runs", short, None, scales))
             continue
-        rows = torch.tensor(rows_host, dtype=torch.int64, device=device)
+        rows = to_device(rows_host, torch.int64, device)
         row_scales = scales.index_select(0, rows) if scales is not None else None  # [n, 1]
         if bmm:
-            slot_of_row = torch.tensor(
-                [slot for slot in order for _ in by_slot[slot]], dtype=torch.int64, device=rows.device
-            )
+            slot_of_row = to_device([slot for slot in order for _ in by_slot[slot]], torch.int64, rows.device)
             buckets.append(LoRABucket(r, "bmm", (), rows, row_scales, slot_of_row))
             continue
         parts, start = [], 0
@@ -302,13 +302,13 @@ def _indices_from_runs(
             if not (0 <= slot < num_slots and 0 <= start < end <= t):
                 raise ValueError(f"adapter run (slot {slot}, tokens [{start}, {end})) outside [0, {num_slots}) "
                                  f"slots or [0, {t}) tokens")
-        seg = torch.tensor([[r[0] for r in col_runs], [r[1] for r in col_runs], [r[2] - r[1] for r in col_runs]],
-                           dtype=torch.int32, device=device)  # [3, G]: slots, starts, lens
+        seg = to_device([[r[0] for r in col_runs], [r[1] for r in col_runs], [r[2] - r[1] for r in col_runs]],
+                        torch.int32, device)  # [3, G]: slots, starts, lens
         by_slot: dict[int, list[int]] = {}
         for slot, start, end in col_runs:
             by_slot.setdefault(slot, []).extend(range(start, end))
         order = sorted(by_slot)
-        rows = torch.tensor([i for s in order for i in by_slot[s]], dtype=torch.int64, device=device)
+        rows = to_device([i for s in order for i in by_slot[s]], torch.int64, device)
         parts = torch.split(rows, [len(by_slot[s]) for s in order])
         host_runs[len(columns)] = col_runs
         columns.append(
