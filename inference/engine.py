@@ -57,6 +57,7 @@ from inference.sampling import PendingSample, SampleRequest, make_generator, sam
 from inference.scheduler import AdapterSlots, Scheduler, SchedulerConfig, SchedulerOutput, token_ids_of
 from inference.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 from inference.tokenizer import IncrementalDetokenizer, Tokenizer
+from kernels import to_device
 
 log = logging.getLogger(__name__)
 
@@ -104,10 +105,11 @@ class EngineConfig:
     # when a step's text work (detokenizing, stop strings, streaming) runs: None = while the next step's kernels
     # run on CUDA, before the next step is scheduled on the CPU (see the module docstring); True / False force one
     overlap_text_work: bool | None = None
-    # run a pure-decode fixed-shape step before the previous step's tokens reach the host: the host schedules and
-    # fills step N+1 while the device runs step N, and each row of N+1 takes its input token from N's samples
-    # on the device. A row whose sequence ended at N (EOS, a stop id) is computed once more and dropped. None =
-    # on with CUDA graphs, off elsewhere; True needs decode_graphs "static" or "graphs" (see `Engine._run`)
+    # run each step before the previous step's tokens reach the host: the host schedules and builds step N+1
+    # while the device runs step N, and each decode of N+1 takes its input token from N's samples on the
+    # device. A row whose sequence ended at N (EOS, a stop id) is computed once more and dropped. None = on with
+    # CUDA graphs, off elsewhere; True needs decode_graphs "static" or "graphs" (the graph runner keeps the
+    # samples on the device), see `Engine._run`
     async_decode: bool | None = None
 
     def __post_init__(self) -> None:
@@ -380,10 +382,10 @@ class _Inflight:
 
     def source_row(self, chunk: SeqChunk) -> int:
         """The row of this step's samples holding `chunk`'s input token, or -1 when the chunk has its token."""
-        if chunk.token_ids[0] != PLACEHOLDER:
+        if PLACEHOLDER not in chunk.token_ids:
             return -1
         row = self.rows.get(chunk.seq_id)
-        if row is None:
+        if row is None or len(chunk.token_ids) != 1:  # only a decode reads the token its last step sampled
             raise EngineError(f"sequence {chunk.seq_id} waits on a token of no step in flight")
         return row
 
@@ -658,16 +660,17 @@ class Engine:
     def _run(self, out: SchedulerOutput) -> None:
         """Run one scheduled step: forward, sampling, and the tokens recorded on their sequences.
 
-        With async_decode a pure-decode fixed-shape step is not waited for: its tokens stay on the device
-        (`_Inflight`) and each sampled sequence gets a PLACEHOLDER output, so that the next step can be
-        scheduled and filled while this one runs; that next step's rows read their input tokens on the device
-        (`DecodeGraphRunner.run(token_sources=)`), and only then is this step's result read and recorded
-        (`_collect`). Any other step after one run ahead collects it first and puts the real tokens in."""
+        With async_decode a step is not waited for: its tokens stay on the device (`_Inflight`) and each
+        sampled sequence gets a PLACEHOLDER output, so that the next step can be scheduled and built while
+        this one runs; that next step's decode rows read their input tokens on the device (the graph runner's
+        `last_tokens`: `DecodeGraphRunner.run(token_sources=)`, or a gather into a plain batch's input_ids),
+        and only then is this step's result read and recorded (`_collect`). A step whose sampling reads token
+        histories (repetition penalty) collects the step ahead first and runs with the real tokens."""
         inflight = self._inflight
         graph_step = self.graphs is not None and self.graphs.fits(out.chunks)
         sources: list[int] | None = None
         if inflight is not None:
-            if graph_step and not _needs_history(out.seqs):
+            if not _needs_history(out.seqs):
                 sources = [inflight.source_row(c) for c in out.chunks]
             else:
                 self._collect()
@@ -681,9 +684,11 @@ class Engine:
                 logits = all_logits if len(rows) == len(out.chunks) else all_logits[rows]
         else:
             batch = build_batch(out.chunks, self.config.block_size, self.device)
+            if sources is not None and self.graphs is not None and any(r >= 0 for r in sources):
+                self._take_tokens(batch.input_ids, out.chunks, sources, self.graphs.last_tokens)
             hidden = self.model(batch, self.kv_cache)  # [T, H]
             if rows:
-                row_idx = batch.logits_indices[torch.tensor(rows, dtype=torch.int64, device=self.device)]
+                row_idx = batch.logits_indices[to_device(rows, torch.int64, self.device)]
                 logits = self.model.compute_logits(hidden[row_idx])  # [R, V] float32
         tracked = [self._live[out.seqs[i].request_id] for i in rows]  # before a stop string may end some
         if self._overlap_outputs and inflight is None:
@@ -706,7 +711,7 @@ class Engine:
                 for t in tracked
             ]
             pending = sample_start(logits, requests, self._generator)
-        ahead = pending is not None and self._async and graph_step and not _needs_history(t.seq for t in tracked)
+        ahead = pending is not None and self._async and not _needs_history(t.seq for t in tracked)
         if ahead and self.graphs is not None and pending is not None:
             self.graphs.keep_tokens(pending.chosen)  # where the next step's rows find their input tokens
         if inflight is not None:
@@ -725,6 +730,18 @@ class Engine:
                 continue  # a stop string of its previous token ended it while this step ran: this token is void
             top = result.top_logprobs[j]
             self._record(t, result.token_ids[j], result.logprobs[j], tuple(top) if top is not None else None)
+
+    def _take_tokens(self, input_ids: torch.Tensor, chunks: list[SeqChunk], sources: list[int],
+                     last_tokens: torch.Tensor) -> None:
+        """Put the step ahead's samples into a plain batch's flat input_ids, on the device: chunk i with
+        sources[i] >= 0 is a decode whose one token is last_tokens[sources[i]]."""
+        flat, src, start = [], [], 0
+        for c, r in zip(chunks, sources, strict=True):
+            if r >= 0:
+                flat.append(start)
+                src.append(r)
+            start += len(c.token_ids)
+        input_ids[to_device(flat, torch.int64, self.device)] = last_tokens[to_device(src, torch.int64, self.device)]
 
     def _hold_places(self, tracked: list[_Tracked], pending: PendingSample) -> _Inflight:
         """A PLACEHOLDER output for each sampled sequence of a step run ahead. A sequence this token ends by
