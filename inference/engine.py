@@ -897,6 +897,7 @@ class Engine:
             thread.join()
         self._thread = None
         with self._lock:
+            self._collect()  # a step run ahead: its tokens are decided, so they are delivered too
             self._finish_outputs()  # what the last step decided is delivered; the rest is cancelled
             self._take_inputs()
             for t in list(self._live.values()):

@@ -155,3 +155,52 @@ def test_run_ahead_graph_replays_equal_synchronous_replays(tiny_model_dir: Path,
     assert ahead.stats()["steps_ahead"] > 10
     assert_clean(sync)
     assert_clean(ahead)
+
+
+def test_run_ahead_on_the_background_thread_streams_what_synchronous_steps_give(
+    tiny_model_dir: Path, tiny_model: LlamaModel
+) -> None:
+    """The node's mode: the step loop on its thread, asyncio consumers streaming deltas. Every stream's deltas
+    add up to its final text, and each answer equals the synchronous engine's; a shutdown right after a
+    step ran ahead delivers that step's tokens and cancels the rest cleanly."""
+    import asyncio
+
+    from inference.engine import TokenDelta
+
+    ps = prompts(6, seed=4)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)
+    want = engine(tiny_model_dir, tiny_model, "off", False).generate(ps, params)
+    eng = engine(tiny_model_dir, tiny_model, "static", True)
+
+    async def consume(p: list[int]) -> tuple[str, GenerationResult]:
+        text, final = "", None
+        async for item in eng.submit(GenerationRequest(p, params)):
+            if isinstance(item, TokenDelta):
+                text += item.text_delta
+            else:
+                final = item
+        assert final is not None
+        return text, final
+
+    async def main() -> list[tuple[str, GenerationResult]]:
+        return await asyncio.gather(*(consume(p) for p in ps))
+
+    with eng:
+        outs = asyncio.run(main())
+    for i, ((streamed, res), w) in enumerate(zip(outs, want, strict=True)):
+        assert streamed == res.text, f"request {i}"
+        same(w, res, f"request {i}")
+    assert eng.stats()["steps_ahead"] > 0
+    assert_clean(eng)
+
+    # shut down while a step is ahead: its tokens land, then the requests are cancelled
+    handles = [eng.submit(GenerationRequest(p, params)) for p in ps[:3]]
+    for _ in range(4):
+        eng.step()
+    assert eng._inflight is not None
+    eng.shutdown()
+    for h, w in zip(handles, want[:3], strict=True):
+        res = h.result(timeout=0)
+        assert res.finish_reason == "cancelled"
+        assert 0 < len(res.token_ids) < 12 and list(res.token_ids) == list(w.token_ids[: len(res.token_ids)])
+    assert_clean(eng)
