@@ -103,25 +103,28 @@ class DecodeGraphRunner:
         self.scratch_slot = scratch_block * self.block_size
         self._scratch_block = scratch_block
         p, dev = self.buckets[-1], model.device
-        # ids, positions, slots, context lengths, token sources (below) and block tables share one int64
-        # buffer, mirrored on the host: a step's inputs go over in two copies, rows [0, 5P) and the bucket's
-        # table rows. On CUDA the mirrors are pinned and the copies do not wait; there are two mirrors, used in
-        # turn, so that filling the next step never writes one a queued copy has yet to read
-        self._meta = torch.zeros(5 * p + p * self.width, dtype=torch.int64, device=dev)
+        # One int64 buffer: [last tokens | host ids | positions | slots | context lengths | token sources |
+        # block tables], rows of P (tables P x W). All but the last tokens (written on the device by
+        # `keep_tokens`) are mirrored on the host: a step's inputs go over in two copies, rows [P, 6P) and the
+        # bucket's table rows. On CUDA the mirrors are pinned and the copies do not wait; there are two
+        # mirrors, used in turn, so that filling the next step never writes one a queued copy has yet to read.
+        # The step's input ids are gathered from the first 2P rows by the token sources, inside the graph: row
+        # i reads last_tokens[r] when its token is the previous step's sample r (a step run ahead of the host,
+        # `Engine` async_decode), else its host id (source P + i)
+        self._meta = torch.zeros(6 * p + p * self.width, dtype=torch.int64, device=dev)
         pin = dev.type == "cuda"
         self._hosts = [torch.zeros(self._meta.shape, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
         self._host_slots = [torch.full((max_merge, p), -1, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._host_scales = [torch.zeros(max_merge, p, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
         self._turn = 0
-        self.input_ids = self._meta[0:p]  # [P]
-        self.positions = self._meta[p : 2 * p]  # [P]
-        self.slot_mapping = self._meta[2 * p : 3 * p]  # [P]
-        self.context_lens = self._meta[3 * p : 4 * p]  # [P]
-        # per row, -1, or the row of `last_tokens` that holds its input token (a step run before the previous
-        # one's tokens reached the host, `Engine` with async_decode)
-        self.token_sources = self._meta[4 * p : 5 * p]  # [P]
-        self.block_tables = self._meta[5 * p :].view(p, self.width)  # [P, W]
-        self.last_tokens = torch.zeros(p, dtype=torch.int64, device=dev)  # [P] the previous step's samples
+        self._tokens = self._meta[0 : 2 * p]  # [2P]: last tokens, host ids
+        self.last_tokens = self._meta[0:p]  # [P] the previous step's samples
+        self.positions = self._meta[2 * p : 3 * p]  # [P]
+        self.slot_mapping = self._meta[3 * p : 4 * p]  # [P]
+        self.context_lens = self._meta[4 * p : 5 * p]  # [P]
+        self.token_sources = self._meta[5 * p : 6 * p]  # [P] rows of `_tokens`
+        self.block_tables = self._meta[6 * p :].view(p, self.width)  # [P, W]
+        self.input_ids = torch.zeros(p, dtype=torch.int64, device=dev)  # [P] gathered by `_gather_ids`
         self.query_start = torch.arange(p + 1, dtype=torch.int32, device=dev)  # [P+1]
         self.logits_indices = torch.arange(p, dtype=torch.int64, device=dev)  # [P]
         self.adapter_slots = torch.full((max_merge, p), -1, dtype=torch.int32, device=dev)  # [Mmax, P]
@@ -197,10 +200,6 @@ class DecodeGraphRunner:
         if self.mode == "graphs" and key not in self._graphs:
             self._capture(key)
         self._fill(chunks, p, m, token_sources)
-        if token_sources is not None:  # outside the graph: it replays over whatever input_ids then hold
-            src = self.token_sources[:p]
-            ids = self.input_ids[:p]
-            ids.copy_(torch.where(src >= 0, self.last_tokens[src.clamp(min=0)], ids))
         self.steps += 1
         if self.mode == "graphs":
             g = self._graphs[key]
@@ -208,8 +207,13 @@ class DecodeGraphRunner:
             return g.logits[:b]
         runs = adapter_runs(chunks, list(range(b)), m)  # host runs: the torch LoRA backend plans from them
         batch = replace(self._static_batch(key), adapter_runs=runs)
+        self._gather_ids(p)
         hidden = self.model(batch, self.kv_cache)  # [P, hidden]
         return self.model.compute_logits(hidden)[:b]  # every row, as the graph does
+
+    def _gather_ids(self, p: int) -> None:
+        """input_ids[:P] = the rows of [last tokens | host ids] the token sources name (one kernel)."""
+        torch.index_select(self._tokens, 0, self.token_sources[:p], out=self.input_ids[:p])
 
     def _static_batch(self, key: tuple[int, int]) -> BatchMetadata:
         """The `BatchMetadata` of bucket P with M merge columns: views of the static buffers."""
@@ -250,24 +254,26 @@ class DecodeGraphRunner:
         host_t = self._hosts[turn]
         host = host_t.numpy()
         pos = [c.start_pos for c in chunks]
-        host[0:b] = [max(c.token_ids[0], 0) for c in chunks]  # a placeholder (-1) row takes its token_sources
-        host[pmax : pmax + b] = pos
-        host[2 * pmax : 2 * pmax + b] = [c.block_table[q // bs] * bs + q % bs for c, q in zip(chunks, pos, strict=True)]
-        host[3 * pmax : 3 * pmax + b] = [q + 1 for q in pos]
-        host[4 * pmax : 4 * pmax + b] = token_sources if token_sources is not None else -1
-        tables = host[5 * pmax :].reshape(pmax, self.width)
+        host[pmax : pmax + b] = [max(c.token_ids[0], 0) for c in chunks]  # a placeholder (-1) takes its source
+        host[2 * pmax : 2 * pmax + b] = pos
+        host[3 * pmax : 3 * pmax + b] = [c.block_table[q // bs] * bs + q % bs for c, q in zip(chunks, pos, strict=True)]
+        host[4 * pmax : 4 * pmax + b] = [q + 1 for q in pos]
+        own = range(pmax, pmax + b)  # row i's own host id
+        host[5 * pmax : 5 * pmax + b] = own if token_sources is None else [
+            r if r >= 0 else i for r, i in zip(token_sources, own, strict=True)]
+        tables = host[6 * pmax :].reshape(pmax, self.width)
         for i, c in enumerate(chunks):
             tables[i, : len(c.block_table)] = c.block_table
         if b < p:  # padding rows: token 0 at position 0 into the scratch slot, context 1 on the scratch block
-            host[b:p] = 0
             host[pmax + b : pmax + p] = 0
-            host[2 * pmax + b : 2 * pmax + p] = self.scratch_slot
-            host[3 * pmax + b : 3 * pmax + p] = 1
-            host[4 * pmax + b : 4 * pmax + p] = -1
+            host[2 * pmax + b : 2 * pmax + p] = 0
+            host[3 * pmax + b : 3 * pmax + p] = self.scratch_slot
+            host[4 * pmax + b : 4 * pmax + p] = 1
+            host[5 * pmax + b : 5 * pmax + p] = range(pmax + b, pmax + p)
             tables[b:p, 0] = self._scratch_block
         nb = self._meta.device.type == "cuda"  # pinned host memory: the copies queue behind earlier work
-        self._meta[: 5 * pmax].copy_(host_t[: 5 * pmax], non_blocking=nb)
-        rows = slice(5 * pmax, 5 * pmax + p * self.width)
+        self._meta[pmax : 6 * pmax].copy_(host_t[pmax : 6 * pmax], non_blocking=nb)
+        rows = slice(6 * pmax, 6 * pmax + p * self.width)
         self._meta[rows].copy_(host_t[rows], non_blocking=nb)
         if m:
             slots_t, scales_t = self._host_slots[turn], self._host_scales[turn]
@@ -286,6 +292,9 @@ class DecodeGraphRunner:
 
     def _fill_padding(self, p: int, m: int) -> None:
         """Every row of bucket P padding (what the warm-up and capture run over: no real slot is written)."""
+        pmax = self.buckets[-1]
+        self._tokens[pmax : pmax + p].zero_()
+        self.token_sources[:p].copy_(torch.arange(pmax, pmax + p, device=self.token_sources.device))
         self.input_ids[:p].zero_()
         self.positions[:p].zero_()
         self.slot_mapping[:p].fill_(self.scratch_slot)
@@ -305,6 +314,7 @@ class DecodeGraphRunner:
         side.wait_stream(torch.cuda.current_stream(device))
         with torch.cuda.stream(side):
             for _ in range(2):
+                self._gather_ids(p)
                 self.model.compute_logits(self.model(replace(self._static_batch(key)), self.kv_cache))
         torch.cuda.current_stream(device).wait_stream(side)
         # A fresh batch object: per-step state the layers cache by batch identity (the torch attention plan,
@@ -315,6 +325,7 @@ class DecodeGraphRunner:
         graph = torch.cuda.CUDAGraph()
         # thread_local: the adapter store may copy weights on its own thread and stream meanwhile
         with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+            self._gather_ids(p)  # the input ids, from the host's or the previous step's samples
             logits = self.model.compute_logits(self.model(batch, self.kv_cache))  # [P, vocab]
         self._graphs[key] = _Graph(graph, batch, logits)
         self.captures += 1
