@@ -244,7 +244,7 @@ class DecodeGraphRunner:
         self.last_tokens[: tokens.shape[0]].copy_(tokens)
 
     def _fill(self, chunks: list[SeqChunk], p: int, m: int, token_sources: list[int] | None = None) -> None:
-        """Write this step's rows into a host mirror, rows [B, P) as padding, and copy them over: rows [0, 5P)
+        """Write this step's rows into a host mirror, rows [B, P) as padding, and copy them over: rows [P, 6P)
         of the shared buffer and the bucket's P table rows (and the adapter columns when M > 0). Table columns
         past a row's own table keep earlier, valid block ids that no kernel reads (context_lens bounds them)
         and the torch backend masks."""
