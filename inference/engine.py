@@ -14,6 +14,10 @@ final results) runs in the next step: on CUDA while its kernels run (a stop stri
 and the extra token computed for that sequence is dropped: its answer ends at the token that completed the stop
 string); on the CPU before it is scheduled.
 
+With `async_decode` (on with CUDA graphs) a step is not waited for: step N+1 is scheduled and built while the
+device runs step N, its decodes read their input tokens from N's samples on the device, and N's tokens are
+recorded after N+1 is queued (`Engine._run`). Placeholders hold the sequences' places meanwhile.
+
 Threads: `start()` runs the step loop on a background thread (torch releases the GIL in the forward); every
 public method is thread-safe. Handles deliver to the asyncio loop that iterates them through
 `loop.call_soon_threadsafe`, and to plain threads through `handle.result()`. Without `start()` nothing runs
