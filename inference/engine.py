@@ -57,7 +57,7 @@ from inference.graph_runner import GRAPH_MODES, DecodeGraphRunner
 from inference.kv_cache import PagedKVCache, bytes_per_block, num_blocks_for_budget
 from inference.model import LlamaModel
 from inference.quant import check_quantize_mode, load_model_quantized
-from inference.sampling import PendingSample, SampleRequest, make_generator, sample_start
+from inference.sampling import PendingSample, SampleOutput, SampleRequest, make_generator, sample_start
 from inference.scheduler import AdapterSlots, Scheduler, SchedulerConfig, SchedulerOutput, token_ids_of
 from inference.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
 from inference.tokenizer import IncrementalDetokenizer, Tokenizer
@@ -379,7 +379,7 @@ class _Inflight:
     tracked: list[_Tracked]
     at: list[int]
     pending: PendingSample
-    rows: dict[int, int] = field(default_factory=dict)  # seq_id -> its row of the pending sample
+    rows: dict[int, int] = field(init=False)  # seq_id -> its row of the pending sample
 
     def __post_init__(self) -> None:
         self.rows = {t.seq.seq_id: j for j, t in enumerate(self.tracked)}
@@ -672,9 +672,10 @@ class Engine:
         histories (repetition penalty) collects the step ahead first and runs with the real tokens."""
         inflight = self._inflight
         graph_step = self.graphs is not None and self.graphs.fits(out.chunks)
+        history = _needs_history(out.seqs)
         sources: list[int] | None = None
         if inflight is not None:
-            if not _needs_history(out.seqs):
+            if not history:
                 sources = [inflight.source_row(c) for c in out.chunks]
             else:
                 self._collect()
@@ -715,7 +716,7 @@ class Engine:
                 for t in tracked
             ]
             pending = sample_start(logits, requests, self._generator)
-        ahead = pending is not None and self._async and not _needs_history(t.seq for t in tracked)
+        ahead = pending is not None and self._async and not history
         if ahead and self.graphs is not None and pending is not None:
             self.graphs.keep_tokens(pending.chosen)  # where the next step's rows find their input tokens
         if inflight is not None:
@@ -728,12 +729,7 @@ class Engine:
             self._inflight = self._hold_places(tracked, pending)
             self._totals["steps_ahead"] += 1
             return
-        result = pending.result()
-        for j, t in enumerate(tracked):
-            if t.seq.status is SequenceStatus.FINISHED:
-                continue  # a stop string of its previous token ended it while this step ran: this token is void
-            top = result.top_logprobs[j]
-            self._record(t, result.token_ids[j], result.logprobs[j], tuple(top) if top is not None else None)
+        self._record_sampled(tracked, pending.result())
 
     def _take_tokens(self, input_ids: torch.Tensor, chunks: list[SeqChunk], sources: list[int],
                      last_tokens: torch.Tensor) -> None:
@@ -768,13 +764,17 @@ class Engine:
         inflight, self._inflight = self._inflight, None
         if inflight is None:
             return
-        result = inflight.pending.result()
-        for j, t in enumerate(inflight.tracked):
-            if t.seq.status is SequenceStatus.FINISHED or inflight.at[j] < 0:
+        self._record_sampled(inflight.tracked, inflight.pending.result(), inflight.at)
+
+    def _record_sampled(self, tracked: list[_Tracked], result: SampleOutput, at: list[int] | None = None) -> None:
+        """`_record` each row's token (at its placeholder `at[j]` when given; -1: none). A sequence finished
+        meanwhile (a stop string of its previous token, a cancel) drops it: that token is void."""
+        for j, t in enumerate(tracked):
+            if t.seq.status is SequenceStatus.FINISHED or (at is not None and at[j] < 0):
                 continue
             top = result.top_logprobs[j]
             self._record(t, result.token_ids[j], result.logprobs[j], tuple(top) if top is not None else None,
-                         at=inflight.at[j])
+                         at=None if at is None else at[j])
 
     def _record(
         self, t: _Tracked, token: int, logprob: float | None, top: tuple[tuple[int, float], ...] | None,
