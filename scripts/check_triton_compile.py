@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import io
 import json
 import os
@@ -79,14 +80,29 @@ def recorded_launches(into: list[Launch], where: list[str]) -> Iterator[None]:
         JITFunction.run = original  # type: ignore[method-assign]
 
 
-def specialize(launch: Launch, backend: Any) -> tuple[Any, dict[str, str], dict[Any, Any], dict[Any, Any]]:
-    """What Triton's JIT derives from one launch for `backend`: (options, signature, constexprs, attrs)."""
+@functools.cache
+def backend_for(arch: int) -> tuple[Any, Any]:
+    """(GPUTarget, Triton's compiler backend) of CUDA compute capability `arch`, made once."""
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    target = GPUTarget("cuda", arch, 32)
+    return target, make_backend(target)
+
+
+@functools.cache
+def _binder(jit: Any, arch: int) -> Any:
+    """The argument binder Triton's JIT builds per kernel and backend (made once per pair here too)."""
     from triton.runtime.jit import create_function_from_signature
 
+    return create_function_from_signature(jit.signature, jit.params, backend_for(arch)[1])
+
+
+def specialize(launch: Launch, arch: int) -> tuple[Any, dict[str, str], dict[Any, Any], dict[Any, Any]]:
+    """What Triton's JIT derives from one launch for `arch`: (options, signature, constexprs, attrs)."""
     jit = launch.kernel
-    binder = create_function_from_signature(jit.signature, jit.params, backend)
-    bound, spec, options = binder(*launch.args, **launch.kwargs)
-    return jit._pack_args(backend, launch.kwargs, bound, spec, options)
+    bound, spec, options = _binder(jit, arch)(*launch.args, **launch.kwargs)
+    return jit._pack_args(backend_for(arch)[1], launch.kwargs, bound, spec, options)
 
 
 _REGS = re.compile(r"Used (\d+) registers")
@@ -97,12 +113,10 @@ def compile_variant(launch: Launch, arch: int) -> dict[str, Any]:
     """Compile one launch's specialization for compute capability `arch`; shared bytes, registers, spills."""
     import triton
     from triton import knobs
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource, make_backend
+    from triton.compiler import ASTSource
 
-    target = GPUTarget("cuda", arch, 32)
-    backend = make_backend(target)
-    options, signature, constexprs, attrs = specialize(launch, backend)
+    target = backend_for(arch)[0]
+    options, signature, constexprs, attrs = specialize(launch, arch)
     log = io.StringIO()
     t0 = time.perf_counter()
     knobs.nvidia.dump_ptxas_log = True  # ptxas -v: registers and spills of the kernel
@@ -128,10 +142,7 @@ def compile_variant(launch: Launch, arch: int) -> dict[str, Any]:
 
 def variant_key(launch: Launch) -> tuple[str, str]:
     """(kernel name, a stable text of its specialization) — what Triton's kernel cache keys a compile on."""
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import make_backend
-
-    options, signature, constexprs, attrs = specialize(launch, make_backend(GPUTarget("cuda", 90, 32)))
+    options, signature, constexprs, attrs = specialize(launch, 90)
     opts = {k: v for k, v in sorted(options.__dict__.items()) if k in ("num_warps", "num_stages", "num_ctas")}
     names = launch.kernel.arg_names  # constexpr paths are (argument index,): name them
     named = {names[k[0]] if len(k) == 1 else str(k): repr(v) for k, v in constexprs.items()}
