@@ -386,7 +386,7 @@ class _Inflight:
 
     def source_row(self, chunk: SeqChunk) -> int:
         """The row of this step's samples holding `chunk`'s input token, or -1 when the chunk has its token."""
-        if PLACEHOLDER not in chunk.token_ids:
+        if chunk.token_ids[-1] != PLACEHOLDER:  # a placeholder is always a sequence's last output
             return -1
         row = self.rows.get(chunk.seq_id)
         if row is None or len(chunk.token_ids) != 1:  # only a decode reads the token its last step sampled
