@@ -49,6 +49,11 @@ class BlockManager:
         have = len(self._tables.get(seq_id, ()))
         return max(0, self.blocks_for_tokens(num_tokens) - have)
 
+    def room(self, seq_id: int) -> int:
+        """Tokens the blocks `seq_id` holds can take (0 if it holds none)."""
+        table = self._tables.get(seq_id)
+        return len(table) * self.block_size if table is not None else 0
+
     def can_grow(self, seq_id: int, num_tokens: int) -> bool:
         return self.extra_blocks_needed(seq_id, num_tokens) <= len(self._free)
 

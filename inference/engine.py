@@ -349,6 +349,9 @@ class _Tracked:
         """Text that can be streamed now: all of it when final, else all but a tail that could still grow
         into a stop string."""
         end = len(self.text)
+        if not self.max_stop:  # no stop strings: nothing is held back
+            out, self.emitted = self.text[self.emitted :], end
+            return out
         if not final:
             for k in range(min(self.max_stop - 1, end), 0, -1):
                 tail = self.text[end - k :]
@@ -701,12 +704,7 @@ class Engine:
             # previous step's tokens get their text work and are streamed
             self._finish_outputs()
         self.scheduler.advance(out)
-        decodes = sum(
-            1
-            for s, c in zip(out.seqs, out.chunks)
-            if len(c.token_ids) == 1 and c.start_pos >= len(s.prompt_ids)
-        )
-        self._count(out.num_tokens - decodes, len(rows))
+        self._count(out.num_tokens - out.num_decodes, len(rows))
         pending: PendingSample | None = None
         if logits is not None:
             requests = [
@@ -752,9 +750,10 @@ class Engine:
             if seq.status is SequenceStatus.FINISHED:
                 at.append(-1)
                 continue
-            at.append(len(seq.output_ids))
+            n = len(seq.output_ids)
+            at.append(n)
             seq.output_ids.append(PLACEHOLDER)
-            if len(seq.output_ids) >= seq.params.max_tokens or len(seq) >= self.max_model_len:
+            if n + 1 >= seq.params.max_tokens or len(seq.prompt_ids) + n + 1 >= self.max_model_len:
                 seq.held = True
         return _Inflight(tracked, at, pending)
 

@@ -114,9 +114,14 @@ class DecodeGraphRunner:
         self._meta = torch.zeros(6 * p + p * self.width, dtype=torch.int64, device=dev)
         pin = dev.type == "cuda"
         self._hosts = [torch.zeros(self._meta.shape, dtype=torch.int64, pin_memory=pin) for _ in range(2)]
+        self._host_arrays = [h.numpy() for h in self._hosts]  # numpy views of the mirrors, written row by row
+        self._non_blocking = pin  # pinned host memory: the copies queue behind earlier work
         self._host_slots = [torch.full((max_merge, p), -1, dtype=torch.int32, pin_memory=pin) for _ in range(2)]
         self._host_scales = [torch.zeros(max_merge, p, dtype=torch.float32, pin_memory=pin) for _ in range(2)]
         self._turn = 0
+        # the block table each mirror's row i holds (None: padding or nothing yet): a sequence's table is one
+        # tuple until it grows (`BlockManager`), so a row whose table is the same object needs no rewrite
+        self._table_rows: list[list[tuple[int, ...] | None]] = [[None] * p for _ in range(2)]
         self._tokens = self._meta[0 : 2 * p]  # [2P]: last tokens, host ids
         self.last_tokens = self._meta[0:p]  # [P] the previous step's samples
         self.positions = self._meta[2 * p : 3 * p]  # [P]
@@ -251,8 +256,7 @@ class DecodeGraphRunner:
         bs, b, pmax = self.block_size, len(chunks), self.buckets[-1]
         turn = self._turn
         self._turn ^= 1
-        host_t = self._hosts[turn]
-        host = host_t.numpy()
+        host_t, host = self._hosts[turn], self._host_arrays[turn]
         pos = [c.start_pos for c in chunks]
         host[pmax : pmax + b] = [max(c.token_ids[0], 0) for c in chunks]  # a placeholder (-1) takes its source
         host[2 * pmax : 2 * pmax + b] = pos
@@ -262,8 +266,12 @@ class DecodeGraphRunner:
         host[5 * pmax : 5 * pmax + b] = own if token_sources is None else [
             r if r >= 0 else i for r, i in zip(token_sources, own, strict=True)]
         tables = host[6 * pmax :].reshape(pmax, self.width)
+        written = self._table_rows[turn]
         for i, c in enumerate(chunks):
-            tables[i, : len(c.block_table)] = c.block_table
+            table = c.block_table
+            if written[i] is not table:
+                tables[i, : len(table)] = table
+                written[i] = table
         if b < p:  # padding rows: token 0 at position 0 into the scratch slot, context 1 on the scratch block
             host[pmax + b : pmax + p] = 0
             host[2 * pmax + b : 2 * pmax + p] = 0
@@ -271,7 +279,8 @@ class DecodeGraphRunner:
             host[4 * pmax + b : 4 * pmax + p] = 1
             host[5 * pmax + b : 5 * pmax + p] = range(pmax + b, pmax + p)
             tables[b:p, 0] = self._scratch_block
-        nb = self._meta.device.type == "cuda"  # pinned host memory: the copies queue behind earlier work
+            written[b:p] = [None] * (p - b)
+        nb = self._non_blocking
         self._meta[pmax : 6 * pmax].copy_(host_t[pmax : 6 * pmax], non_blocking=nb)
         rows = slice(6 * pmax, 6 * pmax + p * self.width)
         self._meta[rows].copy_(host_t[rows], non_blocking=nb)

@@ -111,6 +111,7 @@ class SchedulerOutput:
     chunks: list[SeqChunk] = field(default_factory=list)
     preempted: list[Sequence] = field(default_factory=list)
     failed: list[Sequence] = field(default_factory=list)
+    num_decodes: int = 0  # chunks that are one generated token (the rest are prompt tokens)
 
     @property
     def num_tokens(self) -> int:
@@ -201,8 +202,9 @@ class Scheduler:
         for s in self.running:
             if s.held:
                 continue  # its last token is still on the device (`Engine` async_decode): nothing to run
-            u = s.num_uncomputed
+            u = len(s.prompt_ids) + len(s.output_ids) - s.num_computed  # s.num_uncomputed, inlined: every step
             (decodes if u == 1 else prefills).append((s, u))
+        room = self.blocks.room
         for seq, uncomputed in decodes + prefills:
             if seq.status is not SequenceStatus.RUNNING:
                 continue  # preempted earlier in this loop
@@ -210,7 +212,7 @@ class Scheduler:
                 break
             n = min(uncomputed, budget)
             target = seq.num_computed + n
-            if self.blocks.extra_blocks_needed(seq.seq_id, target):  # most decodes fit in their last block
+            if target > room(seq.seq_id):  # most decodes fit in their last block
                 while not self.blocks.can_grow(seq.seq_id, target):
                     victim = self.running[-1]  # the youngest running sequence (seq itself is running)
                     self._preempt(victim)
@@ -229,19 +231,20 @@ class Scheduler:
             budget = self._admit(budget, planned, out)
         self._prefetch_ahead()
 
+        table = self.blocks.block_table
         for seq, n in planned.values():
             start = seq.num_computed
+            prompt_len = len(seq.prompt_ids)
+            if n == 1 and start >= prompt_len:  # a decode: its one output token
+                ids: tuple[int, ...] = (seq.output_ids[start - prompt_len],)
+                out.num_decodes += 1
+            else:
+                ids = token_ids_of(seq, start, n)
             out.seqs.append(seq)
             out.chunks.append(
-                SeqChunk(
-                    seq_id=seq.seq_id,
-                    token_ids=token_ids_of(seq, start, n),
-                    start_pos=start,
-                    block_table=self.blocks.block_table(seq.seq_id),
-                    adapter_slots=seq.adapter_slots,
-                    adapter_scales=seq.adapter_weights if seq.adapter_slots else (),
-                    sample=start + n == len(seq),
-                )
+                SeqChunk(seq.seq_id, ids, start, table(seq.seq_id), seq.adapter_slots,
+                         seq.adapter_weights if seq.adapter_slots else (),
+                         start + n == prompt_len + len(seq.output_ids))
             )
         return out
 

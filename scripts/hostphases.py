@@ -1,0 +1,128 @@
+"""Where an engine step's time goes on the host, phase by phase (imported by the benchmark scripts beside it).
+
+A decode step runs ahead of the host only as far as the host keeps up: once its own work per step (scheduling,
+filling the step's buffers, launching, sampling, recording, detokenizing, streaming) exceeds the device's time,
+the host is the bound. `HostPhases.attach(engine)` wraps the engine's parts on that one instance (the module
+function `sample_start` while attached) and sums the seconds each spends:
+
+    schedule   Scheduler.schedule
+    fill       the step's host buffers and their copies: DecodeGraphRunner._fill, or build_batch for a plain step
+    forward    DecodeGraphRunner.run less its fill (a graph replay: one launch; on the CPU: the forward itself),
+               or the model's forward and logits in a plain step
+    sample     sample_start (queues the choice and the copy of the tokens to host memory)
+    wait       waiting for the device: the CUDA event behind the sampled tokens (0 on the CPU)
+    collect    Engine._collect less its wait: the tokens read and recorded on their sequences
+    text       Engine._finish_outputs: detokenizing, stop strings, streaming
+    other      Engine.step less all of the above (inputs, advance, placeholders, bookkeeping)
+
+`host_s` is a step less what the device does: less `wait`, and on the CPU (where the device is the host) less
+`forward` too. The wrappers cost about a microsecond per call, a few per step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+import inference.engine as engine_module
+from inference.engine import Engine
+
+PHASES: tuple[str, ...] = ("schedule", "fill", "forward", "sample", "wait", "collect", "text", "other")
+
+
+class HostPhases:
+    """Seconds per phase (see the module docstring), summed over the steps run while attached."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = dict.fromkeys((*PHASES, "step"), 0.0)
+        self._depth: dict[str, int] = {}
+
+    def reset(self) -> None:
+        for k in self.seconds:
+            self.seconds[k] = 0.0
+
+    def _timed(self, key: str, fn: Callable[..., Any], inner: tuple[str, ...] = ()) -> Callable[..., Any]:
+        """fn, adding its seconds to `key` less what the phases in `inner` spent inside it; a call made inside
+        another call of the same key counts once."""
+        seconds, depth = self.seconds, self._depth
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            if depth.get(key):
+                return fn(*args, **kwargs)
+            before = sum(seconds[k] for k in inner)
+            depth[key] = 1
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                depth[key] = 0
+                seconds[key] += time.perf_counter() - t0 - (sum(seconds[k] for k in inner) - before)
+
+        return wrapped
+
+    def attach(self, engine: Engine) -> Callable[[], None]:
+        """Wrap `engine`'s parts; returns the function that restores them."""
+        restore: list[Callable[[], None]] = []
+
+        def patch(obj: Any, name: str, key: str, inner: tuple[str, ...] = (), shared: bool = False) -> None:
+            plain = getattr(obj, name)
+            setattr(obj, name, self._timed(key, plain, inner))
+            # an attribute of a module or class is put back; one set on an instance is removed (its class's shows)
+            restore.append((lambda: setattr(obj, name, plain)) if shared else (lambda: delattr(obj, name)))
+
+        patch(engine.scheduler, "schedule", "schedule")
+        patch(engine_module, "build_batch", "fill", shared=True)
+        patch(engine_module, "sample_start", "sample", shared=True)
+        patch(engine, "_collect", "collect", inner=("wait",))
+        patch(engine, "_finish_outputs", "text")
+        # a model call made inside the graph runner belongs to its "forward" already (the depth check)
+        if engine.graphs is not None:
+            patch(engine.graphs, "_fill", "fill")
+            patch(engine.graphs, "run", "forward", inner=("fill",))
+        patch(engine.model, "forward", "forward")
+        patch(engine.model, "compute_logits", "forward")
+        if torch.cuda.is_available():
+            patch(torch.cuda.Event, "synchronize", "wait", shared=True)
+        patch(engine, "step", "step")
+
+        def detach() -> None:
+            for undo in reversed(restore):
+                undo()
+
+        return detach
+
+    def per_step(self, steps: int, device: torch.device, before: dict[str, float] | None = None) -> dict[str, float]:
+        """Seconds per step of each phase, `other` and `host_s` (see the module docstring) over `steps` steps:
+        what was summed since `before` (a copy of `seconds`), or since the last reset."""
+        s = {k: v - (before or {}).get(k, 0.0) for k, v in self.seconds.items()}
+        s["other"] = s["step"] - sum(s[k] for k in PHASES if k != "other")
+        out = {k: v / steps for k, v in s.items()}
+        out["host_s"] = out["step"] - out["wait"] - (out["forward"] if device.type == "cpu" else 0.0)
+        return out
+
+
+def decode_phases(engine: Engine, run: Callable[[int], None], new_tokens: int, device: torch.device,
+                  repeats: int = 3) -> dict[str, float]:
+    """Per decode step of `engine`: `run(n)` generates n tokens for each request of a fixed batch; a decode
+    step is what run(new_tokens) spends over run(1) (the prefill), per step. The round with the fastest step
+    of `repeats`."""
+    phases = HostPhases()
+    detach = phases.attach(engine)
+    best: dict[str, float] | None = None
+    try:
+        for _ in range(repeats):
+            phases.reset()
+            run(1)
+            one = dict(phases.seconds)
+            phases.reset()
+            run(new_tokens)
+            per = phases.per_step(new_tokens - 1, device, before=one)
+            if best is None or per["step"] < best["step"]:
+                best = per
+    finally:
+        detach()
+    assert best is not None
+    return best
