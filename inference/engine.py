@@ -363,7 +363,7 @@ class _Tracked:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class _Output:
     """One sampled token recorded on its sequence, waiting for its text work (`Engine._finish_outputs`)."""
 

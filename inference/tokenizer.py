@@ -120,7 +120,8 @@ class IncrementalDetokenizer:
                             read = len(ids), _before = text.
                             When the window grows past WINDOW_IDS, it slides: prefix = the previous read (a
                             boundary), _before = decode(ids[prefix:read]) (one extra decode every few ids).
-        flush()  -> the rest (an incomplete character at the very end comes out as U+FFFD).
+        flush()  -> the rest (an incomplete character at the very end comes out as U+FFFD); the text ends
+                    there (a later push raises).
 
     The window starts on the last few prompt ids, and always keeps the previously emitted ids as context, so
     that tokenizers which drop a leading space when a text starts with a word (SentencePiece) still give the
@@ -134,11 +135,17 @@ class IncrementalDetokenizer:
         self._tokenizer = tokenizer
         self._skip = skip_special_tokens
         self._ids: list[int] = list(prompt_ids[-self.CONTEXT_IDS :]) if prompt_ids else []
+        self._before = self._decode(self._ids) if self._ids else ""
+        while self._ids and self._before.endswith(REPLACEMENT_CHAR):
+            # prompt ids that end inside a character (ids sent as such): the context stops before it, so the
+            # character's first bytes are not completed by generated ones into text the prompt half owns
+            self._ids.pop()
+            self._before = self._decode(self._ids) if self._ids else ""
         self._prefix = 0
         self._read = len(self._ids)
         self._last_read = self._read  # the read boundary before the latest emission: where a slide moves prefix
-        self._before = self._decode(self._ids) if self._ids else ""
         self._emitted = ""
+        self._flushed = False
         backend = tokenizer._stream_backend
         self._backend = backend
         self._stream = DecodeStream(ids=self._ids, skip_special_tokens=skip_special_tokens) if backend else None
@@ -153,6 +160,8 @@ class IncrementalDetokenizer:
 
     def push(self, token_id: int) -> str:
         """Add one generated id; return the new text it completes ("" while a character is still partial)."""
+        if self._flushed:
+            raise RuntimeError("push after flush: this detokenizer's text has ended; start a new one")
         token_id = int(token_id)
         self._ids.append(token_id)
         if self._stream is not None:
@@ -177,7 +186,10 @@ class IncrementalDetokenizer:
         return delta
 
     def flush(self) -> str:
-        """Emit whatever is still held back (at the end of generation)."""
+        """Emit whatever is still held back: the end of generation (a push after it is an error)."""
+        if self._flushed:
+            return ""
+        self._flushed = True
         if self._stream is not None:  # the Rust path keeps no `_before`: decode the emitted part now
             if self._read == len(self._ids):
                 return ""
@@ -187,6 +199,4 @@ class IncrementalDetokenizer:
         self._last_read = self._read = len(self._ids)
         self._before = after
         self._emitted += delta
-        if self._stream is not None:  # the stream still holds the ids just flushed: restart it after them
-            self._stream = DecodeStream(ids=self._ids[self._prefix :], skip_special_tokens=self._skip)
         return delta

@@ -11,7 +11,8 @@ run every system in turn. On CUDA the engine runs three times in the same proces
 replayed as CUDA graphs and run ahead of the host (`decode_graphs="graphs"`, `async_decode`, the defaults
 there), the same graphs waited for step by step, and plain eager steps (`"off"`); it also times one decode
 step at batch 1, 8 and B of each against the bandwidth bound (bytes a decode step reads / measured device copy
-bandwidth). `--compare-static` runs the graphs' padded steps eagerly on the CPU, waited for and run ahead.
+bandwidth), and where a decode step's time goes on the host, phase by phase (`scripts/hostphases.py`).
+`--compare-static` runs the graphs' padded steps eagerly on the CPU, waited for and run ahead.
 Writes JSON with the machine description to benchmarks/results/engine_<device>.json.
 
     python scripts/bench_engine.py                      # CPU: ~125M model, batch 4, prompt 32, 8 new tokens
@@ -34,6 +35,7 @@ from typing import Any
 import torch
 from benchlib import machine_info  # scripts/benchlib.py, beside this script
 from benchmodels import SIZES, build_models, sync  # scripts/benchmodels.py, beside this script
+from hostphases import decode_phases  # scripts/hostphases.py, beside this script
 
 from inference.config import parse_dtype
 from inference.engine import Engine, EngineConfig, GenerationRequest
@@ -232,6 +234,16 @@ def main(argv: list[str] | None = None) -> int:
             return (tn - t1) / (new - 1)
 
         report["decode_step"] = {"copy_bandwidth_gb_s": bw / 1e9, "bandwidth_bound_s": bound}
+        # where a decode step's time goes on the host, at batch B (scripts/hostphases.py): a step run ahead is
+        # bound by the host once host_s passes the device's step time
+        report["host_phases"] = {"batch": batch}
+        for name, eng in engines.items():
+            phases = decode_phases(eng, engine_runner(eng), new, device, repeats=args.repeats)
+            phases["host_over_bound"] = phases["host_s"] / bound
+            phases["host_over_step"] = phases["host_s"] / phases["step"]
+            report["host_phases"][name] = phases
+            print(name, "host phases per decode step (us):",
+                  {k: round(v * 1e6, 1) for k, v in phases.items() if not k.endswith(("_bound", "_step"))}, flush=True)
         for name, eng in engines.items():
             step = {str(b): step_time(eng, b) for b in sorted({1, min(8, batch), batch})}
             report["decode_step"][name] = {

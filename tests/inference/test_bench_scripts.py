@@ -34,6 +34,14 @@ def test_bench_engine_runs_with_static_steps_waited_for_and_ahead(tmp_path: Path
     assert res["engine_static"]["tokens_agreeing_with_engine"] == 1.0
     assert report["ratio"]["decode_engine_static_ahead_ahead_over_waited"] > 0
     assert set(report["decode_step"]) >= {"bandwidth_bound_s", "engine", "engine_static", "engine_static_ahead"}
+    phases = report["host_phases"]
+    ahead, waited = phases["engine_static_ahead"], phases["engine_static"]
+    assert ahead["collect"] > 0 and waited["collect"] == 0  # only steps run ahead collect a step in flight
+    for row in (ahead, waited):
+        assert row["forward"] > 0 and row["text"] > 0 and row["schedule"] > 0 and row["wait"] == 0  # no CUDA
+        parts = sum(row[k] for k in ("schedule", "fill", "forward", "sample", "wait", "collect", "text", "other"))
+        assert abs(parts - row["step"]) < 1e-9 and row["other"] > 0
+        assert 0 < row["host_s"] < row["step"] and row["host_over_step"] == row["host_s"] / row["step"]
 
 
 @pytest.mark.slow

@@ -122,6 +122,29 @@ def test_incremental_detokenizer_flushes_a_dangling_partial_character(tok: Token
     assert tail and set(tail) == {REPLACEMENT_CHAR}
 
 
+def test_streaming_in_rust_gives_the_python_windows_deltas(tiny_model_dir: Path) -> None:
+    """A byte-level tokenizer streams through tokenizers' DecodeStream; every delta (and flush) must equal the
+    Python window's, over random ids: partial and invalid UTF-8, special ids kept or skipped, a prompt as
+    context (ending inside a character too). A flush ends the text."""
+    rust = Tokenizer.from_pretrained(tiny_model_dir)
+    python = Tokenizer.from_pretrained(tiny_model_dir)
+    python._stream_backend = None  # the fallback other tokenizers take
+    g = torch.Generator().manual_seed(3)
+    for case in range(24):
+        skip = case % 2 == 0
+        prompt = torch.randint(0, rust.vocab_size, (case % 7,), generator=g).tolist()
+        ids = torch.randint(0, rust.vocab_size, (1 + 5 * case,), generator=g).tolist()
+        a, b = rust.detokenizer(prompt, skip), python.detokenizer(prompt, skip)
+        assert a._stream is not None and b._stream is None
+        got_a, got_b = [a.push(i) for i in ids] + [a.flush()], [b.push(i) for i in ids] + [b.flush()]
+        assert got_a == got_b, f"case {case}"
+        assert a.text == b.text == "".join(got_a)
+        for d in (a, b):
+            assert d.flush() == ""
+            with pytest.raises(RuntimeError, match="push after flush"):
+                d.push(ids[0])
+
+
 def test_tokenizer_missing_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="no tokenizer in .*tokenizer.json"):
         Tokenizer.from_pretrained(tmp_path)
