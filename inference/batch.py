@@ -112,10 +112,10 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device: torch.device | 
     slot_mapping: list[int] = []
     logits_indices: list[int] = []
     max_m = max(len(c.adapter_slots) for c in chunks)
-    slots: list[list[int]] = []
-    scales: list[list[float]] = []
+    slots: list[int] = []  # [T, M] row-major
+    scales: list[float] = []
     max_blocks = max(len(c.block_table) for c in chunks)
-    tables: list[list[int]] = []
+    tables: list[int] = []  # [B, max_blocks] row-major
     for c in chunks:
         n = len(c.token_ids)
         if n == 0:
@@ -126,34 +126,60 @@ def build_batch(chunks: list[SeqChunk], block_size: int, device: torch.device | 
         if len(c.adapter_slots) != len(c.adapter_scales):
             raise ValueError(f"sequence {c.seq_id}: adapter slots and scales differ in length")
         input_ids.extend(c.token_ids)
-        for p in range(c.start_pos, end):
-            positions.append(p)
-            slot_mapping.append(c.block_table[p // block_size] * block_size + p % block_size)
+        q = c.start_pos
+        if n == 1:  # a decode
+            positions.append(q)
+            slot_mapping.append(c.block_table[q // block_size] * block_size + q % block_size)
+        else:
+            positions.extend(range(q, end))
+            for j in range(q // block_size, (end - 1) // block_size + 1):  # block by block, not per token
+                base = c.block_table[j] * block_size - j * block_size  # slot of position p in block j: base + p
+                slot_mapping.extend(range(base + max(q, j * block_size), base + min(end, (j + 1) * block_size)))
         query_start.append(query_start[-1] + n)
         context_lens.append(end)
         logits_indices.append(query_start[-1] - 1)
-        pad = max_m - len(c.adapter_slots)
-        row_slots = list(c.adapter_slots) + [-1] * pad
-        row_scales = list(c.adapter_scales) + [0.0] * pad
-        slots.extend([row_slots] * n)
-        scales.extend([row_scales] * n)
-        tables.append(list(c.block_table) + [0] * (max_blocks - len(c.block_table)))
-    t = len(input_ids)
-    return BatchMetadata(  # pinned, non-blocking copies on CUDA: building a step never waits for the one running
-        input_ids=to_device(input_ids, torch.int64, device),
-        positions=to_device(positions, torch.int64, device),
-        query_start=to_device(query_start, torch.int32, device),
-        context_lens=to_device(context_lens, torch.int32, device),
-        block_tables=to_device(tables, torch.int32, device),
-        slot_mapping=to_device(slot_mapping, torch.int64, device),
-        logits_indices=to_device(logits_indices, torch.int64, device),
-        token_adapter_slots=to_device(slots, torch.int32, device).reshape(t, max_m),
-        token_adapter_scales=to_device(scales, torch.float32, device).reshape(t, max_m),
+        if max_m:  # every token of the chunk on its slots, in row-major [T, M]
+            pad = max_m - len(c.adapter_slots)
+            slots.extend((list(c.adapter_slots) + [-1] * pad) * n)
+            scales.extend((list(c.adapter_scales) + [0.0] * pad) * n)
+        tables.extend(c.block_table)
+        tables.extend([0] * (max_blocks - len(c.block_table)))
+    t, b = len(input_ids), len(chunks)
+    # Two host buffers, two copies (pinned and non-blocking on CUDA: building a step never waits for the one
+    # running), each tensor a view of one: [input ids | positions | slots | logits indices] in int64 and
+    # [query start | context lengths | block tables | adapter slots] in int32. Every part starts on a multiple
+    # of 4 elements, so each view is as aligned (16 bytes) as a tensor of its own: Triton specializes on it.
+    ints64, at64 = _packed([input_ids, positions, slot_mapping, logits_indices])
+    ints32, at32 = _packed([query_start, context_lens, tables, slots])
+    dev64, dev32 = to_device(ints64, torch.int64, device), to_device(ints32, torch.int32, device)
+    return BatchMetadata(
+        input_ids=dev64[at64[0] : at64[0] + t],
+        positions=dev64[at64[1] : at64[1] + t],
+        query_start=dev32[at32[0] : at32[0] + b + 1],
+        context_lens=dev32[at32[1] : at32[1] + b],
+        block_tables=dev32[at32[2] : at32[2] + b * max_blocks].view(b, max_blocks),
+        slot_mapping=dev64[at64[2] : at64[2] + t],
+        logits_indices=dev64[at64[3] : at64[3] + b],
+        token_adapter_slots=dev32[at32[3] : at32[3] + t * max_m].view(t, max_m),
+        token_adapter_scales=(to_device(scales, torch.float32, device) if max_m
+                              else torch.zeros(0, dtype=torch.float32, device=device)).view(t, max_m),
         block_size=block_size,
         max_query_len=max(len(c.token_ids) for c in chunks),
         max_context_len=max(context_lens),
         adapter_runs=adapter_runs(chunks, query_start, max_m),
     )
+
+
+def _packed(parts: list[list[int]], align: int = 4) -> tuple[list[int], list[int]]:
+    """The parts laid end to end in one list, each starting on a multiple of `align` (zeros between), and
+    where each starts."""
+    flat: list[int] = []
+    starts: list[int] = []
+    for part in parts:
+        flat.extend([0] * (-len(flat) % align))
+        starts.append(len(flat))
+        flat.extend(part)
+    return flat, starts
 
 
 def adapter_runs(
