@@ -102,7 +102,7 @@ class SeqChunk:
 
 
 def build_batch(chunks: list[SeqChunk], block_size: int, device: torch.device | str = "cpu") -> BatchMetadata:
-    """Flatten per-sequence chunks into one `BatchMetadata` (host lists -> device tensors, one copy each)."""
+    """Flatten per-sequence chunks into one `BatchMetadata` (host lists -> device tensors: two packed copies)."""
     if not chunks:
         raise ValueError("build_batch needs at least one sequence chunk")
     input_ids: list[int] = []

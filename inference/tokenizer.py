@@ -32,9 +32,8 @@ class Tokenizer:
         self._backend_decode: Any = backend.decode if backend is not None and not cleans_up else None
         # A byte-level decoder (Llama 3, Qwen2/3, GPT-2 style BPE) decodes each id to its own bytes, so the text of
         # ids[:n + 1] always extends that of ids[:n]: streaming can then run in Rust (`DecodeStream`).
-        self._stream_backend: Any = (
-            backend if self._backend_decode is not None and isinstance(backend.decoder, ByteLevel) else None
-        )
+        byte_level = backend is not None and not cleans_up and isinstance(backend.decoder, ByteLevel)
+        self._stream_backend: Any = backend if byte_level else None
         eos = {int(i) for i in extra_eos_ids}
         if hf_tokenizer.eos_token_id is not None:
             eos.add(int(hf_tokenizer.eos_token_id))

@@ -32,10 +32,11 @@ def to_device(values: object, dtype: torch.dtype, device: torch.device | str) ->
     host: torch.Tensor | None = None
     if code is not None and isinstance(values, list) and values and not isinstance(values[0], (list, tuple)):
         host = torch.frombuffer(array.array(code, values), dtype=dtype)  # shares the array's memory
-    on_cuda = torch.device(device).type == "cuda"
+    dev = torch.device(device)
     if host is None:
-        return (torch.tensor(values, dtype=dtype, pin_memory=True).to(device, non_blocking=True) if on_cuda
-                else torch.tensor(values, dtype=dtype, device=device))
-    if on_cuda:
-        return host.pin_memory().to(device, non_blocking=True)
-    return host.to(device) if torch.device(device).type != "cpu" else host
+        if dev.type == "cuda":
+            return torch.tensor(values, dtype=dtype, pin_memory=True).to(dev, non_blocking=True)
+        return torch.tensor(values, dtype=dtype, device=dev)
+    if dev.type == "cuda":
+        return host.pin_memory().to(dev, non_blocking=True)
+    return host.to(dev)  # the CPU: the tensor itself
