@@ -274,8 +274,11 @@ class Scheduler:
             keys = seq.adapter_keys
             slots: tuple[int, ...] = ()
             if keys:
-                if len(resident | set(keys)) > self.adapter_slots.num_slots:
-                    self.adapter_slots.prefetch(keys)
+                # Too many distinct adapters with it: it waits and does not block the others. No prefetch for
+                # it here: `_prefetch_ahead` hints what the head of the queue needs, at most a slot's worth.
+                # Hinting every skipped request would load (and, with a CPU tier smaller than what waits,
+                # evict and load again) adapters that cannot run for many steps.
+                if not resident.issuperset(keys) and len(resident.union(keys)) > self.adapter_slots.num_slots:
                     continue
                 try:
                     acquired = self.adapter_slots.acquire(keys)

@@ -154,20 +154,17 @@ class Sequence:
     num_preemptions: int = 0
     adapter_slots: tuple[int, ...] = ()  # GPU slots while RUNNING with adapters, else ()
     held: bool = False  # its last output is a token still on the device that ends it: never scheduled again
+    # the adapters' keys and weights, split once (the scheduler reads them every step)
+    adapter_keys: tuple[str, ...] = field(init=False, repr=False)
+    adapter_weights: tuple[float, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise InvalidRequestError(
                 f"request {self.request_id!r}: the prompt is empty; send at least one token"
             )
-
-    @property
-    def adapter_keys(self) -> tuple[str, ...]:
-        return tuple(k for k, _ in self.adapters)
-
-    @property
-    def adapter_weights(self) -> tuple[float, ...]:
-        return tuple(w for _, w in self.adapters)
+        self.adapter_keys = tuple(k for k, _ in self.adapters)
+        self.adapter_weights = tuple(w for _, w in self.adapters)
 
     @property
     def all_ids(self) -> list[int]:
