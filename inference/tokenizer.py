@@ -12,11 +12,26 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tokenizers.decoders import ByteLevel, DecodeStream
+from tokenizers.decoders import ByteLevel
 
 from inference.errors import InvalidRequestError, ModelLoadError
 
 REPLACEMENT_CHAR = "\ufffd"  # what decoding yields for an incomplete UTF-8 sequence
+
+
+def _decode_stream_class() -> Any:
+    """tokenizers' `DecodeStream` where it takes a context of ids (`ids=`, tokenizers >= 0.22), else None:
+    streaming then stays on the Python window (a machine may carry an older tokenizers than the lock)."""
+    try:
+        from tokenizers.decoders import DecodeStream
+
+        DecodeStream(ids=[0], skip_special_tokens=True)
+    except (ImportError, TypeError):
+        return None
+    return DecodeStream
+
+
+DECODE_STREAM = _decode_stream_class()
 
 
 class Tokenizer:
@@ -31,8 +46,11 @@ class Tokenizer:
         cleans_up = bool(getattr(hf_tokenizer, "clean_up_tokenization_spaces", False))
         self._backend_decode: Any = backend.decode if backend is not None and not cleans_up else None
         # A byte-level decoder (Llama 3, Qwen2/3, GPT-2 style BPE) decodes each id to its own bytes, so the text of
-        # ids[:n + 1] always extends that of ids[:n]: streaming can then run in Rust (`DecodeStream`).
-        byte_level = backend is not None and not cleans_up and isinstance(backend.decoder, ByteLevel)
+        # ids[:n + 1] always extends that of ids[:n] once that ends on a whole character: streaming can then run in
+        # Rust (`DecodeStream`), whose check of exactly that cannot fail. Decoders that strip or replace text
+        # (SentencePiece's) keep the Python window.
+        byte_level = (DECODE_STREAM is not None and backend is not None and not cleans_up
+                      and isinstance(backend.decoder, ByteLevel))
         self._stream_backend: Any = backend if byte_level else None
         eos = {int(i) for i in extra_eos_ids}
         if hf_tokenizer.eos_token_id is not None:
@@ -147,7 +165,7 @@ class IncrementalDetokenizer:
         self._flushed = False
         backend = tokenizer._stream_backend
         self._backend = backend
-        self._stream = DecodeStream(ids=self._ids, skip_special_tokens=skip_special_tokens) if backend else None
+        self._stream = DECODE_STREAM(ids=self._ids, skip_special_tokens=skip_special_tokens) if backend else None
 
     @property
     def text(self) -> str:
