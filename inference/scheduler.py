@@ -17,8 +17,10 @@ is refused at `add()`: no state can deadlock.
 
 Waiting sequences are served first come first served within a priority: if the head of the queue lacks KV
 blocks, nobody behind it is admitted (no starvation of long prompts). The one exception is adapters: a
-sequence whose adapters cannot be made resident in GPU slots now is skipped (and its adapters prefetched)
-without blocking those behind it, and the distinct adapters of the running set never exceed the slot count.
+sequence whose adapters cannot be made resident in GPU slots now is skipped without blocking those behind it,
+and the distinct adapters of the running set never exceed the slot count. Each step hints the store with the
+adapters the head of the queue needs, at most a slot's worth (`prefetch`), not with every request skipped: the
+loads then follow the slot misses, not the length of the queue.
 
 Adapter hook: the scheduler talks to an `AdapterSlots` (the adapter store implements it): `acquire(keys)` pins
 the adapters of a sequence in GPU slots when it starts running and returns their slot ids (or None when
