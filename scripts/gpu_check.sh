@@ -6,7 +6,8 @@
 #   a   the CUDA tests (~180): captured decode graphs vs plain steps (base and adapters), the compiled Triton
 #       attention, LoRA and fused layer-op kernels against their torch twins; then bench_engine on a 1B-class
 #       random model (bf16, batch 32): graphs vs eager steps vs transformers, decode step time vs the
-#       bandwidth bound (issue 3's targets)                                                          (est. 6 min)
+#       bandwidth bound (issue 3's targets), and each variant's host time per step by phase (`host_phases`:
+#       a `wait` near 0 means the host, not the GPU, bounds the steps run ahead)                     (est. 6 min)
 #   b   bench_lora on a reduced trace: Llama-3-8B shape, bf16, rank 16, N in {1, 8, 32}, peft up to 32
 #       (issue 4's targets)                                                                          (est. 6 min)
 #   c   bench_engine on the Llama-3-8B shape (the bandwidth check where host time per step is small
