@@ -1,6 +1,7 @@
 """The benchmark scripts the GPU runs depend on (`scripts/gpu_check.sh`) run end to end on a tiny model, over
 the code paths a GPU takes: fixed-shape decode steps (CUDA graphs there, "static" here) run ahead of the host.
-A device lease is too short to find a broken script there."""
+A device lease is too short to find a broken script there. They run on the CPU even where CUDA is visible (the
+static variants they check exist there only)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ def run_script(name: str, *args: str) -> None:
 @pytest.mark.slow
 def test_bench_engine_runs_with_static_steps_waited_for_and_ahead(tmp_path: Path) -> None:
     out = tmp_path / "engine.json"
-    run_script("bench_engine.py", "--size", "tiny", "--batch", "4", "--prompt-len", "8", "--new-tokens", "4",
+    run_script("bench_engine.py", "--device", "cpu", "--size", "tiny", "--batch", "4", "--prompt-len", "8", "--new-tokens", "4",
                "--repeats", "1", "--compare-static", "--out", str(out))
     report = json.loads(out.read_text())
     res = report["results"]
@@ -47,7 +48,7 @@ def test_bench_engine_runs_with_static_steps_waited_for_and_ahead(tmp_path: Path
 @pytest.mark.slow
 def test_bench_lora_runs_with_static_steps_ahead(tmp_path: Path) -> None:
     out = tmp_path / "lora.json"
-    run_script("bench_lora.py", "--sizes", "tiny", "--num-adapters", "2", "--num-requests", "6", "--input-len", "8",
+    run_script("bench_lora.py", "--device", "cpu", "--sizes", "tiny", "--num-adapters", "2", "--num-requests", "6", "--input-len", "8",
                "16", "--output-len", "4", "8", "--step-tokens", "4", "--peft-max-adapters", "2",
                "--peft-max-requests", "2", "--max-num-seqs", "4", "--decode-graphs", "static", "--async-decode", "on",
                "--out", str(out))
