@@ -35,7 +35,7 @@ from typing import Any
 import torch
 from benchlib import machine_info  # scripts/benchlib.py, beside this script
 from benchmodels import SIZES, build_models, sync  # scripts/benchmodels.py, beside this script
-from hostphases import decode_phases  # scripts/hostphases.py, beside this script
+from hostphases import PHASES, decode_phases  # scripts/hostphases.py, beside this script
 
 from inference.config import parse_dtype
 from inference.engine import Engine, EngineConfig, GenerationRequest
@@ -243,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             phases["host_over_step"] = phases["host_s"] / phases["step"]
             report["host_phases"][name] = phases
             print(name, "host phases per decode step (us):",
-                  {k: round(v * 1e6, 1) for k, v in phases.items() if not k.endswith(("_bound", "_step"))}, flush=True)
+                  {k: round(phases[k] * 1e6, 1) for k in (*PHASES, "step", "host_s")}, flush=True)
         for name, eng in engines.items():
             step = {str(b): step_time(eng, b) for b in sorted({1, min(8, batch), batch})}
             report["decode_step"][name] = {

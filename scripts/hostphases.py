@@ -15,8 +15,10 @@ function `sample_start` while attached) and sums the seconds each spends:
     text       Engine._finish_outputs: detokenizing, stop strings, streaming
     other      Engine.step less all of the above (inputs, advance, placeholders, bookkeeping)
 
-`host_s` is a step less what the device does: less `wait`, and on the CPU (where the device is the host) less
-`forward` too. The wrappers cost about a microsecond per call, a few per step.
+The steps whose every chunk is a decode are also summed on their own (`per_decode_step`, what `decode_phases`
+reports): prefill steps are left out. `host_s` is a step less what the device does: less `wait`, and on the
+CPU (where the device is the host) less `forward` too. The wrappers cost about a microsecond per call, a few
+per step.
 """
 
 from __future__ import annotations
@@ -37,12 +39,47 @@ class HostPhases:
     """Seconds per phase (see the module docstring), summed over the steps run while attached."""
 
     def __init__(self) -> None:
-        self.seconds: dict[str, float] = dict.fromkeys((*PHASES, "step"), 0.0)
+        self.seconds: dict[str, float] = dict.fromkeys((*PHASES, "step"), 0.0)  # over every step
+        self.decode: dict[str, float] = dict.fromkeys((*PHASES, "step"), 0.0)  # over decode-only steps
+        self.decode_steps = 0
         self._depth: dict[str, int] = {}
+        self._scheduled: Any = None  # the SchedulerOutput of the step running
 
     def reset(self) -> None:
-        for k in self.seconds:
-            self.seconds[k] = 0.0
+        for d in (self.seconds, self.decode):
+            for k in d:
+                d[k] = 0.0
+        self.decode_steps = 0
+
+    def _step(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """Engine.step, its seconds and its phases' added to `decode` too when every chunk it ran was a
+        decode (one generated token)."""
+        seconds, decode = self.seconds, self.decode
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            before = dict(seconds)
+            self._scheduled = None
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                seconds["step"] += time.perf_counter() - t0
+                out = self._scheduled
+                if out is not None and out.chunks and out.num_decodes == len(out.chunks):
+                    for k, v in seconds.items():
+                        decode[k] += v - before[k]
+                    self.decode_steps += 1
+
+        return wrapped
+
+    def _schedule(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        timed = self._timed("schedule", fn)
+
+        def wrapped(*args: Any, **kwargs: Any) -> Any:
+            self._scheduled = timed(*args, **kwargs)
+            return self._scheduled
+
+        return wrapped
 
     def _timed(self, key: str, fn: Callable[..., Any], inner: tuple[str, ...] = ()) -> Callable[..., Any]:
         """fn, adding its seconds to `key` less what the phases in `inner` spent inside it; a call made inside
@@ -69,7 +106,8 @@ class HostPhases:
 
         def patch(obj: Any, name: str, key: str, inner: tuple[str, ...] = (), shared: bool = False) -> None:
             plain = getattr(obj, name)
-            setattr(obj, name, self._timed(key, plain, inner))
+            wrapper = {"step": self._step, "schedule": self._schedule}.get(key)
+            setattr(obj, name, wrapper(plain) if wrapper else self._timed(key, plain, inner))
             # an attribute of a module or class is put back; one set on an instance is removed (its class's shows)
             restore.append((lambda: setattr(obj, name, plain)) if shared else (lambda: delattr(obj, name)))
 
@@ -94,32 +132,30 @@ class HostPhases:
 
         return detach
 
-    def per_step(self, steps: int, device: torch.device, before: dict[str, float] | None = None) -> dict[str, float]:
-        """Seconds per step of each phase, `other` and `host_s` (see the module docstring) over `steps` steps:
-        what was summed since `before` (a copy of `seconds`), or since the last reset."""
-        s = {k: v - (before or {}).get(k, 0.0) for k, v in self.seconds.items()}
-        s["other"] = s["step"] - sum(s[k] for k in PHASES if k != "other")
-        out = {k: v / steps for k, v in s.items()}
+    def per_decode_step(self, device: torch.device) -> dict[str, float]:
+        """Seconds per decode-only step of each phase, `other` and `host_s` (see the module docstring)."""
+        if not self.decode_steps:
+            raise ValueError("no decode-only step ran while attached")
+        d = dict(self.decode)
+        d["other"] = d["step"] - sum(d[k] for k in PHASES if k != "other")
+        out = {k: v / self.decode_steps for k, v in d.items()}
         out["host_s"] = out["step"] - out["wait"] - (out["forward"] if device.type == "cpu" else 0.0)
+        out["decode_steps"] = float(self.decode_steps)
         return out
 
 
 def decode_phases(engine: Engine, run: Callable[[int], None], new_tokens: int, device: torch.device,
                   repeats: int = 3) -> dict[str, float]:
-    """Per decode step of `engine`: `run(n)` generates n tokens for each request of a fixed batch; a decode
-    step is what run(new_tokens) spends over run(1) (the prefill), per step. The round with the fastest step
-    of `repeats`."""
+    """Per decode-only step of `engine` while `run(new_tokens)` generates new_tokens for each request of a fixed
+    batch (its prefill steps are left out): the round with the fastest step of `repeats`."""
     phases = HostPhases()
     detach = phases.attach(engine)
     best: dict[str, float] | None = None
     try:
         for _ in range(repeats):
             phases.reset()
-            run(1)
-            one = dict(phases.seconds)
-            phases.reset()
             run(new_tokens)
-            per = phases.per_step(new_tokens - 1, device, before=one)
+            per = phases.per_decode_step(device)
             if best is None or per["step"] < best["step"]:
                 best = per
     finally:

@@ -43,6 +43,7 @@ def test_bench_engine_runs_with_static_steps_waited_for_and_ahead(tmp_path: Path
         parts = sum(row[k] for k in ("schedule", "fill", "forward", "sample", "wait", "collect", "text", "other"))
         assert abs(parts - row["step"]) < 1e-9 and row["other"] > 0
         assert 0 < row["host_s"] < row["step"] and row["host_over_step"] == row["host_s"] / row["step"]
+        assert row["decode_steps"] == 3  # 4 new tokens: the prefill step samples the first, 3 decode steps follow
 
 
 @pytest.mark.slow
