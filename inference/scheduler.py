@@ -128,6 +128,8 @@ def token_ids_of(seq: Sequence, start: int, n: int) -> tuple[int, ...]:
     """seq.all_ids[start : start + n] without copying prompt + outputs (a decode reads one output token)."""
     prompt_len = len(seq.prompt_ids)
     if start >= prompt_len:
+        if n == 1:  # a decode, every step of every sequence: no slice
+            return (seq.output_ids[start - prompt_len],)
         return tuple(seq.output_ids[start - prompt_len : start - prompt_len + n])
     return tuple(seq.all_ids[start : start + n])
 
@@ -238,13 +240,10 @@ class Scheduler:
             start = seq.num_computed
             prompt_len = len(seq.prompt_ids)
             if n == 1 and start >= prompt_len:  # a decode: its one output token
-                ids: tuple[int, ...] = (seq.output_ids[start - prompt_len],)
                 out.num_decodes += 1
-            else:
-                ids = token_ids_of(seq, start, n)
             out.seqs.append(seq)
             out.chunks.append(
-                SeqChunk(seq.seq_id, ids, start, table(seq.seq_id), seq.adapter_slots,
+                SeqChunk(seq.seq_id, token_ids_of(seq, start, n), start, table(seq.seq_id), seq.adapter_slots,
                          seq.adapter_weights if seq.adapter_slots else (),
                          start + n == prompt_len + len(seq.output_ids))
             )
@@ -289,8 +288,7 @@ class Scheduler:
                     self.mark_finished(seq, "error", f"adapter could not be loaded: {e}")
                     out.failed.append(seq)
                     continue
-                if acquired is None:
-                    self.adapter_slots.prefetch(keys)
+                if acquired is None:  # still loading, or its slots taken meanwhile: it waits (hinted if at the head)
                     continue
                 if len(acquired) != len(keys):
                     raise EngineError(
