@@ -349,9 +349,6 @@ class _Tracked:
         """Text that can be streamed now: all of it when final, else all but a tail that could still grow
         into a stop string."""
         end = len(self.text)
-        if not self.max_stop:  # no stop strings: nothing is held back
-            out, self.emitted = self.text[self.emitted :], end
-            return out
         if not final:
             for k in range(min(self.max_stop - 1, end), 0, -1):
                 tail = self.text[end - k :]
