@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
         "workload": {"batch": batch, "prompt_len": plen, "new_tokens": new, "block_size": args.block_size,
                      "repeats": args.repeats},
         "decode_graphs": engine.config.graph_mode,
+        "complete": False,  # set once every section below is in (each is saved as it is done)
         "results": results,
         "ratio": {
             "prefill": results["engine"]["prefill_tokens_per_s"]
@@ -220,6 +221,13 @@ def main(argv: list[str] | None = None) -> int:
             report["ratio"][f"decode_{ahead}_ahead_over_waited"] = (
                 results[ahead]["decode_tokens_per_s"] / results[waited]["decode_tokens_per_s"]
             )
+    out = Path(args.out or f"benchmarks/results/engine_{device.type}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+
+    def save() -> None:  # after each section: a run stopped by a time limit keeps what it measured
+        out.write_text(json.dumps(report, indent=2) + "\n")
+
+    save()
     if on_cuda or args.compare_static:
         bw = copy_bandwidth(device)
         bound = models.base_bytes / bw  # every weight a decode step reads (all but the input embedding)
@@ -244,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
             report["host_phases"][name] = phases
             print(name, "host phases per decode step (us):",
                   {k: round(phases[k] * 1e6, 1) for k in (*PHASES, "step", "host_s")}, flush=True)
+            save()
         for name, eng in engines.items():
             step = {str(b): step_time(eng, b) for b in sorted({1, min(8, batch), batch})}
             report["decode_step"][name] = {
@@ -251,9 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                 "step_over_bound": {k: v / bound for k, v in step.items()},
             }
             print(name, "decode step / bandwidth bound:", report["decode_step"][name]["step_over_bound"], flush=True)
-    out = Path(args.out or f"benchmarks/results/engine_{device.type}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
+            save()
+    report["complete"] = True
+    save()
     ratio = report["ratio"]
     print(f"ratio engine/transformers: prefill {ratio['prefill']:.2f}x, decode {ratio['decode']:.2f}x")
     print(f"wrote {out}")

@@ -62,6 +62,7 @@ from inference.lora.store import AdapterStore
 from inference.sequence import SamplingParams
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+LOAD_SAMPLES = 5  # adapters timed per load path (page cache -> slot, CPU tier -> slot)
 FIRST_ID = 6  # prompt ids start past the tiny tokenizer's special tokens
 
 
@@ -318,24 +319,30 @@ def load_times(store: AdapterStore, keys: list[str], device: torch.device, sampl
     """Median ms of acquire() for an adapter from the OS page cache (disk tier) and from the CPU tier into a slot."""
     fresh = keys[-samples:]
     disk, cpu = [], []
-    for k in fresh:  # never acquired yet: parse + hash + copy into a slot (files just written: in page cache)
+    st = store.stats
+
+    def timed_acquire(k: str, tier: str) -> float:
+        before = (st.disk_loads, st.cpu_hits, st.slot_misses)
         sync(device)
         t0 = time.perf_counter()
         store.acquire([k])
         sync(device)
-        disk.append(time.perf_counter() - t0)
+        took = time.perf_counter() - t0
         store.release([k])
+        came = (st.disk_loads - before[0], st.cpu_hits - before[1], st.slot_misses - before[2])
+        if came != ((1, 0, 1) if tier == "disk" else (0, 1, 1)):  # what was timed must be the load it claims
+            raise RuntimeError(f"adapter {k!r}: expected a slot miss served from the {tier} tier, store counted "
+                               f"(disk loads, CPU hits, slot misses) += {came}")
+        return took
+
+    for k in fresh:  # never acquired yet: parse + hash + copy into a slot (files just written: in page cache)
+        disk.append(timed_acquire(k, "disk"))
     for k in fresh:  # push k out of its slot with other keys, keep it in the CPU tier, then time it again
         others = [o for o in keys if o not in fresh][: store.num_slots]
         for o in others:
             store.acquire([o])
             store.release([o])
-        sync(device)
-        t0 = time.perf_counter()
-        store.acquire([k])
-        sync(device)
-        cpu.append(time.perf_counter() - t0)
-        store.release([k])
+        cpu.append(timed_acquire(k, "cpu"))
     return {"page_cache_to_slot_ms": statistics.median(disk) * 1e3 if disk else None,
             "cpu_tier_to_slot_ms": statistics.median(cpu) * 1e3 if cpu else None}
 
@@ -411,7 +418,9 @@ def run_peft(models: Models, adapter_paths: list[Path], trace: list[TrafficReque
 
 
 def bench_size(size: str, args: argparse.Namespace, device: torch.device, dtype: torch.dtype,
-               workdir: Path) -> dict[str, Any]:
+               workdir: Path, save: Callable[[dict[str, Any]], None]) -> dict[str, Any]:
+    """One model size's table. `save(report)` runs after each part, so that a run stopped by a time limit keeps
+    the parts done (`complete` is set at the end only)."""
     t_start = time.perf_counter()
     models = build_models(size, dtype, device, workdir)
     dims = BaseDims.from_model_config(models.runner.config)
@@ -430,6 +439,7 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device, dtype:
                   "base_bytes_per_step": models.base_bytes},
         "adapter": {"rank": args.rank, "targets": TARGETS, "bytes": ad_bytes, "files": min(max(ns), args.distinct_files)},
         "runs": [],
+        "complete": False,
     }
 
     def spec(n: int) -> TrafficSpec:
@@ -441,6 +451,7 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device, dtype:
     run_engine(models, None, None, base_trace[: args.max_num_seqs], cfg, args.concurrency, None)  # warm-up
     report["base"] = run_engine(models, None, None, base_trace, cfg, args.concurrency, None)
     print(f"[{size}] base: {json.dumps(report['base'])}", flush=True)
+    save(report)
     step_base = decode_step_time(models, None, None, 1, cfg, args.max_num_seqs, args.step_tokens)
 
     slots_n = min(max(ns), args.slots or 2 * args.max_num_seqs)
@@ -448,7 +459,22 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device, dtype:
     slots: LoRASlots = apply_lora(models.runner, num_slots=slots_n, max_rank=args.rank, dtype=dtype)
     keys = [f"a{i}" for i in range(max(ns))]
     report["lora_slots"] = {"slots": slots_n, "slot_bytes": slots.slot_nbytes()}
+    # adapter loads into a slot: LOAD_SAMPLES never-loaded keys, then the same keys again once other keys pushed
+    # them out of their slots (CPU tier); keys past the largest N reuse its files under new names, so that loads
+    # are timed also when every adapter of the runs fits the slots. Timed before the runs: it takes seconds,
+    # and a run cut short by a time limit keeps it
+    spare = max(0, slots_n + LOAD_SAMPLES - len(keys))
+    load_keys = keys + [f"load{i}" for i in range(spare)]
+    load_paths = paths + [paths[i % len(paths)] for i in range(spare)]
+    store = AdapterStore(slots, dims, cpu_cache_bytes=args.cpu_cache_mb << 20)
+    for k, p in zip(load_keys, load_paths, strict=True):
+        store.register(k, p)
+    report["adapter_load"] = load_times(store, load_keys, device, samples=LOAD_SAMPLES)
+    store.close()
+    print(f"[{size}] adapter load: {json.dumps(report['adapter_load'])}", flush=True)
+    save(report)
     steps: list[dict[str, Any]] = []
+    report["decode_step"] = steps
     for n in ns:
         # as the node builds it: first loads from disk on the store's loader thread, off the engine step
         store = AdapterStore(slots, dims, cpu_cache_bytes=args.cpu_cache_mb << 20, background_loads=True)
@@ -478,13 +504,10 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device, dtype:
             print(f"[{size}] N={n} peft: {json.dumps(row['peft'])}", flush=True)
         report["runs"].append(row)
         store.close()
-    report["decode_step"] = steps
-    if len(keys) > slots_n:
-        store = AdapterStore(slots, dims, cpu_cache_bytes=args.cpu_cache_mb << 20)
-        for k, p in zip(keys, paths, strict=True):
-            store.register(k, p)
-        report["adapter_load"] = load_times(store, keys, device, samples=min(5, len(keys) - slots_n))
+        save(report)
     report["seconds"] = time.perf_counter() - t_start
+    report["complete"] = True
+    save(report)
     return report
 
 
@@ -594,8 +617,11 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="bench_lora_") as tmp:
         for size in args.sizes.split(","):
-            report["sizes"][size] = bench_size(size, args, device, dtype, Path(tmp))
-            out.write_text(json.dumps(report, indent=2) + "\n")  # keep what is done if a later size fails
+            def save(part: dict[str, Any], size: str = size) -> None:  # what is done stays if a later part fails
+                report["sizes"][size] = part
+                out.write_text(json.dumps(report, indent=2) + "\n")
+
+            bench_size(size, args, device, dtype, Path(tmp), save)
     plot(report, out.with_suffix(".png"))
     print(f"wrote {out} and {out.with_suffix('.png')}")
     return 0

@@ -18,7 +18,8 @@
 #   bash scripts/gpu_check.sh c
 #
 # The stage times are estimates, not yet measured on a GPU (a cold Triton cache compiles every kernel variant
-# the tests use, a minute or two): each step has its own timeout, so a slow step leaves the others' results.
+# the tests use, a minute or two): each step has its own timeout, so a slow step leaves the others' results,
+# and each benchmark rewrites its JSON after every section (`complete` is false in one cut short).
 set -uo pipefail
 stage=${1:-a}
 out=${OUT:-benchmarks/results}

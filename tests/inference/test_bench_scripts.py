@@ -29,6 +29,7 @@ def test_bench_engine_runs_with_static_steps_waited_for_and_ahead(tmp_path: Path
     run_script("bench_engine.py", "--device", "cpu", "--size", "tiny", "--batch", "4", "--prompt-len", "8", "--new-tokens", "4",
                "--repeats", "1", "--compare-static", "--out", str(out))
     report = json.loads(out.read_text())
+    assert report["complete"] is True
     res = report["results"]
     assert res["engine_static_ahead"]["steps_ahead"] > 0 and res["engine_static"]["steps_ahead"] == 0
     assert res["engine_static_ahead"]["tokens_agreeing_with_engine"] == 1.0  # fp32: every variant agrees
@@ -60,3 +61,7 @@ def test_bench_lora_runs_with_static_steps_ahead(tmp_path: Path) -> None:
     assert run["num_adapters"] == 2 and run["ours"]["requests"] == 6 and run["ours"]["throughput_tok_s"] > 0
     assert run["ours"]["decode_steps"] > 0 and run["ours"]["mean_distinct_adapters_per_decode_step"] > 0
     assert all(row["step_s"] > 0 and row["limit"] >= 1.0 for row in tiny["decode_step"])
+    assert tiny["complete"] is True
+    # every adapter of the run fits the slots here (N = 2): the load times come from spare keys, not skipped
+    load = tiny["adapter_load"]
+    assert load["page_cache_to_slot_ms"] > 0 and load["cpu_tier_to_slot_ms"] > 0
