@@ -116,9 +116,9 @@ def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> bytes:
         if t.dtype not in _TORCH_TO_ST:
             raise ValueError(f"tensor {name!r}: dtype {t.dtype} has no canonical name; convert it first")
         data = t.detach().to("cpu").contiguous()
-        raw = data.reshape(-1).view(torch.uint8).numpy().tobytes() if data.numel() else b""
-        h.update(_frame_header(name, _TORCH_TO_ST[t.dtype], data.shape, len(raw)))
-        h.update(raw)
+        raw = data.reshape(-1).view(torch.uint8).numpy()  # a view: hashlib reads the buffer without a copy
+        h.update(_frame_header(name, _TORCH_TO_ST[t.dtype], data.shape, raw.nbytes))
+        h.update(raw.data)
     return h.digest()
 
 

@@ -56,6 +56,7 @@ from torch import nn
 from inference.bench_traffic import ADAPTER_DISTRIBUTIONS, TrafficRequest, TrafficSpec, make_traffic
 from inference.config import parse_dtype
 from inference.engine import Engine, EngineConfig, GenerationRequest
+from inference.identity import weights_hash
 from inference.lora.adapter import BaseDims
 from inference.lora.layers import LoRASlots, apply_lora
 from inference.lora.store import AdapterStore
@@ -471,6 +472,13 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device, dtype:
         store.register(k, p)
     report["adapter_load"] = load_times(store, load_keys, device, samples=LOAD_SAMPLES)
     store.close()
+    # the floor of a first load: the sha256 of the weights that every first load verifies (one stream: one core)
+    hashes = []
+    for path in load_paths[-3:]:
+        t0 = time.perf_counter()
+        weights_hash(path)
+        hashes.append(time.perf_counter() - t0)
+    report["adapter_load"]["weights_hash_ms"] = statistics.median(hashes) * 1e3
     print(f"[{size}] adapter load: {json.dumps(report['adapter_load'])}", flush=True)
     save(report)
     steps: list[dict[str, Any]] = []

@@ -20,6 +20,8 @@ Llama projection), so it is accepted and has no effect here.
 
 from __future__ import annotations
 
+import concurrent.futures
+import functools
 import json
 import math
 import re
@@ -227,11 +229,6 @@ class LoRAAdapter:
     def nbytes(self) -> int:
         return sum(w.A.nbytes + w.B.nbytes for w in self.modules.values())
 
-    def pin_memory(self) -> LoRAAdapter:
-        """A copy whose tensors live in pinned host memory (fast async copies to the GPU)."""
-        pinned = {k: LoRAModuleWeights(w.A.pin_memory(), w.B.pin_memory(), w.scaling) for k, w in self.modules.items()}
-        return LoRAAdapter(self.path, self.config, self.weights_hash, pinned)
-
 
 def load_adapter(
     adapter_dir: str | Path,
@@ -241,11 +238,15 @@ def load_adapter(
     expected_weights_hash: str | None = None,
     expected_base_hash: str | None = None,
     base_hash: str | None = None,
+    pin_memory: bool = False,
 ) -> LoRAAdapter:
-    """Read, verify and validate a PEFT adapter dir into CPU tensors of `dtype`.
+    """Read, verify and validate a PEFT adapter dir into CPU tensors of `dtype`, all views of one buffer (in
+    pinned memory with `pin_memory`, for asynchronous copies to the GPU).
 
-    Order: config (format) -> tensors (format) -> weights hash vs `expected_weights_hash` and `expected_base_hash`
-    vs the engine's `base_hash` (mismatch) -> keys, layers, shapes, ranks (format). Nothing is half-loaded: the
+    Errors come in this order: config (format) -> tensors (format) -> weights hash vs `expected_weights_hash`
+    and `expected_base_hash` vs the engine's `base_hash` (mismatch) -> keys, layers, shapes, ranks, values
+    (format). The weights hash is computed on a worker thread while the tensors are checked and laid out (both
+    release the GIL), so a load costs about the longer of the two, not their sum. Nothing is half-loaded: the
     caller gets a complete adapter or an error.
     """
     root = Path(adapter_dir)
@@ -257,7 +258,19 @@ def load_adapter(
         tensors = load_file(str(wpath))
     except (SafetensorError, OSError, ValueError) as e:
         raise AdapterFormatError(f"{wpath}: not a readable safetensors file ({e})") from e
-    actual = tensors_hash(tensors)
+    hashing = _hash_pool().submit(tensors_hash, tensors)  # reads `tensors` only; the layout below copies them
+    modules: dict[str, LoRAModuleWeights] | None = None
+    format_error: AdapterFormatError | None = None
+    try:
+        modules = _parse_modules(root, config, tensors, dims, max_rank, dtype, bool(raw.get("modules_to_save")),
+                                 pin_memory)
+    except AdapterFormatError as e:  # raised after the hash checks, which come first
+        format_error = e
+    finally:
+        try:  # waited for also when the layout failed: no worker is left reading the tensors
+            actual = hashing.result()
+        except ValueError as e:  # a dtype the canonical framing has no name for
+            raise AdapterFormatError(f"{wpath}: cannot hash the adapter weights: {e}") from e
     if expected_weights_hash is not None and actual != parse_hash(expected_weights_hash):
         raise AdapterMismatchError(
             f"{root}: weights hash {actual} differs from the expected {expected_weights_hash}; the files are not "
@@ -269,8 +282,16 @@ def load_adapter(
         raise AdapterMismatchError(
             f"{root}: adapter was trained for base model {expected_base_hash} but this engine serves {base_hash}"
         )
-    modules = _parse_modules(root, config, tensors, dims, max_rank, dtype, bool(raw.get("modules_to_save")))
+    if format_error is not None:
+        raise format_error
+    assert modules is not None
     return LoRAAdapter(path=root, config=config, weights_hash=actual, modules=modules)
+
+
+@functools.cache
+def _hash_pool() -> concurrent.futures.ThreadPoolExecutor:
+    """Workers that hash adapter weights beside the loads that asked (a few: loads run on a few threads)."""
+    return concurrent.futures.ThreadPoolExecutor(max_workers=4, thread_name_prefix="loraledger-adapter-hash")
 
 
 def _parse_modules(
@@ -281,7 +302,10 @@ def _parse_modules(
     max_rank: int,
     dtype: torch.dtype,
     has_modules_to_save: bool,
+    pin_memory: bool = False,
 ) -> dict[str, LoRAModuleWeights]:
+    """Check every module's tensors, then write A = lora_A.T and B = lora_B.T in `dtype` into views of one
+    buffer (one allocation, one pass over the bytes), and check the values are finite."""
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     paths: dict[tuple[int, str], str] = {}
     for key, t in tensors.items():
@@ -308,7 +332,7 @@ def _parse_modules(
         paths[(layer, module)] = m["path"]
     if not pairs:
         raise AdapterFormatError(f"{root}: {ADAPTER_WEIGHTS_FILE} holds no LoRA weights")
-    out: dict[str, LoRAModuleWeights] = {}
+    checked: list[tuple[str, torch.Tensor, torch.Tensor, float]] = []
     for (layer, module), ab in sorted(pairs.items()):
         name = module_name(layer, module)
         if set(ab) != {"A", "B"}:
@@ -334,9 +358,41 @@ def _parse_modules(
             raise AdapterFormatError(
                 f"{root}: {name} has rank {r} but adapter_config.json gives r={config.rank_for(path)}"
             )
-        A = a.t().to(dtype).contiguous()
-        B = b.t().to(dtype).contiguous()
-        if not (torch.isfinite(A).all() and torch.isfinite(B).all()):
-            raise AdapterFormatError(f"{root}: {name} holds NaN or infinite values")
-        out[name] = LoRAModuleWeights(A=A, B=B, scaling=config.scaling_for(path))
+        checked.append((name, a, b, config.scaling_for(path)))
+    return _lay_out(root, checked, dtype, pin_memory)
+
+
+_ALIGN_BYTES = 64  # each view starts on a cache line (and a 16-byte boundary, as Triton's loads prefer)
+
+
+def _lay_out(root: Path, checked: list[tuple[str, torch.Tensor, torch.Tensor, float]], dtype: torch.dtype,
+             pin_memory: bool) -> dict[str, LoRAModuleWeights]:
+    """A: [in, r] and B: [r, out] of each module as views of one buffer of `dtype` (gaps zeroed)."""
+    step = max(1, _ALIGN_BYTES // torch.empty(0, dtype=dtype).element_size())
+    offsets: list[tuple[int, int]] = []
+    end = 0
+    for _, a, b, _ in checked:
+        off_a = end
+        off_b = -(-(off_a + a.numel()) // step) * step
+        end = -(-(off_b + b.numel()) // step) * step
+        offsets.append((off_a, off_b))
+    flat = torch.empty(end, dtype=dtype, pin_memory=pin_memory)
+    out: dict[str, LoRAModuleWeights] = {}
+    filled = 0
+    for (name, a, b, scaling), (off_a, off_b) in zip(checked, offsets, strict=True):
+        r = a.shape[0]
+        A = flat[off_a : off_a + a.numel()].view(a.shape[1], r)
+        B = flat[off_b : off_b + b.numel()].view(r, b.shape[0])
+        flat[filled:off_a].zero_()
+        A.copy_(a.t())  # transposed and converted to `dtype` in one pass
+        flat[off_a + a.numel() : off_b].zero_()
+        B.copy_(b.t())
+        filled = off_b + b.numel()
+        out[name] = LoRAModuleWeights(A=A, B=B, scaling=scaling)
+    flat[filled:].zero_()
+    # one reduction over every value: min and max are NaN when any value is (torch propagates NaN), and
+    # infinite when any value is; only then is the module looked for, to name it
+    if flat.numel() and not all(math.isfinite(float(v)) for v in torch.aminmax(flat)):
+        bad = next(name for name, w in out.items() if not (torch.isfinite(w.A).all() and torch.isfinite(w.B).all()))
+        raise AdapterFormatError(f"{root}: {bad} holds NaN or infinite values")
     return out

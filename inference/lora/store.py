@@ -249,11 +249,10 @@ class AdapterStore:
 
     def _read(self, e: AdapterEntry) -> LoRAAdapter:
         """Disk -> verified `LoRAAdapter` (pinned on CUDA); touches no store state, so it may run unlocked."""
-        ad = load_adapter(
+        return load_adapter(
             e.path, self._dims, self.max_rank, dtype=self._dtype, expected_weights_hash=e.weights_hash,
-            expected_base_hash=e.base_hash, base_hash=self._base_hash,
+            expected_base_hash=e.base_hash, base_hash=self._base_hash, pin_memory=self._device.type == "cuda",
         )
-        return ad.pin_memory() if self._device.type == "cuda" else ad
 
     def _cpu_put(self, key: str, ad: LoRAAdapter) -> None:
         """Insert a freshly read adapter into the CPU LRU, evicting the oldest beyond the byte budget."""

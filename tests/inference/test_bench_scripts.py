@@ -64,4 +64,4 @@ def test_bench_lora_runs_with_static_steps_ahead(tmp_path: Path) -> None:
     assert tiny["complete"] is True
     # every adapter of the run fits the slots here (N = 2): the load times come from spare keys, not skipped
     load = tiny["adapter_load"]
-    assert load["page_cache_to_slot_ms"] > 0 and load["cpu_tier_to_slot_ms"] > 0
+    assert load["page_cache_to_slot_ms"] > 0 and load["cpu_tier_to_slot_ms"] > 0 and load["weights_hash_ms"] > 0

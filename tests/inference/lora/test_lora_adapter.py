@@ -171,6 +171,7 @@ def test_rank_over_max_and_shape_mismatch(patterned: Path) -> None:
         (lambda t: {k: (v.T.contiguous() if "q_proj.lora_A" in k else v) for k, v in t.items()}, "do not fit"),
         (lambda t: {k: (v * float("nan") if "k_proj.lora_B" in k else v) for k, v in t.items()}, "NaN"),
         (lambda t: {}, "no LoRA weights"),
+        (lambda t: {**t, "extra": torch.zeros(2, dtype=torch.uint16)}, "cannot hash the adapter weights"),
     ],
 )
 def test_bad_tensors(patterned: Path, tmp_path: Path, edit: Any, match: str) -> None:
@@ -200,6 +201,51 @@ def test_hash_checks(patterned: Path) -> None:
     with pytest.raises(AdapterMismatchError, match="base model"):
         load_adapter(patterned, DIMS, 16, expected_base_hash="0x" + "11" * 32, base_hash="0x" + "22" * 32)
     assert load_adapter(patterned, DIMS, 16, expected_base_hash="0x" + "11" * 32, base_hash="0x" + "11" * 32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_one_non_finite_value_anywhere_is_refused_and_its_module_named(patterned: Path, tmp_path: Path,
+                                                                       dtype: torch.dtype) -> None:
+    """The values are checked by one min/max reduction over the whole laid-out buffer: a single NaN or
+    infinity in any module, at any position (vector body or tail of the reduction), is found and named."""
+    names = sorted(load_file(str(patterned / "adapter_model.safetensors")))
+    g = torch.Generator().manual_seed(7)
+    for i, bad in enumerate([float("nan"), float("inf"), -float("inf"), float("nan"), 1e6]):
+        key = names[int(torch.randint(len(names), (1,), generator=g))]
+
+        def poison(t: dict[str, torch.Tensor], key: str = key, bad: float = bad) -> dict[str, torch.Tensor]:
+            v = t[key].clone()
+            v.view(-1)[int(torch.randint(v.numel(), (1,), generator=g))] = bad
+            return {**t, key: v}
+
+        d = _edit_tensors(_copy(patterned, tmp_path / f"a{i}"), poison)
+        module = key.removeprefix("base_model.model.model.").rsplit(".lora_", 1)[0]
+        if bad == 1e6 and dtype != torch.float16:  # finite in fp32 and bf16; past fp16's range, so inf there
+            assert load_adapter(d, DIMS, max_rank=16, dtype=dtype)
+            continue
+        with pytest.raises(AdapterFormatError, match=f"{module} holds NaN or infinite values"):
+            load_adapter(d, DIMS, max_rank=16, dtype=dtype)
+
+
+def test_modules_are_aligned_views_of_one_buffer(base: Any, make_adapter: Any, tmp_path: Path) -> None:
+    odd = make_adapter(base, tmp_path / "r3", r=3, alpha=6, seed=4)  # bf16 [48, 3]: 288 bytes, not a multiple of 64
+    ad = load_adapter(odd, DIMS, max_rank=16, dtype=torch.bfloat16)
+    storages = {w.A.untyped_storage().data_ptr() for w in ad.modules.values()}
+    storages |= {w.B.untyped_storage().data_ptr() for w in ad.modules.values()}
+    assert len(storages) == 1  # one allocation (pinned as a whole on CUDA)
+    for w in ad.modules.values():
+        assert w.A.is_contiguous() and w.B.is_contiguous()
+        assert w.A.data_ptr() % 64 == 0 and w.B.data_ptr() % 64 == 0
+
+
+def test_a_hash_mismatch_is_reported_before_a_format_error(patterned: Path, tmp_path: Path) -> None:
+    """The hash runs beside the layout; the documented order of errors holds all the same."""
+    d = _edit_tensors(_copy(patterned, tmp_path / "a"), lambda t: {**t, "base_model.model.lm_head.weight": torch.zeros(3)})
+    with pytest.raises(AdapterFormatError, match="unexpected tensor"):
+        load_adapter(d, DIMS, max_rank=16)
+    with pytest.raises(AdapterMismatchError, match="weights hash"):
+        load_adapter(d, DIMS, max_rank=16, expected_weights_hash=weights_hash(patterned))
+    assert load_adapter(patterned, DIMS, max_rank=16).weights_hash == weights_hash(patterned)
 
 
 def test_base_dims_from_model_config() -> None:
