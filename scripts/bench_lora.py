@@ -27,7 +27,7 @@ with peft on that model and saved to a temp dir (beyond --distinct-files adapter
 files so that 1000 adapters of an 8B model fit the disk). Writes benchmarks/results/lora_<device>.json and a
 PNG of throughput vs N with the ceiling and the limit drawn in.
 
-    python scripts/bench_lora.py                                  # CPU: tiny + 20m, a few minutes
+    python scripts/bench_lora.py                                  # CPU: tiny, 20m, 100m: about 2.5 minutes
     python scripts/bench_lora.py --sizes tiny --num-adapters 1,8  # seconds
     python scripts/bench_lora.py --device cuda                    # Llama-3-8B shape, bf16, rank 16
 """
@@ -555,7 +555,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--sizes", default=None, help=f"comma list of {', '.join(SIZES)} (CPU: tiny,20m; CUDA: llama3-8b)")
+    ap.add_argument("--sizes", default=None, help=f"comma list of {', '.join(SIZES)} (CPU: tiny,20m,100m; CUDA: llama3-8b)")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--num-adapters", default="1,8,32,100,1000", help="comma list of N")
     ap.add_argument("--max-adapters", type=int, default=None, help="drop N above this (default 1000)")
@@ -584,7 +584,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--out", default=None, help="default: benchmarks/results/lora_<device>.json (+ .png)")
     args = ap.parse_args(argv)
     cuda = args.device.startswith("cuda")
-    defaults = {"sizes": "llama3-8b" if cuda else "tiny,20m", "dtype": "bfloat16" if cuda else "float32",
+    defaults = {"sizes": "llama3-8b" if cuda else "tiny,20m,100m", "dtype": "bfloat16" if cuda else "float32",
                 "max_adapters": 1000, "num_requests": 512 if cuda else 32,
                 "input_len": [8, 512] if cuda else [8, 32], "output_len": [8, 512] if cuda else [8, 16],
                 "max_num_seqs": 64 if cuda else 8, "max_tokens_per_step": 4096 if cuda else 256,
