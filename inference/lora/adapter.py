@@ -8,7 +8,8 @@ A PEFT adapter dir holds `adapter_config.json` and `adapter_model.safetensors` w
 PEFT computes `lora_B(lora_A(x)) * scaling`, scaling = alpha / r (or alpha / sqrt(r) with `use_rslora`), with r
 and alpha per module from `rank_pattern` / `alpha_pattern` (a pattern key matches a module path when the path
 ends with it at a dot boundary, as `re.match(rf"(.*\\.)?({key})$", path)`; first key wins, as in PEFT).
-We store A = lora_A.T ([in, r]) and B = lora_B.T ([r, out]) so a token computes `x @ A @ B * scaling`.
+We store A = lora_A.T ([in, r]) and B = lora_B.T * scaling ([r, out]) so a token computes `x @ A @ B`: the
+scaling is folded in when the adapter is read, once, as the slots hold it (no pass over B per slot fill).
 
 Refused with `AdapterFormatError` (nothing is loaded): missing/malformed files, a peft_type other than LORA,
 bias != "none", DoRA, lora_bias, modules_to_save that carry weights, other PEFT extensions, keys that are not
@@ -201,7 +202,8 @@ def read_adapter_config(adapter_dir: str | Path) -> tuple[AdapterConfig, dict[st
 
 @dataclass(frozen=True)
 class LoRAModuleWeights:
-    """One adapted projection: `x @ A @ B * scaling`, A: [in, r], B: [r, out] (contiguous, compute dtype)."""
+    """One adapted projection: `x @ A @ B`, A = lora_A.T: [in, r], B = lora_B.T * scaling: [r, out] (contiguous,
+    compute dtype). `scaling` is the factor already in B, kept for reference."""
 
     A: torch.Tensor
     B: torch.Tensor
@@ -304,8 +306,8 @@ def _parse_modules(
     has_modules_to_save: bool,
     pin_memory: bool = False,
 ) -> dict[str, LoRAModuleWeights]:
-    """Check every module's tensors, then write A = lora_A.T and B = lora_B.T in `dtype` into views of one
-    buffer (one allocation, one pass over the bytes), and check the values are finite."""
+    """Check every module's tensors, then write A = lora_A.T and B = lora_B.T * scaling in `dtype` into views of
+    one buffer (one allocation, one pass over the bytes), and check the values are finite."""
     pairs: dict[tuple[int, str], dict[str, torch.Tensor]] = {}
     paths: dict[tuple[int, str], str] = {}
     for key, t in tensors.items():
@@ -367,7 +369,7 @@ _ALIGN_BYTES = 64  # each view starts on a cache line (and a 16-byte boundary, a
 
 def _lay_out(root: Path, checked: list[tuple[str, torch.Tensor, torch.Tensor, float]], dtype: torch.dtype,
              pin_memory: bool) -> dict[str, LoRAModuleWeights]:
-    """A: [in, r] and B: [r, out] of each module as views of one buffer of `dtype` (gaps zeroed)."""
+    """A: [in, r] and B * scaling: [r, out] of each module as views of one buffer of `dtype` (gaps zeroed)."""
     step = max(1, _ALIGN_BYTES // torch.empty(0, dtype=dtype).element_size())
     offsets: list[tuple[int, int]] = []
     end = 0
@@ -386,7 +388,7 @@ def _lay_out(root: Path, checked: list[tuple[str, torch.Tensor, torch.Tensor, fl
         flat[filled:off_a].zero_()
         A.copy_(a.t())  # transposed and converted to `dtype` in one pass
         flat[off_a + a.numel() : off_b].zero_()
-        B.copy_(b.t())
+        torch.mul(b.t(), scaling, out=B)  # transposed, scaled and rounded to `dtype` once
         filled = off_b + b.numel()
         out[name] = LoRAModuleWeights(A=A, B=B, scaling=scaling)
     flat[filled:].zero_()

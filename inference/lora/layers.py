@@ -21,7 +21,7 @@ from torch import nn
 from inference.batch import BatchMetadata
 from inference.errors import AdapterFormatError
 from inference.lora.adapter import LORA_MODULES, LoRAAdapter
-from kernels import default_backend
+from kernels import default_backend, to_device
 from kernels.lora import LoRAIndices, build_lora_indices, get_add_lora, static_lora_indices
 
 
@@ -90,8 +90,11 @@ class LoRALinear(nn.Module):
         self.register_buffer("ranks", torch.zeros(s, dtype=torch.int32, device=device), persistent=False)
         self.ranks_host: list[int] = [0] * s
 
-    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float) -> None:
-        """Fill `slot` with A: [in, r], B: [r, out]; stores B * scale; zero-pads ranks up to max_rank.
+    def set_slot(self, slot: int, A: torch.Tensor, B: torch.Tensor, scale: float = 1.0, *,
+                 device_rank: bool = True) -> None:
+        """Fill `slot` with A: [in, r], B: [r, out]; stores B * scale (no pass over B at scale 1, as adapters
+        come: `LoRAModuleWeights.B` is scaled); zero-pads ranks up to max_rank. `device_rank=False` leaves the
+        device copy of the rank to the caller (`LoRASlots.load` writes all layers' in one copy).
 
         Copies are non-blocking (from pinned memory they overlap with compute on the current stream).
         """
@@ -105,11 +108,14 @@ class LoRALinear(nn.Module):
         if r > self.context.max_rank:
             raise AdapterFormatError(f"rank {r} is over this model's max_rank {self.context.max_rank}")
         self.lora_A[slot, :, :r].copy_(A, non_blocking=True)
-        self.lora_A[slot, :, r:].zero_()
         self.lora_B[slot, :r, :].copy_(B, non_blocking=True)
-        self.lora_B[slot, :r, :].mul_(scale)
-        self.lora_B[slot, r:, :].zero_()
-        self.ranks[slot] = r
+        if scale != 1.0:
+            self.lora_B[slot, :r, :].mul_(scale)
+        if r < self.context.max_rank:  # a full-rank adapter has no padding (each op is a launch on CUDA)
+            self.lora_A[slot, :, r:].zero_()
+            self.lora_B[slot, r:, :].zero_()
+        if device_rank:
+            self.ranks[slot] = r
         self.ranks_host[slot] = r
 
     def clear_slot(self, slot: int) -> None:
@@ -150,11 +156,26 @@ class LoRALinear(nn.Module):
 
 
 class LoRASlots:
-    """The LoRA layers of one model by projection name; fills and clears whole adapters in slots."""
+    """The LoRA layers of one model by projection name; fills and clears whole adapters in slots.
+
+    Every layer's device `ranks` is a row of one [layers, slots] tensor, so that a fill writes the ranks of all
+    layers with one copy instead of one launch per layer."""
 
     def __init__(self, context: LoRAContext, layers: dict[str, LoRALinear]) -> None:
         self.context = context
         self.layers = layers
+        self._ranks: torch.Tensor | None = None
+        if layers:
+            self._ranks = torch.stack([layer.ranks for layer in layers.values()])
+            for i, layer in enumerate(layers.values()):
+                layer.ranks = self._ranks[i]  # the registered buffer, now a view (same values)
+
+    def _ranks_shared(self) -> bool:
+        """Each layer's ranks is still its row of `_ranks` (a `module.to()` would have replaced them)."""
+        rows = self._ranks
+        return rows is not None and all(
+            layer.ranks.data_ptr() == rows[i].data_ptr() for i, layer in enumerate(self.layers.values())
+        )
 
     @property
     def num_slots(self) -> int:
@@ -171,13 +192,17 @@ class LoRASlots:
                 f"adapter {adapter.path} adapts {unknown[:3]} which this model has no LoRA layer for; "
                 "widen apply_lora(targets=...)"
             )
+        shared = self._ranks_shared()
         try:
             for name, layer in self.layers.items():
                 w = adapter.modules.get(name)
                 if w is None:
                     layer.clear_slot(slot)
                 else:
-                    layer.set_slot(slot, w.A, w.B, w.scaling)
+                    layer.set_slot(slot, w.A, w.B, device_rank=not shared)  # B carries its scaling
+            if shared and self._ranks is not None:
+                ranks = [layer.ranks_host[slot] for layer in self.layers.values()]
+                self._ranks[:, slot] = to_device(ranks, torch.int32, self._ranks.device)
         except BaseException:
             self.clear(slot)  # never leave a half-written slot behind
             raise

@@ -77,13 +77,13 @@ def test_delta_matches_peft_module(base: Any, patterned: Path) -> None:
         with torch.no_grad():
             expected = mod(x) - mod.base_layer(x)
         w = ad.modules[f"layers.0.{name}"]
-        torch.testing.assert_close(x @ w.A @ w.B * w.scaling, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(x @ w.A @ w.B, expected, atol=1e-5, rtol=1e-5)  # B carries the scaling
     x = torch.randn(5, 48, generator=gen)
     mod = pm.base_model.model.model.layers[1].mlp.down_proj
     with torch.no_grad():
         expected = mod(x) - mod.base_layer(x)
     w = ad.modules["layers.1.mlp.down_proj"]
-    torch.testing.assert_close(x @ w.A @ w.B * w.scaling, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(x @ w.A @ w.B, expected, atol=1e-5, rtol=1e-5)
 
 
 def test_rslora_and_regex_targets(base: Any, make_adapter: Any, tmp_path: Path) -> None:

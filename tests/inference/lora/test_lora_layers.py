@@ -94,3 +94,43 @@ def test_apply_lora_wraps_named_linears() -> None:
         apply_lora(model, num_slots=3, max_rank=8)
     with pytest.raises(ValueError, match="unknown LoRA targets"):
         apply_lora(LlamaModel(cfg), num_slots=3, max_rank=8, targets=("lm_head",))
+
+
+def test_slot_fill_writes_every_layers_rank_in_one_copy_or_per_layer_once_unshared() -> None:
+    """`LoRASlots.load` writes the device ranks of all layers as one column of a shared tensor; a layer whose
+    ranks buffer was replaced (e.g. by `module.to()`) no longer shares it, and then gets its own write."""
+    from pathlib import Path
+
+    from inference.lora.adapter import AdapterConfig, LoRAAdapter, LoRAModuleWeights
+
+    cfg = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 96, "hidden_size": 32,
+                                 "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,
+                                 "num_key_value_heads": 2})
+    slots = apply_lora(LlamaModel(cfg), num_slots=3, max_rank=8, targets=("q_proj", "down_proj"), backend="torch")
+    names = sorted(slots.layers)
+    ranks = dict(zip(names, (2, 8, 5, 1), strict=True))
+
+    def adapter(skip: str | None = None) -> LoRAAdapter:
+        mods = {}
+        for n in names:
+            if n == skip:
+                continue
+            layer, r = slots.layers[n], ranks[n]
+            mods[n] = LoRAModuleWeights(torch.ones(layer.in_features, r), torch.full((r, layer.out_features), 0.5), 2.0)
+        config = AdapterConfig.from_dict({"peft_type": "LORA", "r": 8, "lora_alpha": 16,
+                                          "target_modules": ["q_proj", "down_proj"]})
+        return LoRAAdapter(Path("mem"), config, "0x" + "00" * 32, mods)  # type: ignore[arg-type]
+
+    slots.load(1, adapter())
+    for n in names:
+        layer = slots.layers[n]
+        assert int(layer.ranks[1]) == layer.ranks_host[1] == ranks[n]
+        assert torch.equal(layer.lora_B[1, : ranks[n]], torch.full((ranks[n], layer.out_features), 0.5))  # as given
+    assert int(slots.layers[names[0]].ranks.sum()) == ranks[names[0]]  # only slot 1 was written
+    lone = slots.layers[names[2]]
+    lone.ranks = lone.ranks.clone()  # no longer a row of the shared tensor
+    slots.load(2, adapter(skip=names[3]))
+    assert int(lone.ranks[2]) == ranks[names[2]] and int(slots.layers[names[3]].ranks[2]) == 0
+    assert all(int(slots.layers[n].ranks[2]) == ranks[n] for n in names[:2])
+    slots.clear(1)
+    assert all(int(slots.layers[n].ranks[1]) == 0 == slots.layers[n].ranks_host[1] for n in names)
