@@ -239,7 +239,7 @@ def test_modules_are_aligned_views_of_one_buffer(base: Any, make_adapter: Any, t
 
 
 def test_a_hash_mismatch_is_reported_before_a_format_error(patterned: Path, tmp_path: Path) -> None:
-    """The hash runs beside the layout; the documented order of errors holds all the same."""
+    """The documented order of errors: a hash mismatch is reported before a format error."""
     d = _edit_tensors(_copy(patterned, tmp_path / "a"), lambda t: {**t, "base_model.model.lm_head.weight": torch.zeros(3)})
     with pytest.raises(AdapterFormatError, match="unexpected tensor"):
         load_adapter(d, DIMS, max_rank=16)
