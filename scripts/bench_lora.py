@@ -39,6 +39,7 @@ import asyncio
 import gc
 import json
 import math
+import os
 import resource
 import statistics
 import tempfile
@@ -430,6 +431,7 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device, dtype:
     print(f"[{size}] built in {time.perf_counter() - t_start:.1f} s: base {models.base_bytes / 2**20:.1f} MiB read per "
           f"step, adapter {ad_bytes / 2**20:.2f} MiB", flush=True)
     paths = make_adapters(models.hf, max(ns), args.rank, workdir / f"adapters_{size}", args.distinct_files, dtype)
+    os.sync()  # the files stay in the page cache, clean: no writeback of them runs beside the timed loads
     cfg = engine_config(models, device, dtype, args)
 
     def limit(d: int) -> float:

@@ -256,3 +256,20 @@ def test_base_dims_from_model_config() -> None:
                                  "num_key_value_heads": 2})
     assert BaseDims.from_model_config(cfg) == DIMS
     assert DIMS.module_shape("o_proj") == (32, 32) and DIMS.module_shape("k_proj") == (32, 16)
+
+
+@pytest.mark.parametrize("file_dtype, dtype", [(torch.bfloat16, torch.float32), (torch.float32, torch.bfloat16),
+                                               (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)])
+def test_b_carries_its_scaling_rounded_once_in_the_serving_dtype(base: Any, make_adapter: Any, tmp_path: Path,
+                                                                 file_dtype: torch.dtype, dtype: torch.dtype) -> None:
+    """B = lora_B.T * scaling as the slots computed it before: converted to the serving dtype, then scaled in it
+    (a bf16 file served in fp32 keeps fp32's product; 5 / 3 is not a power of two, so rounding would show)."""
+    d = make_adapter(base, tmp_path / "a", r=3, alpha=5, seed=5)
+    _edit_tensors(d, lambda t: {k: v.to(file_dtype) for k, v in t.items()})
+    raw = load_file(str(d / "adapter_model.safetensors"))
+    ad = load_adapter(d, DIMS, max_rank=16, dtype=dtype)
+    for name, w in ad.modules.items():
+        lora_b = raw[f"base_model.model.model.{name}.lora_B.weight"]
+        assert w.scaling == pytest.approx(5 / 3)
+        assert torch.equal(w.B, lora_b.t().to(dtype) * w.scaling), name
+        assert torch.equal(w.A, raw[f"base_model.model.model.{name}.lora_A.weight"].t().to(dtype))
