@@ -34,20 +34,12 @@ from typing import Any
 
 import torch
 from benchlib import machine_info  # scripts/benchlib.py, beside this script
-from benchmodels import SIZES, build_models, sync  # scripts/benchmodels.py, beside this script
+from benchmodels import SIZES, build_models, timed  # scripts/benchmodels.py, beside this script
 from hostphases import PHASES, decode_phases  # scripts/hostphases.py, beside this script
 
 from inference.config import parse_dtype
 from inference.engine import Engine, EngineConfig, GenerationRequest
 from inference.sequence import SamplingParams
-
-
-def timed(fn: Callable[[], object], device: torch.device) -> float:
-    sync(device)
-    t0 = time.perf_counter()
-    fn()
-    sync(device)
-    return time.perf_counter() - t0
 
 
 def copy_bandwidth(device: torch.device) -> float:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import json
 import math
@@ -51,7 +52,7 @@ from typing import Any
 
 import torch
 from benchlib import machine_info  # scripts/benchlib.py, beside this script
-from benchmodels import SIZES, Models, build_models, sync  # scripts/benchmodels.py, beside this script
+from benchmodels import SIZES, Models, build_models, sync, timed  # scripts/benchmodels.py, beside this script
 from torch import nn
 
 from inference.bench_traffic import ADAPTER_DISTRIBUTIONS, TrafficRequest, TrafficSpec, make_traffic
@@ -325,11 +326,7 @@ def load_times(store: AdapterStore, keys: list[str], device: torch.device, sampl
 
     def timed_acquire(k: str, tier: str) -> float:
         before = (st.disk_loads, st.cpu_hits, st.slot_misses)
-        sync(device)
-        t0 = time.perf_counter()
-        store.acquire([k])
-        sync(device)
-        took = time.perf_counter() - t0
+        took = timed(lambda: store.acquire([k]), device)
         store.release([k])
         came = (st.disk_loads - before[0], st.cpu_hits - before[1], st.slot_misses - before[2])
         if came != ((1, 0, 1) if tier == "disk" else (0, 1, 1)):  # what was timed must be the load it claims
@@ -475,11 +472,7 @@ def bench_size(size: str, args: argparse.Namespace, device: torch.device, dtype:
     report["adapter_load"] = load_times(store, load_keys, device, samples=LOAD_SAMPLES)
     store.close()
     # the floor of a first load: the sha256 of the weights that every first load verifies (one stream: one core)
-    hashes = []
-    for path in load_paths[-3:]:
-        t0 = time.perf_counter()
-        weights_hash(path)
-        hashes.append(time.perf_counter() - t0)
+    hashes = [timed(functools.partial(weights_hash, path), device) for path in load_paths[-3:]]
     report["adapter_load"]["weights_hash_ms"] = statistics.median(hashes) * 1e3
     print(f"[{size}] adapter load: {json.dumps(report['adapter_load'])}", flush=True)
     save(report)

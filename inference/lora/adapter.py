@@ -368,9 +368,11 @@ def _lay_out(root: Path, checked: list[tuple[str, torch.Tensor, torch.Tensor, fl
         r = a.shape[0]
         A = flat[off_a : off_a + a.numel()].view(a.shape[1], r)
         B = flat[off_b : off_b + b.numel()].view(r, b.shape[0])
-        flat[filled:off_a].zero_()
+        if off_a > filled:
+            flat[filled:off_a].zero_()
         A.copy_(a.t())  # transposed and converted to `dtype` in one pass
-        flat[off_a + a.numel() : off_b].zero_()
+        if off_b > off_a + a.numel():
+            flat[off_a + a.numel() : off_b].zero_()
         if b.dtype == dtype:
             torch.mul(b.t(), scaling, out=B)  # transposed and scaled in one pass, rounded once
         else:  # converted first, then scaled in `dtype` (a bf16 file served in fp32 keeps the fp32 product)
