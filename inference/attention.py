@@ -7,8 +7,8 @@ Every backend computes, for the flat batch described by `BatchMetadata` (prefill
 where b is the sequence of token t, K_b / V_b its cached keys/values (this step's already written) and
 G = Hq / Hkv (grouped-query attention).
 
-    "torch"   pure torch (`kernels.paged_attention_ref`): gather blocks, one masked SDPA call; any device
-    "triton"  the Triton kernel (`kernels.paged_attention`); CUDA, or CPU under TRITON_INTERPRET=1 (tests)
+    "torch"   pure torch (`loraledger.kernels.paged_attention_ref`): gather blocks, one masked SDPA call; any device
+    "triton"  the Triton kernel (`loraledger.kernels.paged_attention`); CUDA, or CPU under TRITON_INTERPRET=1 (tests)
 
 Default (`name=None`): "triton" on CUDA when triton is importable, "torch" otherwise.
 """
@@ -21,10 +21,10 @@ from typing import Protocol
 
 import torch
 
-from inference.batch import BatchMetadata
-from inference.errors import BackendError
-from kernels import default_backend
-from kernels.paged_attention_ref import PagedAttentionPlan, paged_attention_ref, plan_paged_attention
+from loraledger.inference.batch import BatchMetadata
+from loraledger.inference.errors import BackendError
+from loraledger.kernels import default_backend
+from loraledger.kernels.paged_attention_ref import PagedAttentionPlan, paged_attention_ref, plan_paged_attention
 
 ATTENTION_BACKENDS: tuple[str, ...] = ("torch", "triton")
 
@@ -81,7 +81,7 @@ class TorchPagedAttention:
 class TritonPagedAttention:
     """The Triton kernel backend: one kernel for prefill chunks and decodes, and split-KV decoding (spans of
     each context run side by side, then merged) for decode steps with too few (sequence, kv head) programs to
-    fill the GPU's SMs and contexts long enough to cut (`kernels.paged_attention.decode_splits`).
+    fill the GPU's SMs and contexts long enough to cut (`loraledger.kernels.paged_attention.decode_splits`).
 
     `num_sms`: the SM count that choice assumes (default: the device's; 1 on the CPU, i.e. never split)."""
 
@@ -92,7 +92,7 @@ class TritonPagedAttention:
             raise BackendError(
                 "attention backend 'triton' needs the triton package (pip extra 'gpu'); use backend 'torch'"
             )
-        from kernels.paged_attention import decode_splits, paged_attention
+        from loraledger.kernels.paged_attention import decode_splits, paged_attention
 
         self._launch = paged_attention
         self._splits = decode_splits

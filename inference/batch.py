@@ -20,7 +20,7 @@ uses no adapter at all: then both adapter tensors have shape [T, 0] and LoRA cos
 in token order, so the LoRA layers need no device-to-host copy to plan their work.
 A prefill chunk of sequence b is the tokens [context_lens[b] - q_len, context_lens[b]); a decode is q_len == 1.
 
-`static` marks a fixed-shape decode step built by `inference.graph_runner` (padded rows, block tables of the
+`static` marks a fixed-shape decode step built by `loraledger.inference.graph_runner` (padded rows, block tables of the
 full context width, views of buffers a CUDA graph replays): every consumer must take its work from the tensors
 alone, with no host copy (`adapter_runs` may then be None) and no shape that depends on their values.
 """
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kernels import to_device
+from loraledger.kernels import to_device
 
 
 @dataclass
@@ -64,10 +64,6 @@ class BatchMetadata:
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
-
-    @property
-    def uses_adapters(self) -> bool:
-        return self.token_adapter_slots.numel() > 0 and bool((self.token_adapter_slots >= 0).any())
 
     def validate(self) -> None:
         """Internal invariants (cheap shape checks); the scheduler's output must always pass."""

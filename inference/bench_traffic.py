@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from inference.errors import BenchmarkConfigError
+from loraledger.inference.errors import BenchmarkConfigError
 
 ADAPTER_DISTRIBUTIONS: tuple[str, ...] = ("power", "identical", "distinct", "uniform", "zipf")
 PUNICA_MODES: tuple[str, ...] = ("identical", "distinct", "uniform", "zipf")

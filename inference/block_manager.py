@@ -9,7 +9,7 @@ No prefix sharing: every block has exactly one owner.
 
 from __future__ import annotations
 
-from inference.errors import KVCacheError
+from loraledger.inference.errors import KVCacheError
 
 
 class BlockManager:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from inference.errors import ModelLoadError
+from loraledger.inference.errors import ModelLoadError
 
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = ("llama", "mistral", "qwen2", "qwen3")
 SUPPORTED_ROPE_TYPES: tuple[str, ...] = ("default", "linear", "llama3")

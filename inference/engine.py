@@ -6,7 +6,7 @@
     engine.generate(["a", "b"], params)    # synchronous, for scripts and tests
 
 One step (`step()`): take new requests and cancellations in; ask the scheduler for this step's chunks;
-`build_batch` them (or fill the fixed-shape buffers a CUDA graph replays, `inference.graph_runner`); one model
+`build_batch` them (or fill the fixed-shape buffers a CUDA graph replays, `loraledger.inference.graph_runner`); one model
 forward over the flat batch; logits at the sampled rows, `sample`, and each token is recorded on its sequence,
 which ends at once when its ids say so (EOS, stop token ids, max_tokens, the context): it leaves the next step
 and its KV blocks return to the pool. The text work of those tokens (detokenizing, stop strings, streaming,
@@ -48,20 +48,20 @@ from typing import Self
 
 import torch
 
-from inference.attention import get_attention_backend
-from inference.batch import SeqChunk, build_batch
-from inference.block_manager import BlockManager
-from inference.config import ModelConfig, parse_dtype
-from inference.errors import CapacityError, EngineConfigError, EngineError, InvalidRequestError
-from inference.graph_runner import GRAPH_MODES, DecodeGraphRunner
-from inference.kv_cache import PagedKVCache, bytes_per_block, num_blocks_for_budget
-from inference.model import LlamaModel
-from inference.quant import check_quantize_mode, load_model_quantized
-from inference.sampling import PendingSample, SampleOutput, SampleRequest, make_generator, sample_start
-from inference.scheduler import AdapterSlots, Scheduler, SchedulerConfig, SchedulerOutput, token_ids_of
-from inference.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
-from inference.tokenizer import IncrementalDetokenizer, Tokenizer
-from kernels import to_device
+from loraledger.inference.attention import get_attention_backend
+from loraledger.inference.batch import SeqChunk, build_batch
+from loraledger.inference.block_manager import BlockManager
+from loraledger.inference.config import ModelConfig, parse_dtype
+from loraledger.inference.errors import CapacityError, EngineConfigError, EngineError, InvalidRequestError
+from loraledger.inference.graph_runner import GRAPH_MODES, DecodeGraphRunner
+from loraledger.inference.kv_cache import PagedKVCache, bytes_per_block, num_blocks_for_budget
+from loraledger.inference.model import LlamaModel
+from loraledger.inference.quant import check_quantize_mode, load_model_quantized
+from loraledger.inference.sampling import PendingSample, SampleOutput, SampleRequest, make_generator, sample_start
+from loraledger.inference.scheduler import AdapterSlots, Scheduler, SchedulerConfig, SchedulerOutput, token_ids_of
+from loraledger.inference.sequence import FinishReason, SamplingParams, Sequence, SequenceStatus
+from loraledger.inference.tokenizer import IncrementalDetokenizer, Tokenizer
+from loraledger.kernels import to_device
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,7 @@ class EngineConfig:
     max_queue: int = 1024
     max_model_len: int | None = None
     seed: int = 0  # generator of unseeded sampled requests
-    # "auto" | "off" | "static" | "graphs" (`inference.graph_runner`): "auto" replays decode steps as CUDA
+    # "auto" | "off" | "static" | "graphs" (`loraledger.inference.graph_runner`): "auto" replays decode steps as CUDA
     # graphs on CUDA (unquantized base) and runs the plain step elsewhere; "static" is the same padded
     # fixed-shape step without capture (the CPU check of what a graph replays)
     decode_graphs: str = "auto"

@@ -18,6 +18,11 @@ class InvalidRequestError(EngineError, ValueError):
     """A request is malformed: empty prompt, bad sampling values, prompt over the context, ..."""
 
 
+class AdapterMixError(InvalidRequestError):
+    """A request's adapter list is malformed: an empty or repeated key, a weight not finite and > 0, weights
+    not summing to 1 (`loraledger.inference.adapter_mix.AdapterMix`)."""
+
+
 class AdapterNotFoundError(EngineError, LookupError):
     """A request or call names an adapter the engine does not know."""
 
@@ -52,7 +57,3 @@ class EngineConfigError(EngineError, ValueError):
 
 class QuantizationError(EngineError, ValueError):
     """A base model cannot be quantized as asked: unknown mode, bitsandbytes missing, projections already wrapped."""
-
-
-class BenchmarkConfigError(EngineError, ValueError):
-    """A benchmark traffic or run setting is out of range; the message names it and the accepted values."""

@@ -7,7 +7,7 @@ After fusion each projection's own weight (and bias) is a view of the concatenat
 twice and checkpoint names (and `LlamaModel.named_linears()`) stay as they were. At decode sizes on a GPU, three
 or two small GEMMs become one larger one that reads the same bytes with fewer launches.
 
-The hook of `inference.model` still works: a projection replaced by a batch-aware layer over the same base that
+The hook of `loraledger.inference.model` still works: a projection replaced by a batch-aware layer over the same base that
 can add its own term to a slice of the output (`add_delta(out, x, batch)`, e.g. `LoRALinear`) is served by the
 fused GEMM plus its delta; any other replacement makes `usable` false and the group runs one projection at a time.
 """
@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inference.batch import BatchMetadata
+from loraledger.inference.batch import BatchMetadata
 
 
 class FusedLinear:

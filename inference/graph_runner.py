@@ -20,7 +20,7 @@ One graph per (P, M), captured on first use, all sharing one memory pool. Everyt
 from those tensors, never from host values that change from step to step: the Triton attention kernel reads
 context_lens on the device (the torch backend gathers all W blocks and masks), and the LoRA layers run BGMV
 over every column (rows whose slot is -1 return at once) with the rank grid spanning max_rank
-(`kernels.lora.static_lora_indices`, chosen by `BatchMetadata.static`).
+(`loraledger.kernels.lora.static_lora_indices`, chosen by `BatchMetadata.static`).
 
 Modes (`GRAPH_MODES`):
 
@@ -41,10 +41,10 @@ from typing import Any
 
 import torch
 
-from inference.batch import BatchMetadata, SeqChunk, adapter_runs
-from inference.errors import EngineConfigError
-from inference.kv_cache import PagedKVCache
-from inference.model import LlamaModel
+from loraledger.inference.batch import BatchMetadata, SeqChunk, adapter_runs
+from loraledger.inference.errors import EngineConfigError
+from loraledger.inference.kv_cache import PagedKVCache
+from loraledger.inference.model import LlamaModel
 
 GRAPH_MODES: tuple[str, ...] = ("off", "static", "graphs")
 # Merge columns a graph is captured for; a request merging more adapters runs the plain step.

@@ -40,7 +40,7 @@ from typing import Any, NewType
 
 import torch
 
-from inference.errors import AdapterFormatError, EngineError, ModelLoadError
+from loraledger.inference.errors import AdapterFormatError, EngineError, ModelLoadError
 
 log = logging.getLogger(__name__)
 

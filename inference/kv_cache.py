@@ -3,7 +3,7 @@
     key[layer], value[layer]: [num_blocks, block_size, num_kv_heads, head_dim]
     flat slot s = block * block_size + offset  <->  key[layer][block, offset]
 
-The cache only stores; which block ids are free is the scheduler's business (`inference.block_manager`), and
+The cache only stores; which block ids are free is the scheduler's business (`loraledger.inference.block_manager`), and
 `BatchMetadata.slot_mapping` / `block_tables` say where each token goes and where each sequence lives.
 """
 
@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from inference.config import ModelConfig
-from inference.errors import KVCacheError
+from loraledger.inference.config import ModelConfig
+from loraledger.inference.errors import KVCacheError
 
 
 def bytes_per_block(config: ModelConfig, block_size: int, dtype: torch.dtype) -> int:

@@ -1,8 +1,8 @@
 """Backends for the small per-layer operations of the runner (RMSNorm, residual add + RMSNorm, RoPE + KV-cache
 write, SiLU gating), chosen by name through `get_layer_ops`:
 
-    "torch"   the torch twins (`kernels.layer_ops_ref`): any device, the CPU path
-    "triton"  the fused kernels (`kernels.layer_ops`): CUDA, or CPU under TRITON_INTERPRET=1 (tests)
+    "torch"   the torch twins (`loraledger.kernels.layer_ops_ref`): any device, the CPU path
+    "triton"  the fused kernels (`loraledger.kernels.layer_ops`): CUDA, or CPU under TRITON_INTERPRET=1 (tests)
 
 Default (`name=None`): "triton" on CUDA when triton is importable, "torch" otherwise. Inputs the fused kernels do
 not take (a norm weight in another dtype than its input, q, k, v, cos, sin of mixed dtypes) go to the torch twin.
@@ -15,9 +15,9 @@ from typing import Protocol
 
 import torch
 
-from inference.errors import BackendError
-from kernels import default_backend
-from kernels import layer_ops_ref as ref
+from loraledger.inference.errors import BackendError
+from loraledger.kernels import default_backend
+from loraledger.kernels import layer_ops_ref as ref
 
 LAYER_OPS_BACKENDS: tuple[str, ...] = ("torch", "triton")
 
@@ -74,7 +74,7 @@ class TritonLayerOps:
     def __init__(self) -> None:
         if importlib.util.find_spec("triton") is None:
             raise BackendError("layer ops backend 'triton' needs the triton package (pip extra 'gpu'); use 'torch'")
-        from kernels import layer_ops
+        from loraledger.kernels import layer_ops
 
         self._k = layer_ops
 

@@ -1,4 +1,4 @@
-"""Load a local Hugging Face Llama-family checkpoint into `inference.model.LlamaModel`.
+"""Load a local Hugging Face Llama-family checkpoint into `loraledger.inference.model.LlamaModel`.
 
     model_dir/config.json                                  -> ModelConfig (architecture checked there)
     model_dir/model.safetensors                            one file, or
@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from inference.attention import AttentionBackend, get_attention_backend
-from inference.config import ModelConfig, parse_dtype
-from inference.errors import ModelLoadError
-from inference.model import LlamaModel
+from loraledger.inference.attention import AttentionBackend, get_attention_backend
+from loraledger.inference.config import ModelConfig, parse_dtype
+from loraledger.inference.errors import ModelLoadError
+from loraledger.inference.model import LlamaModel
 
 log = logging.getLogger(__name__)
 

@@ -1,8 +1,8 @@
 """The Llama-family model runner: one forward over a flat batch of tokens from many sequences.
 
 Contract: token ids in, hidden states / logits out; it knows nothing of tokenization, scheduling or adapters'
-identities. The step's layout comes from `inference.batch.BatchMetadata`; keys and values go to, and are read
-from, `inference.kv_cache.PagedKVCache`:
+identities. The step's layout comes from `loraledger.inference.batch.BatchMetadata`; keys and values go to, and are read
+from, `loraledger.inference.kv_cache.PagedKVCache`:
 
     hidden = model(batch, kv_cache)                             # [T, hidden]
     logits = model.compute_logits(hidden[batch.logits_indices])  # [B, vocab] float32
@@ -23,12 +23,12 @@ where `LoRALinear.takes_batch = True` and `LoRALinear.forward(x: [T, in], batch)
 `model.named_linears()` lists the replaceable projections by those names.
 
 Fused groups. `load_model` calls `fuse_projections()`: q/k/v and gate/up each run as one GEMM over a concatenated
-weight that the projections' own weights view (`inference.fused_linear`); a LoRA layer over one of them adds its
+weight that the projections' own weights view (`loraledger.inference.fused_linear`); a LoRA layer over one of them adds its
 delta into its slice of the output (`add_delta`), any other replacement makes its group run projection by
 projection through the hook above.
 
 Layer ops. RMSNorm (fused with the residual add before it), RoPE + KV-cache write and SiLU gating go through a
-`LayerOps` backend (`inference.layer_ops`): fused Triton kernels on CUDA, their torch twins elsewhere
+`LayerOps` backend (`loraledger.inference.layer_ops`): fused Triton kernels on CUDA, their torch twins elsewhere
 (`set_layer_ops` to choose).
 """
 
@@ -40,13 +40,13 @@ from typing import cast
 import torch
 from torch import nn
 
-from inference.attention import AttentionBackend, get_attention_backend
-from inference.batch import BatchMetadata
-from inference.config import ModelConfig, RopeConfig
-from inference.fused_linear import FusedLinear
-from inference.kv_cache import PagedKVCache
-from inference.layer_ops import LayerOps, get_layer_ops
-from kernels.layer_ops_ref import rms_norm_ref
+from loraledger.inference.attention import AttentionBackend, get_attention_backend
+from loraledger.inference.batch import BatchMetadata
+from loraledger.inference.config import ModelConfig, RopeConfig
+from loraledger.inference.fused_linear import FusedLinear
+from loraledger.inference.kv_cache import PagedKVCache
+from loraledger.inference.layer_ops import LayerOps, get_layer_ops
+from loraledger.kernels.layer_ops_ref import rms_norm_ref
 
 LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -60,7 +60,7 @@ def call_linear(layer: nn.Module, x: torch.Tensor, batch: BatchMetadata) -> torc
 
 class RMSNorm(nn.Module):
     """y = weight * (x / sqrt(mean(x^2, -1) + eps)), the normalisation computed in float32
-    (`kernels.layer_ops_ref.rms_norm_ref`; through the step's `LayerOps` backend when one is given)."""
+    (`loraledger.kernels.layer_ops_ref.rms_norm_ref`; through the step's `LayerOps` backend when one is given)."""
 
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
@@ -281,7 +281,7 @@ class LlamaModel(nn.Module):
         return [cast(DecoderLayer, layer) for layer in self.layers]
 
     def fuse_projections(self) -> int:
-        """Concatenate q/k/v and gate/up of every layer into one weight each (`inference.fused_linear`), so each
+        """Concatenate q/k/v and gate/up of every layer into one weight each (`loraledger.inference.fused_linear`), so each
         group runs as one GEMM; the projections' weights become views of it (no extra memory). Groups whose
         projections are not plain `nn.Linear`s (quantized bases) stay as they are; LoRA wrappers applied before
         or after are kept working. Returns the number of groups fused. Moving or casting the model re-fuses."""

@@ -34,11 +34,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from inference.attention import AttentionBackend
-from inference.config import parse_dtype
-from inference.errors import QuantizationError
-from inference.loader import load_model
-from inference.model import LlamaModel
+from loraledger.inference.attention import AttentionBackend
+from loraledger.inference.config import parse_dtype
+from loraledger.inference.errors import QuantizationError
+from loraledger.inference.loader import load_model
+from loraledger.inference.model import LlamaModel
 
 QUANTIZE_MODES: tuple[str, ...] = ("none", "nf4")
 NF4_BLOCKSIZE = 64  # bitsandbytes' 4-bit block size: one absmax per 64 weights

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import torch
 
-from inference.sequence import SamplingParams
-from kernels import to_device
+from loraledger.inference.sequence import SamplingParams
+from loraledger.kernels import to_device
 
 
 @dataclass

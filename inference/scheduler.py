@@ -32,12 +32,15 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass, field
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
-from inference.batch import SeqChunk
-from inference.block_manager import BlockManager
-from inference.errors import AdapterNotFoundError, EngineConfigError, EngineError, InvalidRequestError
-from inference.sequence import FinishReason, Sequence, SequenceStatus
+from loraledger.inference.batch import SeqChunk
+from loraledger.inference.block_manager import BlockManager
+from loraledger.inference.errors import AdapterNotFoundError, EngineConfigError, EngineError, InvalidRequestError
+from loraledger.inference.sequence import FinishReason, Sequence, SequenceStatus
+
+if TYPE_CHECKING:  # the engine config module imports this one
+    from loraledger.inference.engine_config import EngineConfig
 
 
 @runtime_checkable
@@ -46,6 +49,7 @@ class AdapterSlots(Protocol):
 
     num_slots           how many adapters can be resident at once (the bound on distinct adapters per step)
     validate(keys)      raise `AdapterNotFoundError` (or another `EngineError`) if a key is unknown; at submit
+                        (the keys of one `AdapterMix`: distinct)
     acquire(keys)       pin every key in a slot (loading it if needed) and return the slot ids in key order,
                         or None if that is impossible now (e.g. all slots pinned); a reference count per key
     release(keys)       undo one acquire of the same keys
@@ -91,17 +95,31 @@ class NoAdapterSlots:
 
 @dataclass(frozen=True)
 class SchedulerConfig:
-    max_num_seqs: int = 32
-    max_tokens_per_step: int = 512
+    """The scheduler's two bounds; an engine takes them from its `EngineConfig` (`from_engine`).
+
+    max_num_seqs          sequences running at once
+    max_tokens_per_step   tokens in one step's flat batch; >= max_num_seqs, so every running sequence decodes
+                          in every step
+    """
+
+    max_num_seqs: int
+    max_tokens_per_step: int
 
     def __post_init__(self) -> None:
-        if self.max_num_seqs < 1:
-            raise EngineConfigError(f"max_num_seqs must be >= 1, got {self.max_num_seqs}")
+        for name in ("max_num_seqs", "max_tokens_per_step"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise EngineConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_tokens_per_step < self.max_num_seqs:
             raise EngineConfigError(
                 f"max_tokens_per_step ({self.max_tokens_per_step}) must be >= max_num_seqs "
                 f"({self.max_num_seqs}) so that every running sequence can decode in every step"
             )
+
+    @classmethod
+    def from_engine(cls, config: EngineConfig) -> SchedulerConfig:
+        """The bounds `config` sets; raises `EngineConfigError` as `__post_init__` does."""
+        return cls(config.max_num_seqs, config.max_tokens_per_step)
 
 
 @dataclass
@@ -163,7 +181,8 @@ class Scheduler:
         return bool(self.waiting or self.running)
 
     def check_fits(self, seq: Sequence) -> None:
-        """Raise `InvalidRequestError` for a sequence that could never run, even alone on the engine."""
+        """Raise `InvalidRequestError` for a sequence that could never run, even alone on the engine (the KV
+        cache too small, more adapters than slots), or `AdapterNotFoundError` for an adapter the slots do not know."""
         need = seq.max_total_tokens() - 1  # the last sampled token is never fed back
         if need > self.blocks.capacity_tokens:
             raise InvalidRequestError(
@@ -172,9 +191,7 @@ class Scheduler:
                 f"but the whole cache holds {self.blocks.capacity_tokens}; "
                 "lower max_tokens, shorten the prompt, or give the engine a larger KV budget"
             )
-        keys = seq.adapter_keys
-        if len(set(keys)) != len(keys):
-            raise InvalidRequestError(f"request {seq.request_id!r} names an adapter twice: {list(keys)}")
+        keys = seq.adapter_keys  # distinct: an `AdapterMix`
         self.adapter_slots.validate(keys)
         if keys and len(keys) > self.adapter_slots.num_slots:
             raise InvalidRequestError(

@@ -18,7 +18,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Literal
 
-from inference.errors import InvalidRequestError
+from loraledger.inference.adapter_mix import BASE_MODEL, AdapterMix
+from loraledger.inference.errors import InvalidRequestError
 
 FinishReason = Literal["stop", "length", "cancelled", "error"]
 
@@ -142,7 +143,7 @@ class Sequence:
     request_id: str
     prompt_ids: list[int]
     params: SamplingParams
-    adapters: tuple[tuple[str, float], ...] = ()
+    adapters: AdapterMix = BASE_MODEL
     priority: int = 0  # smaller runs first (0 is the default; negative is more urgent)
     arrival_time: float = 0.0  # time.monotonic() at submit
     arrival_index: int = 0
@@ -154,17 +155,20 @@ class Sequence:
     num_preemptions: int = 0
     adapter_slots: tuple[int, ...] = ()  # GPU slots while RUNNING with adapters, else ()
     held: bool = False  # its last output is a token still on the device that ends it: never scheduled again
-    # the adapters' keys and weights, split once (the scheduler reads them every step)
-    adapter_keys: tuple[str, ...] = field(init=False, repr=False)
-    adapter_weights: tuple[float, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.prompt_ids:
             raise InvalidRequestError(
                 f"request {self.request_id!r}: the prompt is empty; send at least one token"
             )
-        self.adapter_keys = tuple(k for k, _ in self.adapters)
-        self.adapter_weights = tuple(w for _, w in self.adapters)
+
+    @property
+    def adapter_keys(self) -> tuple[str, ...]:
+        return self.adapters.keys
+
+    @property
+    def adapter_weights(self) -> tuple[float, ...]:
+        return self.adapters.weights
 
     @property
     def all_ids(self) -> list[int]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from inference.errors import ModelConfigError
+from loraledger.inference.errors import ModelConfigError
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 ROLE_TOKENS: tuple[str, ...] = ("<|system|>", "<|user|>", "<|assistant|>")
@@ -39,7 +39,7 @@ INIT_STD = 0.25
 
 def corpus_text() -> str:
     """The shipped training prose for the tiny tokenizer."""
-    return resources.files("inference").joinpath("data/corpus.txt").read_text(encoding="utf-8")
+    return resources.files("loraledger.inference").joinpath("data/corpus.txt").read_text(encoding="utf-8")
 
 
 def _check_sizes(layers: int, hidden: int, heads: int, kv_heads: int, intermediate: int, vocab: int,

@@ -14,7 +14,7 @@ from typing import Any
 
 from tokenizers.decoders import ByteLevel
 
-from inference.errors import InvalidRequestError, ModelLoadError
+from loraledger.inference.errors import InvalidRequestError, ModelLoadError
 
 REPLACEMENT_CHAR = "\ufffd"  # what decoding yields for an incomplete UTF-8 sequence
 

@@ -5,7 +5,7 @@
 
 Tokens with slot -1 return at once (no loads). Rank tiles at or past `ranks[slot]` exit before any load, and
 columns past the rank inside the last tile are masked (never read), so padding to `max_rank` moves no bytes.
-Reference twins: `kernels.lora.shrink_ref` / `expand_ref`. On CPU run with TRITON_INTERPRET=1 (tests only).
+Reference twins: `loraledger.kernels.lora.shrink_ref` / `expand_ref`. On CPU run with TRITON_INTERPRET=1 (tests only).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.launch import check_expand_inputs, check_shrink_inputs, rank_block
+from loraledger.kernels.launch import check_expand_inputs, check_shrink_inputs, rank_block
 
 
 @triton.jit

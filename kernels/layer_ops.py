@@ -1,6 +1,6 @@
 """Fused Triton kernels for the small per-layer operations of a Llama-family block (decode at batch 1 to 32 on
 a GPU launches more of these than GEMMs). Semantics, rounding included, are those of the torch twins in
-`kernels.layer_ops_ref`:
+`loraledger.kernels.layer_ops_ref`:
 
     rms_norm        one program per row: sum of squares in float32, y = x * rsqrt(mean + eps), in a 16-bit
                     dtype y is rounded to it before the weight multiplies (4 torch kernels -> 1)

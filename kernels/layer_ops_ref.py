@@ -1,5 +1,5 @@
 """The small per-layer operations of a Llama-family block in pure torch: the CPU path and the oracle of their
-fused Triton kernels (`kernels.layer_ops`).
+fused Triton kernels (`loraledger.kernels.layer_ops`).
 
     rms_norm(x, w, eps)     y = w * (x / sqrt(mean(x^2, -1) + eps)), normalised in float32; in a 16-bit dtype
                             the normalised value is rounded to x's dtype before the weight multiplies it (HF order)

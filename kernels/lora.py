@@ -44,7 +44,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from kernels import to_device
+from loraledger.kernels import to_device
 
 BACKENDS = ("torch", "triton")
 
@@ -460,7 +460,7 @@ def _add_lora_triton(
     indices: LoRAIndices,
     ranks: torch.Tensor,
 ) -> torch.Tensor:
-    from kernels import bgmv, sgmv  # imported on use: triton is optional (the `gpu` extra)
+    from loraledger.kernels import bgmv, sgmv  # imported on use: triton is optional (the `gpu` extra)
 
     # a static step (CUDA graph) must not bake the ranks of this step into its grid: span every rank
     max_rank: int | None = None if indices.static else (max(ranks_host) if ranks_host else 0)

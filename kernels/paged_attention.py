@@ -1,6 +1,6 @@
 """Paged attention as one Triton kernel for prefill chunks and decodes in the same flat batch.
 
-Semantics are those of `kernels.paged_attention_ref.paged_attention_ref` (the oracle):
+Semantics are those of `loraledger.kernels.paged_attention_ref.paged_attention_ref` (the oracle):
 
     for sequence b, query token i (absolute position p = context_lens[b] - q_len[b] + i), query head h:
         out[t, h] = softmax_j(scale * q[t, h] . K_b[j, h // G]; j <= p) @ V_b[:, h // G]

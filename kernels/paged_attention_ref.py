@@ -1,4 +1,4 @@
-"""Paged attention in pure torch: the CPU path and the oracle for the Triton kernel (`kernels.paged_attention`).
+"""Paged attention in pure torch: the CPU path and the oracle for the Triton kernel (`loraledger.kernels.paged_attention`).
 
 For a flat batch of B sequences (prefill chunks and decodes mixed), sequence b owns the query tokens
 [query_start[b], query_start[b+1]) and `context_lens[b]` cached tokens (its chunk already written), stored in

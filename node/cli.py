@@ -13,20 +13,20 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from node.errors import NodeError
+from loraledger.node.errors import NodeError
 
 # Modules that contribute sub-commands, in the order they appear in `loraledger --help`.
 COMMAND_MODULES: tuple[str, ...] = (
-    "node.commands.devnet",
-    "node.commands.deploy",
-    "node.commands.key",
-    "node.commands.demo",
-    "node.commands.contracts",
-    "node.commands.model",
-    "node.commands.lineage",
-    "node.commands.attribution",  # after any module that adds `datanet`: it adds `datanet index` there
-    "node.commands.serve",
-    "node.commands.rewards",
+    "loraledger.node.commands.devnet",
+    "loraledger.node.commands.deploy",
+    "loraledger.node.commands.key",
+    "loraledger.node.commands.demo",
+    "loraledger.node.commands.contracts",
+    "loraledger.node.commands.model",
+    "loraledger.node.commands.lineage",
+    "loraledger.node.commands.attribution",  # after any module that adds `datanet`: it adds `datanet index` there
+    "loraledger.node.commands.serve",
+    "loraledger.node.commands.rewards",
 )
 
 

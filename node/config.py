@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from node.errors import ConfigError
+from loraledger.node.errors import ConfigError
 
 DEFAULT_STATE_DIR = Path(".loraledger")
 
@@ -55,7 +55,7 @@ class ModelConfigSection:
     device: str = "auto"  # "auto" = cuda when available, else cpu
     quantize: str = "none"  # "none" or "nf4"
     attention: str = "auto"  # "auto", "torch", "triton"
-    decode_graphs: str = "auto"  # "auto" (CUDA graphs on CUDA), "off", "static", "graphs" (inference.graph_runner)
+    decode_graphs: str = "auto"  # "auto" (CUDA graphs on CUDA), "off", "static", "graphs" (loraledger.inference.graph_runner)
     async_decode: str = "auto"  # "auto" (with CUDA graphs), "on", "off": decode steps run ahead of the host
     block_size: int = 16
     kv_cache_mb: int = 256

@@ -12,7 +12,7 @@ from typing import NewType, TypedDict
 from eth_typing import ChecksumAddress
 from eth_utils import is_address, to_checksum_address
 
-from node.errors import ConfigError
+from loraledger.node.errors import ConfigError
 
 Address = NewType("Address", ChecksumAddress)
 """An EIP-55 checksummed 20-byte address, `0x` + 40 hex."""

@@ -24,8 +24,8 @@ import numpy as np
 import numpy.typing as npt
 from benchlib import machine_info  # scripts/benchlib.py, beside this script
 
-from node.attribution import Contribution, MatcherConfig, attribute, build_index, open_index, write_index
-from node.attribution.matcher import longest_suffix_matches
+from loraledger.node.attribution import Contribution, MatcherConfig, attribute, build_index, open_index, write_index
+from loraledger.node.attribution.matcher import longest_suffix_matches
 
 
 def zipf_tokens(rng: np.random.Generator, n: int, vocab: int, s: float) -> npt.NDArray[np.int64]:

@@ -37,9 +37,9 @@ from benchlib import machine_info  # scripts/benchlib.py, beside this script
 from benchmodels import SIZES, build_models, timed  # scripts/benchmodels.py, beside this script
 from hostphases import PHASES, decode_phases  # scripts/hostphases.py, beside this script
 
-from inference.config import parse_dtype
-from inference.engine import Engine, EngineConfig, GenerationRequest
-from inference.sequence import SamplingParams
+from loraledger.inference.config import parse_dtype
+from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest
+from loraledger.inference.sequence import SamplingParams
 
 
 def copy_bandwidth(device: torch.device) -> float:

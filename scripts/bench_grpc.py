@@ -34,8 +34,8 @@ from typing import Any
 import grpc
 from benchlib import machine_info  # scripts/benchlib.py, beside this script
 
-from proto.loraledger.v1 import loraledger_pb2 as pb
-from proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
+from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
+from loraledger.proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -93,8 +93,8 @@ def write_adapter(model_dir: Path, out_dir: Path, seed: int, r: int = 8) -> Path
 
 
 async def _direct(engine: Any, n: int, adapters: int, max_tokens: int) -> dict[str, Any]:
-    from inference.engine import GenerationRequest, GenerationResult
-    from inference.sequence import SamplingParams
+    from loraledger.inference.engine import GenerationRequest, GenerationResult
+    from loraledger.inference.sequence import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
 
@@ -127,11 +127,12 @@ def main() -> int:
         print(json.dumps(asyncio.run(_client(args.client, args.streams, args.adapters, args.max_tokens))))
         return 0
 
-    from inference.tiny import init_tiny
-    from node.config import NodeConfig, ServerConfig
-    from node.process import StoreCatalog, build_engine
-    from node.server import NodeServer
-    from node.servicer import InferenceServicer
+    from loraledger.inference.tiny import init_tiny
+    from loraledger.node.config import NodeConfig, ServerConfig
+    from loraledger.node.serving.app import build_engine
+    from loraledger.node.serving.catalog import StoreCatalog
+    from loraledger.node.serving.server import NodeServer
+    from loraledger.node.serving.servicers import InferenceServicer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-grpc-"))
     heads = max(2, args.hidden // 16)

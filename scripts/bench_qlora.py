@@ -27,12 +27,12 @@ from typing import Any
 
 import torch
 
-from inference.batch import SeqChunk, build_batch
-from inference.kv_cache import PagedKVCache
-from inference.loader import load_model
-from inference.model import LlamaModel
-from inference.quant import load_model_quantized, module_nbytes, projections_nbytes, quantize_nf4
-from inference.tiny import init_tiny
+from loraledger.inference.batch import SeqChunk, build_batch
+from loraledger.inference.kv_cache import PagedKVCache
+from loraledger.inference.loader import load_model
+from loraledger.inference.model import LlamaModel
+from loraledger.inference.quant import load_model_quantized, module_nbytes, projections_nbytes, quantize_nf4
+from loraledger.inference.tiny import init_tiny
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 512},

@@ -15,11 +15,11 @@ from typing import Any
 
 import torch
 
-from inference.config import ModelConfig
-from inference.model import LlamaModel
-from inference.quant import module_nbytes
-from inference.tiny import init_tiny
-from inference.tokenizer import Tokenizer
+from loraledger.inference.config import ModelConfig
+from loraledger.inference.model import LlamaModel
+from loraledger.inference.quant import module_nbytes
+from loraledger.inference.tiny import init_tiny
+from loraledger.inference.tokenizer import Tokenizer
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {"layers": 2, "hidden": 64, "heads": 4, "kv_heads": 2, "intermediate": 128, "vocab": 512},

@@ -156,8 +156,8 @@ def variant_key(launch: Launch) -> tuple[str, str]:
 
 def build_model(tok_dir: Path, shape: dict[str, int], dtype: torch.dtype) -> Any:
     """A one-layer runner of `shape` with zero weights (no Triton kernel reads values, only shapes)."""
-    from inference.config import ModelConfig
-    from inference.model import LlamaModel
+    from loraledger.inference.config import ModelConfig
+    from loraledger.inference.model import LlamaModel
 
     base = ModelConfig.from_pretrained(tok_dir)
     cfg = dataclasses.replace(base, hidden_size=shape["hidden"], num_heads=shape["heads"],
@@ -178,7 +178,7 @@ def write_adapter(out: Path, dims: Any, rank: int) -> Path:
     """A PEFT-format adapter of `rank` on all 7 projections of a one-layer model (zero weights)."""
     from safetensors.torch import save_file
 
-    from inference.lora.adapter import LORA_MODULES, module_name
+    from loraledger.inference.lora.adapter import LORA_MODULES, module_name
 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -197,13 +197,13 @@ def exercise(size: str, dtype_name: str, work: Path, launches: list[Launch]) -> 
     """Run the engine over one model shape and dtype on the Triton backends, recording every launch: chunked
     prefill mixed with decodes, eager and fixed-shape (CUDA-graph) decode steps, base-only, single-adapter and
     merged requests over ranks 8..128, and contexts long enough for split-KV decoding."""
-    from inference.attention import TritonPagedAttention
-    from inference.engine import Engine, EngineConfig, GenerationRequest
-    from inference.lora.adapter import BaseDims
-    from inference.lora.layers import apply_lora
-    from inference.lora.store import AdapterStore
-    from inference.sequence import SamplingParams
-    from inference.tiny import init_tiny
+    from loraledger.inference.attention import TritonPagedAttention
+    from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest
+    from loraledger.inference.lora.adapter import BaseDims
+    from loraledger.inference.lora.layers import apply_lora
+    from loraledger.inference.lora.store import AdapterStore
+    from loraledger.inference.sequence import SamplingParams
+    from loraledger.inference.tiny import init_tiny
 
     tok_dir = work / "tokenizer"
     if not tok_dir.exists():

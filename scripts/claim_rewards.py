@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from node.cli import main
+from loraledger.node.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["rewards", "claim", *sys.argv[1:]]))

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from proto.codegen import generate_stubs
+from loraledger.proto.codegen import generate_stubs
 
 ROOT = Path(__file__).resolve().parent.parent
 

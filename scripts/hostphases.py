@@ -29,8 +29,8 @@ from typing import Any
 
 import torch
 
-import inference.engine as engine_module
-from inference.engine import Engine
+import loraledger.inference.engine as engine_module
+from loraledger.inference.engine import Engine
 
 PHASES: tuple[str, ...] = ("schedule", "fill", "forward", "sample", "wait", "collect", "text", "other")
 

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from node.devnet import Anvil
+from loraledger.node.chain.devnet import Anvil
 
 if TYPE_CHECKING:  # web3 is imported by the fixture that needs it: the engine tests also run where it is absent
     from web3 import Web3

@@ -32,8 +32,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 
-from inference.errors import AdapterFormatError, AdapterMismatchError
-from inference.identity import ADAPTER_WEIGHTS_FILE, ContentHash, parse_hash, tensors_hash
+from loraledger.inference.errors import AdapterFormatError, AdapterMismatchError
+from loraledger.inference.identity import ADAPTER_WEIGHTS_FILE, ContentHash, parse_hash, tensors_hash
 
 CONFIG_FILE = "adapter_config.json"
 LORA_MODULES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -59,7 +59,7 @@ class BaseDims:
 
     @classmethod
     def from_model_config(cls, config: Any) -> BaseDims:
-        """From `inference.config.ModelConfig` (num_layers, hidden_size, intermediate_size, q_size, kv_size)."""
+        """From `loraledger.inference.config.ModelConfig` (num_layers, hidden_size, intermediate_size, q_size, kv_size)."""
         return cls(
             num_layers=int(config.num_layers),
             hidden_size=int(config.hidden_size),

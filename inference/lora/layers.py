@@ -4,10 +4,10 @@
 
 with A: [S, in, R], B: [S, R, out] (B already multiplied by the adapter's alpha/r scaling) and ranks [S].
 The step's `BatchMetadata.token_adapter_slots/scales` (and its host copy `adapter_runs`) are turned into
-`kernels.lora.LoRAIndices` once per step by the shared `LoRAContext` (not once per layer), then each layer calls
+`loraledger.kernels.lora.LoRAIndices` once per step by the shared `LoRAContext` (not once per layer), then each layer calls
 the kernel backend; on the torch path the per-rank plans (`LoRAIndices.plan`) are memoized per step as well.
 
-`apply_lora(model, num_slots, max_rank)` wraps the projections of an `inference.model.LlamaModel` (through its
+`apply_lora(model, num_slots, max_rank)` wraps the projections of an `loraledger.inference.model.LlamaModel` (through its
 `named_linears()` / `set_linear()` hook) and returns the `LoRASlots` the adapter store fills.
 """
 
@@ -18,11 +18,11 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from inference.batch import BatchMetadata
-from inference.errors import AdapterFormatError
-from inference.lora.adapter import LORA_MODULES, LoRAAdapter
-from kernels import default_backend, to_device
-from kernels.lora import LoRAIndices, build_lora_indices, get_add_lora, static_lora_indices
+from loraledger.inference.batch import BatchMetadata
+from loraledger.inference.errors import AdapterFormatError
+from loraledger.inference.lora.adapter import LORA_MODULES, LoRAAdapter
+from loraledger.kernels import default_backend, to_device
+from loraledger.kernels.lora import LoRAIndices, build_lora_indices, get_add_lora, static_lora_indices
 
 
 class LoRAContext:
@@ -139,7 +139,7 @@ class LoRALinear(nn.Module):
 
     def add_delta(self, out: torch.Tensor, x: torch.Tensor, batch: BatchMetadata) -> torch.Tensor:
         """out += the LoRA of each token's slots, in place; returns out. out: [T, out] (may be a column view of a
-        fused q/k/v or gate/up output, `inference.fused_linear`), x: [T, in]."""
+        fused q/k/v or gate/up output, `loraledger.inference.fused_linear`), x: [T, in]."""
         indices = self.context.indices_for(batch)
         if not indices.active:
             return out
@@ -232,7 +232,7 @@ def apply_lora(
 ) -> LoRASlots:
     """Wrap each projection of `model` whose last name part is in `targets` with a `LoRALinear`.
 
-    `model` exposes `named_linears() -> {name: module}` and `set_linear(name, module)` (inference.model).
+    `model` exposes `named_linears() -> {name: module}` and `set_linear(name, module)` (loraledger.inference.model).
     `backend`: "torch" | "triton" | None (triton on CUDA, torch elsewhere). Idempotence is refused: wrapping an
     already wrapped model raises ValueError.
     """

@@ -39,10 +39,10 @@ from typing import Any, TypeVar
 
 import torch
 
-from inference.errors import AdapterNotFoundError, EngineError, InvalidRequestError
-from inference.identity import parse_hash
-from inference.lora.adapter import LORA_MODULES, BaseDims, LoRAAdapter, load_adapter
-from inference.lora.layers import LoRASlots, slot_nbytes
+from loraledger.inference.errors import AdapterNotFoundError, EngineError, InvalidRequestError
+from loraledger.inference.identity import parse_hash
+from loraledger.inference.lora.adapter import LORA_MODULES, BaseDims, LoRAAdapter, load_adapter
+from loraledger.inference.lora.layers import LoRASlots, slot_nbytes
 
 log = logging.getLogger(__name__)
 

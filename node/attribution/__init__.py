@@ -7,7 +7,7 @@
     pool.py      AttributionPool: attribution of finished answers in worker threads
 """
 
-from node.attribution.index import (
+from loraledger.node.attribution.index import (
     INDEX_DIRNAME,
     RECORD_BREAK,
     Contribution,
@@ -16,10 +16,10 @@ from node.attribution.index import (
     open_index,
     write_index,
 )
-from node.attribution.manifest import LocalTokenizer, contributions_from_manifest, index_manifest
-from node.attribution.matcher import Attribution, ContributionCredit, MatchedSpan, MatcherConfig, attribute
-from node.attribution.mixing import WEIGHT_SCALE, mix_weights
-from node.attribution.pool import AttributionPool
+from loraledger.node.attribution.manifest import LocalTokenizer, contributions_from_manifest, index_manifest
+from loraledger.node.attribution.matcher import Attribution, ContributionCredit, MatchedSpan, MatcherConfig, attribute
+from loraledger.node.attribution.mixing import WEIGHT_SCALE, mix_weights
+from loraledger.node.attribution.pool import AttributionPool
 
 __all__ = [
     "INDEX_DIRNAME",

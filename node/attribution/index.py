@@ -34,7 +34,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from node.errors import AttributionError
+from loraledger.node.errors import AttributionError
 
 INDEX_DIRNAME = "attribution_index"
 """Name of the index folder inside a datanet's manifest folder."""

@@ -1,6 +1,6 @@
 """From a datanet manifest folder to an attribution index beside it.
 
-Reads only the manifest file format (see node/datanet.py's module docstring):
+Reads only the manifest file format (see node/lineage/datanet.py's module docstring):
 
     MANIFEST_DIR/manifest.json           {"name", "tokenizer_sha256", "entries": [{"file", "contributor",
                                            "contribution_hash", "duplicate_lines"}, ...], ...}
@@ -20,14 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from node.attribution.index import (
+from loraledger.node.attribution.index import (
     INDEX_DIRNAME,
     RECORD_BREAK,
     Contribution,
     build_index,
     write_index,
 )
-from node.errors import AttributionError
+from loraledger.node.errors import AttributionError
 
 MANIFEST_FILE = "manifest.json"
 FILES_DIR = "contributions"

@@ -41,8 +41,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import numpy.typing as npt
 
-from node.attribution.index import DatanetIndex
-from node.errors import AttributionError
+from loraledger.node.attribution.index import DatanetIndex
+from loraledger.node.errors import AttributionError
 
 _NO_TOKEN = -3  # answer ids the index cannot hold (out of vocab): smaller than every text symbol, never equal
 

@@ -14,7 +14,7 @@ import math
 from collections.abc import Mapping
 from fractions import Fraction
 
-from node.errors import AttributionError
+from loraledger.node.errors import AttributionError
 
 WEIGHT_SCALE = 10**18
 """Mixed weights are parts per 10**18 (they sum to exactly this)."""

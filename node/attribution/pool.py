@@ -23,9 +23,9 @@ from typing import Self
 import numpy as np
 import numpy.typing as npt
 
-from node.attribution.index import DatanetIndex, open_index
-from node.attribution.matcher import Attribution, MatcherConfig, attribute
-from node.errors import AttributionError
+from loraledger.node.attribution.index import DatanetIndex, open_index
+from loraledger.node.attribution.matcher import Attribution, MatcherConfig, attribute
+from loraledger.node.errors import AttributionError
 
 DatanetRef = str | os.PathLike[str] | DatanetIndex
 """A datanet to attribute against: its manifest (or index) folder, or an index already open."""

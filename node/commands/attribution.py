@@ -7,10 +7,10 @@ import argparse
 import json
 import time
 
-from node.attribution.index import open_index
-from node.attribution.manifest import LocalTokenizer, index_manifest
-from node.attribution.matcher import MatcherConfig, attribute
-from node.errors import AttributionError
+from loraledger.node.attribution.index import open_index
+from loraledger.node.attribution.manifest import LocalTokenizer, index_manifest
+from loraledger.node.attribution.matcher import MatcherConfig, attribute
+from loraledger.node.errors import AttributionError
 
 
 def _datanet_actions(

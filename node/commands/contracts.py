@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from node.contracts import ARTIFACTS_DIR, artifact_bytes, compile_contracts, write_artifacts
+from loraledger.node.chain.artifacts import ARTIFACTS_DIR, artifact_bytes, compile_contracts, write_artifacts
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -1,11 +1,11 @@
-"""`loraledger demo`: the whole path on a local devnet (what `make run` runs; see node/demo.py for the stages),
+"""`loraledger demo`: the whole path on a local devnet (what `make run` runs; see node/demo/stages.py),
 and `loraledger demo --stop` (what `make stop` runs: the demo's node, then its devnet)."""
 
 from __future__ import annotations
 
 import argparse
 
-from node.demo import FULL, SMALL, report, run_demo, stop_demo
+from loraledger.node.demo.stages import FULL, SMALL, report, run_demo, stop_demo
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -10,10 +10,10 @@ import argparse
 import dataclasses
 from pathlib import Path
 
-from node.deploy import deploy_all
-from node.devnet_setup import web3_for
-from node.errors import ConfigError
-from node.keys import PASSWORD_ENV, PRIVATE_KEY_ENV, load_account
+from loraledger.node.chain.deploy import deploy_all
+from loraledger.node.chain.devnet_setup import web3_for
+from loraledger.node.errors import ConfigError
+from loraledger.node.chain.keys import PASSWORD_ENV, PRIVATE_KEY_ENV, load_account
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from node import devnet_setup
-from node.devnet import DEFAULT_CHAIN_ID
+from loraledger.node.chain import devnet_setup
+from loraledger.node.chain.devnet import DEFAULT_CHAIN_ID
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -11,7 +11,7 @@
     loraledger adapter verify ADAPTER_DIR --id N --base MODEL_DIR
 
 Chain access: `--deployment PATH` (deployment.json from `devnet up` or `deploy`; RPC URL from its record
-unless `--rpc-url`). Keys (node.keys): `--key-file` keystore (password from $LORALEDGER_KEY_PASSWORD or
+unless `--rpc-url`). Keys (loraledger.node.chain.keys): `--key-file` keystore (password from $LORALEDGER_KEY_PASSWORD or
 `--password-file`), else $LORALEDGER_PRIVATE_KEY; on a devnet `--dev-account I` picks anvil's account I.
 """
 
@@ -22,9 +22,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from node.devnet_setup import DEFAULT_STATE_DIR, DEPLOYMENT_FILE
-from node.errors import ConfigError
-from node.keys import PASSWORD_ENV, PRIVATE_KEY_ENV
+from loraledger.node.chain.devnet_setup import DEFAULT_STATE_DIR, DEPLOYMENT_FILE
+from loraledger.node.errors import ConfigError
+from loraledger.node.chain.keys import PASSWORD_ENV, PRIVATE_KEY_ENV
 
 DEFAULT_DEPLOYMENT = str(DEFAULT_STATE_DIR / DEPLOYMENT_FILE)
 Parsers = argparse._SubParsersAction  # type: ignore[type-arg]
@@ -175,7 +175,7 @@ def _add_adapter(subparsers: Parsers) -> None:
 
 
 def _account(args: argparse.Namespace) -> Any:
-    from node.keys import dev_account, load_account
+    from loraledger.node.chain.keys import dev_account, load_account
 
     if getattr(args, "dev_account", None) is not None:
         if args.key_file:
@@ -189,9 +189,9 @@ def _contracts(args: argparse.Namespace, account: Any | None = None) -> Any:
     account for read-only use when None)."""
     from eth_account import Account
 
-    from node.chain import ChainClient
-    from node.contracts_client import Contracts
-    from node.devnet_setup import read_deployment, web3_for
+    from loraledger.node.chain.client import ChainClient
+    from loraledger.node.chain.bindings import Contracts
+    from loraledger.node.chain.devnet_setup import read_deployment, web3_for
 
     dep = read_deployment(args.deployment)
     rpc = args.rpc_url or dep.extra.get("rpcUrl")
@@ -220,7 +220,7 @@ def _contributor_register(args: argparse.Namespace) -> int:
 
 
 def _contributor_payout(args: argparse.Namespace) -> int:
-    from node.types import as_address
+    from loraledger.node.types import as_address
 
     account = _account(args)
     payout = as_address(args.address)
@@ -230,7 +230,7 @@ def _contributor_payout(args: argparse.Namespace) -> int:
 
 
 def _contribution_sign(args: argparse.Namespace) -> int:
-    from node.datanet import sign_contribution
+    from loraledger.node.lineage.contributions import sign_contribution
 
     account = _account(args)
     out = sign_contribution(args.file, account, overwrite=args.force)
@@ -239,7 +239,7 @@ def _contribution_sign(args: argparse.Namespace) -> int:
 
 
 def _datanet_build(args: argparse.Namespace) -> int:
-    from node.datanet import build_datanet
+    from loraledger.node.lineage.datanet import build_datanet
 
     if args.rpc_url and not args.deployment:
         raise ConfigError("--rpc-url needs --deployment (the ContributorRegistry address comes from it)")
@@ -258,7 +258,7 @@ def _datanet_build(args: argparse.Namespace) -> int:
 
 
 def _datanet_register(args: argparse.Namespace) -> int:
-    from node.datanet import register_datanet
+    from loraledger.node.lineage.datanet import register_datanet
 
     reg = register_datanet(args.manifest_dir, _contracts(args, _account(args)), args.uri)
     print(f"registered datanet {reg.datanet_id} on chain {reg.chain_id} (tx {reg.tx_hash})")
@@ -266,7 +266,7 @@ def _datanet_register(args: argparse.Namespace) -> int:
 
 
 def _datanet_verify(args: argparse.Namespace) -> int:
-    from node.datanet import verify_manifest
+    from loraledger.node.lineage.datanet import verify_manifest
 
     contracts = None if args.offline else _contracts(args)
     m = verify_manifest(args.manifest_dir, contracts, args.tokenizer)
@@ -276,7 +276,7 @@ def _datanet_verify(args: argparse.Namespace) -> int:
 
 
 def _train(args: argparse.Namespace) -> int:
-    from node.training import train_adapter
+    from loraledger.node.lineage.training import train_adapter
 
     r = train_adapter(
         args.base,
@@ -303,8 +303,8 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _adapter_register(args: argparse.Namespace) -> int:
-    from node.lineage import register_adapter
-    from node.types import as_wei
+    from loraledger.node.lineage.registration import register_adapter
+    from loraledger.node.types import as_wei
 
     reg = register_adapter(
         args.adapter_dir, _contracts(args, _account(args)), as_wei(args.fee_per_token), args.uri
@@ -317,8 +317,8 @@ def _adapter_register(args: argparse.Namespace) -> int:
 
 
 def _adapter_verify(args: argparse.Namespace) -> int:
-    from node.lineage import verify_adapter_against_chain
-    from node.training import load_lineage
+    from loraledger.node.lineage.registration import verify_adapter_against_chain
+    from loraledger.node.lineage.training import load_lineage
 
     adapter_id = args.id
     if adapter_id is None:

@@ -26,7 +26,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
-    from inference.tiny import init_tiny
+    from loraledger.inference.tiny import init_tiny
 
     out = init_tiny(
         args.dir,

@@ -7,7 +7,7 @@
     loraledger rewards push [--epoch-file F] [--threshold N]
 
 The record log, the deployment and the operator key come from the node config (`--config`, env vars, defaults:
-see node.config); `--records`, `--deployment`, `--rpc-url` override them. A claim trusts no node: with
+see loraledger.node.config); `--records`, `--deployment`, `--rpc-url` override them. A claim trusts no node: with
 `--server` it fetches the proof from a running node (gRPC `GetRewardProof`), with `--epoch-file` it reads it
 from an exported epoch file, else from the local record log; either way it is checked against the root on chain
 before anything is sent.
@@ -23,17 +23,18 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from node.chain import ChainClient
-from node.claims import claim, proof_from_epoch_file, proofs_from_epoch_file, push_claims
-from node.config import NodeConfig, load_config
-from node.contracts_client import Contracts
-from node.deploy import Deployment
-from node.devnet_setup import read_deployment, web3_for
-from node.errors import ConfigError
-from node.keys import PASSWORD_ENV, account_from_hex, load_account, load_keystore, read_password
-from node.record_log import RecordLog
-from node.settlement import EpochProofs, RewardProofData, SettlementOptions, Settler, export_epoch
-from node.types import Wei, as_address, as_bytes32
+from loraledger.node.chain.client import ChainClient
+from loraledger.node.ledger.claims import claim, proof_from_epoch_file, proofs_from_epoch_file, push_claims
+from loraledger.node.config import NodeConfig, load_config
+from loraledger.node.chain.bindings import Contracts
+from loraledger.node.chain.deploy import Deployment
+from loraledger.node.chain.devnet_setup import read_deployment, web3_for
+from loraledger.node.errors import ConfigError
+from loraledger.node.chain.keys import PASSWORD_ENV, account_from_hex, load_account, load_keystore, read_password
+from loraledger.node.ledger.record_log import RecordLog
+from loraledger.node.ledger.settler import SettlementOptions, Settler
+from loraledger.node.ledger.epochs import EpochProofs, RewardProofData, export_epoch
+from loraledger.node.types import Wei, as_address, as_bytes32
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -241,8 +242,8 @@ def proof_from_node(server: str, account: str, timeout: float = 30.0) -> RewardP
     Not trusted: `claim` checks it against the operator's root on chain before sending anything."""
     import grpc
 
-    from proto.loraledger.v1 import loraledger_pb2 as pb
-    from proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
+    from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
+    from loraledger.proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
 
     with grpc.insecure_channel(server) as channel:
         try:

@@ -8,7 +8,7 @@
 and exits 0 after a clean SIGTERM / SIGINT shutdown (in-flight requests get `server.grace_seconds`; the record of
 every request that produced tokens is durable before exit). With a deployment (`chain.deployment`), an operator
 key (`$LORALEDGER_OPERATOR_KEY` or `chain.key_file`) and `settlement.enabled`, the node also settles epochs
-itself (`[settlement]` epoch_seconds / epoch_records / push_threshold; see node.process.SettlementLoop), and
+itself (`[settlement]` epoch_seconds / epoch_records / push_threshold; see loraledger.node.serving.app.SettlementLoop), and
 `attribution.token_level_lambda` > 0 turns token-level attribution on. `generate` prints the text (streamed as it comes with
 --stream), then usage and the attribution summary on stderr-free stdout lines starting with `#`.
 """
@@ -20,7 +20,7 @@ import asyncio
 import sys
 from typing import Any
 
-from node.errors import ConfigError
+from loraledger.node.errors import ConfigError
 
 DEFAULT_SERVER = "127.0.0.1:50051"
 
@@ -69,8 +69,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from node.config import load_config
-    from node.process import NodeApp
+    from loraledger.node.config import load_config
+    from loraledger.node.serving.app import NodeApp
 
     cfg = load_config(args.config, _overrides(args))
     app = NodeApp(cfg)
@@ -104,8 +104,8 @@ def parse_adapter(spec: str) -> tuple[str, float]:
 def _generate(args: argparse.Namespace) -> int:
     import grpc
 
-    from proto.loraledger.v1 import loraledger_pb2 as pb
-    from proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
+    from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
+    from loraledger.proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
 
     sampling = pb.SamplingParams(max_tokens=max(0, args.max_tokens))
     if args.temperature is not None:

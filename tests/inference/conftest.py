@@ -16,9 +16,9 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from inference.loader import load_model
-from inference.model import LlamaModel
-from inference.tiny import init_tiny
+from loraledger.inference.loader import load_model
+from loraledger.inference.model import LlamaModel
+from loraledger.inference.tiny import init_tiny
 
 
 @pytest.fixture(scope="session")

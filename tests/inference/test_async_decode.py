@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
-from inference.errors import EngineConfigError
-from inference.model import LlamaModel
-from inference.sequence import SamplingParams
+from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
+from loraledger.inference.errors import EngineConfigError
+from loraledger.inference.model import LlamaModel
+from loraledger.inference.sequence import SamplingParams
 
 
 def engine(model_dir: Path, model: LlamaModel, mode: str, ahead: bool, **kw: object) -> Engine:
@@ -66,7 +66,7 @@ def mixed_requests(model_dir: Path, model: LlamaModel, **kw: object) -> list[Gen
 
 
 def model_dir_eos(model_dir: Path) -> set[int]:
-    from inference.tokenizer import Tokenizer
+    from loraledger.inference.tokenizer import Tokenizer
 
     return set(Tokenizer.from_pretrained(model_dir).eos_token_ids)
 
@@ -142,7 +142,7 @@ def test_async_decode_config_is_checked(tiny_model_dir: Path) -> None:
 def test_run_ahead_graph_replays_equal_synchronous_replays(tiny_model_dir: Path, dtype: str) -> None:
     """On a GPU: the captured graphs run ahead (pinned copies, device-side input tokens, samples read behind
     an event) give exactly the answers of the same graphs run synchronously."""
-    from inference.loader import load_model
+    from loraledger.inference.loader import load_model
 
     model = load_model(tiny_model_dir, dtype=dtype, device="cuda")
     kw: dict[str, object] = {"device": "cuda", "dtype": dtype, "max_model_len": 48}
@@ -165,7 +165,7 @@ def test_run_ahead_on_the_background_thread_streams_what_synchronous_steps_give(
     step ran ahead delivers that step's tokens and cancels the rest cleanly."""
     import asyncio
 
-    from inference.engine import TokenDelta
+    from loraledger.inference.engine import TokenDelta
 
     ps = prompts(6, seed=4)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)

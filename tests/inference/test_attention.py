@@ -13,13 +13,13 @@ from types import ModuleType
 import pytest
 import torch
 
-from inference.attention import TorchPagedAttention, TritonPagedAttention, get_attention_backend
-from inference.batch import SeqChunk, build_batch
-from inference.errors import BackendError, EngineError
-from inference.kv_cache import PagedKVCache
-from inference.loader import load_model
-from inference.model import LlamaModel
-from kernels.paged_attention_ref import paged_attention_loop, paged_attention_ref
+from loraledger.inference.attention import TorchPagedAttention, TritonPagedAttention, get_attention_backend
+from loraledger.inference.batch import SeqChunk, build_batch
+from loraledger.inference.errors import BackendError, EngineError
+from loraledger.inference.kv_cache import PagedKVCache
+from loraledger.inference.loader import load_model
+from loraledger.inference.model import LlamaModel
+from loraledger.kernels.paged_attention_ref import paged_attention_loop, paged_attention_ref
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 HAS_CUDA = torch.cuda.is_available()
@@ -111,13 +111,13 @@ def test_factory_picks_by_name_and_rejects_unknown() -> None:
 
 @pytest.fixture(scope="module")
 def triton_kernels() -> ModuleType:
-    """`kernels.paged_attention`: compiled for CUDA, or interpreted on CPU (conftest sets TRITON_INTERPRET=1
+    """`loraledger.kernels.paged_attention`: compiled for CUDA, or interpreted on CPU (conftest sets TRITON_INTERPRET=1
     before triton is first imported)."""
     if not HAS_TRITON:
         pytest.skip("triton is not installed (pip extra 'gpu' or 'dev')")
     if not HAS_CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.fail("without CUDA the Triton tests need TRITON_INTERPRET=1 set before triton is imported")
-    return importlib.import_module("kernels.paged_attention")
+    return importlib.import_module("loraledger.kernels.paged_attention")
 
 
 TRITON_CASES = [

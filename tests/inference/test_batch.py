@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.batch import SeqChunk, build_batch
-from kernels import to_device
+from loraledger.inference.batch import SeqChunk, build_batch
+from loraledger.kernels import to_device
 
 BS = 4
 

@@ -8,14 +8,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from inference.bench_traffic import (
+from loraledger.inference.bench_traffic import (
     TrafficSpec,
     distinct_per_window,
     make_traffic,
     power_adapters,
     punica_segment_lengths,
 )
-from inference.errors import BenchmarkConfigError, EngineError
+from loraledger.inference.errors import BenchmarkConfigError, EngineError
 
 
 def test_same_seed_same_trace_and_streams_are_independent() -> None:

@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from inference.block_manager import BlockManager
-from inference.errors import KVCacheError
+from loraledger.inference.block_manager import BlockManager
+from loraledger.inference.errors import KVCacheError
 
 
 def test_grow_covers_tokens_and_counts() -> None:

@@ -10,18 +10,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult, TokenDelta
-from inference.errors import (
+from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult, TokenDelta
+from loraledger.inference.errors import (
     AdapterMismatchError,
     AdapterNotFoundError,
     CapacityError,
     EngineConfigError,
     InvalidRequestError,
 )
-from inference.loader import load_model
-from inference.model import LlamaModel
-from inference.sequence import SamplingParams
-from inference.tokenizer import Tokenizer
+from loraledger.inference.loader import load_model
+from loraledger.inference.model import LlamaModel
+from loraledger.inference.sequence import SamplingParams
+from loraledger.inference.tokenizer import Tokenizer
 
 PROMPTS = [
     "Hello",

@@ -1,4 +1,4 @@
-"""Fused q/k/v and gate/up projections (`inference.fused_linear`): loaded models are fused without extra memory,
+"""Fused q/k/v and gate/up projections (`loraledger.inference.fused_linear`): loaded models are fused without extra memory,
 give the unfused model's logits, and stay right through deep copies, casts and replaced projections (LoRA over
 fused projections: tests/inference/lora/test_fused_lora.py)."""
 
@@ -11,11 +11,11 @@ import pytest
 import torch
 from torch import nn
 
-from inference.batch import BatchMetadata, SeqChunk, build_batch
-from inference.fused_linear import FusedLinear
-from inference.kv_cache import PagedKVCache
-from inference.loader import load_model
-from inference.model import LlamaModel
+from loraledger.inference.batch import BatchMetadata, SeqChunk, build_batch
+from loraledger.inference.fused_linear import FusedLinear
+from loraledger.inference.kv_cache import PagedKVCache
+from loraledger.inference.loader import load_model
+from loraledger.inference.model import LlamaModel
 
 CHUNKS = [SeqChunk(0, tuple(range(10, 19)), 0, (0, 1, 2)), SeqChunk(1, (40,), 6, (3, 4)),
           SeqChunk(2, tuple(range(60, 65)), 3, (5, 6))]

@@ -1,4 +1,4 @@
-"""Fixed-shape decode steps (`inference.graph_runner`): the padded "static" step equals the plain step on the CPU
+"""Fixed-shape decode steps (`loraledger.inference.graph_runner`): the padded "static" step equals the plain step on the CPU
 (tokens and logprobs, odd batch sizes, staggered arrivals, cancel, preemption), padding rows write nothing but
 the scratch block, bad configurations fail clearly, and on CUDA the captured graphs equal the plain step."""
 
@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from inference.batch import SeqChunk, build_batch
-from inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
-from inference.errors import EngineConfigError
-from inference.graph_runner import DecodeGraphRunner, bucket_sizes
-from inference.kv_cache import PagedKVCache
-from inference.loader import load_model
-from inference.model import LlamaModel
-from inference.sequence import SamplingParams
+from loraledger.inference.batch import SeqChunk, build_batch
+from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
+from loraledger.inference.errors import EngineConfigError
+from loraledger.inference.graph_runner import DecodeGraphRunner, bucket_sizes
+from loraledger.inference.kv_cache import PagedKVCache
+from loraledger.inference.loader import load_model
+from loraledger.inference.model import LlamaModel
+from loraledger.inference.sequence import SamplingParams
 
 HAS_CUDA = torch.cuda.is_available()
 NEW = 8

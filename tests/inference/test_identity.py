@@ -12,8 +12,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from inference.errors import AdapterFormatError, ModelLoadError
-from inference.identity import (
+from loraledger.inference.errors import AdapterFormatError, ModelLoadError
+from loraledger.inference.identity import (
     HASH_CACHE_FILE,
     base_model_hash,
     config_hash,

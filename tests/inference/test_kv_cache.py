@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from inference.config import ModelConfig
-from inference.errors import KVCacheError
-from inference.kv_cache import PagedKVCache, bytes_per_block, num_blocks_for_budget
+from loraledger.inference.config import ModelConfig
+from loraledger.inference.errors import KVCacheError
+from loraledger.inference.kv_cache import PagedKVCache, bytes_per_block, num_blocks_for_budget
 
 CONFIG = ModelConfig.from_dict({
     "model_type": "llama", "vocab_size": 10, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,

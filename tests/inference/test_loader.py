@@ -12,10 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaForCausalLM
 
-from inference.config import ModelConfig, parse_dtype
-from inference.errors import ModelLoadError
-from inference.loader import load_model
-from inference.model import LlamaModel
+from loraledger.inference.config import ModelConfig, parse_dtype
+from loraledger.inference.errors import ModelLoadError
+from loraledger.inference.loader import load_model
+from loraledger.inference.model import LlamaModel
 
 
 @pytest.fixture

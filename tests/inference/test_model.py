@@ -20,11 +20,11 @@ from transformers import (
     Qwen3Config,
 )
 
-from inference.batch import BatchMetadata, SeqChunk, build_batch
-from inference.kv_cache import PagedKVCache
-from inference.loader import load_model
-from inference.model import LlamaModel
-from inference.tokenizer import Tokenizer
+from loraledger.inference.batch import BatchMetadata, SeqChunk, build_batch
+from loraledger.inference.kv_cache import PagedKVCache
+from loraledger.inference.loader import load_model
+from loraledger.inference.model import LlamaModel
+from loraledger.inference.tokenizer import Tokenizer
 
 TOL = 1e-4
 BLOCK_SIZE = 4

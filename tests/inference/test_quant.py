@@ -20,23 +20,23 @@ import torch
 
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'loraledger[quant]')")
 
-from inference.batch import SeqChunk, build_batch
-from inference.engine import Engine, EngineConfig, GenerationRequest
-from inference.errors import QuantizationError
-from inference.kv_cache import PagedKVCache
-from inference.loader import load_model
-from inference.lora.adapter import BaseDims
-from inference.lora.layers import apply_lora
-from inference.lora.store import AdapterStore
-from inference.model import LlamaModel
-from inference.quant import (
+from loraledger.inference.batch import SeqChunk, build_batch
+from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest
+from loraledger.inference.errors import QuantizationError
+from loraledger.inference.kv_cache import PagedKVCache
+from loraledger.inference.loader import load_model
+from loraledger.inference.lora.adapter import BaseDims
+from loraledger.inference.lora.layers import apply_lora
+from loraledger.inference.lora.store import AdapterStore
+from loraledger.inference.model import LlamaModel
+from loraledger.inference.quant import (
     is_nf4,
     load_model_quantized,
     module_nbytes,
     projections_nbytes,
     quantize_nf4,
 )
-from inference.sequence import SamplingParams
+from loraledger.inference.sequence import SamplingParams
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 EXACT = 1e-4  # same quantized bits, different kernels / op order

@@ -7,9 +7,9 @@ import math
 import pytest
 import torch
 
-from inference.errors import InvalidRequestError
-from inference.sampling import SampleRequest, _truncate, make_generator, sample
-from inference.sequence import SamplingParams
+from loraledger.inference.errors import InvalidRequestError
+from loraledger.inference.sampling import SampleRequest, _truncate, make_generator, sample
+from loraledger.inference.sequence import SamplingParams
 
 GREEDY = SamplingParams(temperature=0.0)
 

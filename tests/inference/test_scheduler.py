@@ -8,10 +8,10 @@ from collections.abc import Sequence as Seq
 
 import pytest
 
-from inference.block_manager import BlockManager
-from inference.errors import AdapterMismatchError, AdapterNotFoundError, InvalidRequestError
-from inference.scheduler import AdapterSlots, NoAdapterSlots, Scheduler, SchedulerConfig, SchedulerOutput
-from inference.sequence import SamplingParams, Sequence, SequenceStatus
+from loraledger.inference.block_manager import BlockManager
+from loraledger.inference.errors import AdapterMismatchError, AdapterNotFoundError, InvalidRequestError
+from loraledger.inference.scheduler import AdapterSlots, NoAdapterSlots, Scheduler, SchedulerConfig, SchedulerOutput
+from loraledger.inference.sequence import SamplingParams, Sequence, SequenceStatus
 
 
 class SimulatedCache:

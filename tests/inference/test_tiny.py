@@ -11,10 +11,10 @@ import pytest
 import torch
 from transformers import AutoTokenizer
 
-from inference.errors import InvalidRequestError, ModelConfigError, ModelLoadError
-from inference.tiny import CHAT_TEMPLATE, init_tiny
-from inference.tokenizer import REPLACEMENT_CHAR, Tokenizer
-from node.cli import main as cli_main
+from loraledger.inference.errors import InvalidRequestError, ModelConfigError, ModelLoadError
+from loraledger.inference.tiny import CHAT_TEMPLATE, init_tiny
+from loraledger.inference.tokenizer import REPLACEMENT_CHAR, Tokenizer
+from loraledger.node.cli import main as cli_main
 
 TEXT = "Loraledger pays contributors — naïve café, 日本語, and an emoji 🙂 at the end!"
 

@@ -1,5 +1,5 @@
-"""The fused per-layer kernels (`kernels.layer_ops`: RMSNorm, residual add + RMSNorm, RoPE + KV-cache write, SiLU
-gating) against their torch twins (`kernels.layer_ops_ref`) over shapes and dtypes, launcher checks, the backend
+"""The fused per-layer kernels (`loraledger.kernels.layer_ops`: RMSNorm, residual add + RMSNorm, RoPE + KV-cache write, SiLU
+gating) against their torch twins (`loraledger.kernels.layer_ops_ref`) over shapes and dtypes, launcher checks, the backend
 factory, and the whole runner on the fused kernels against the runner on the twins.
 
 Without CUDA the kernels run in Triton's interpreter (TRITON_INTERPRET=1, set below before triton is imported)."""
@@ -14,14 +14,14 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from inference.batch import SeqChunk, build_batch
-from inference.errors import BackendError
-from inference.kv_cache import PagedKVCache
-from inference.layer_ops import get_layer_ops
-from inference.loader import load_model
-from inference.tiny import init_tiny
-from kernels import layer_ops
-from kernels.layer_ops_ref import add_rms_norm_ref, rms_norm_ref, rope_and_cache_ref, rotary_ref, silu_mul_ref
+from loraledger.inference.batch import SeqChunk, build_batch
+from loraledger.inference.errors import BackendError
+from loraledger.inference.kv_cache import PagedKVCache
+from loraledger.inference.layer_ops import get_layer_ops
+from loraledger.inference.loader import load_model
+from loraledger.inference.tiny import init_tiny
+from loraledger.kernels import layer_ops
+from loraledger.kernels.layer_ops_ref import add_rms_norm_ref, rms_norm_ref, rope_and_cache_ref, rotary_ref, silu_mul_ref
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # 16-bit results may differ by a unit in the last place twice over (the normalised value, then its product with

@@ -16,8 +16,8 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
-from kernels import bgmv, sgmv
-from kernels.lora import (
+from loraledger.kernels import bgmv, sgmv
+from loraledger.kernels.lora import (
     add_lora_ref,
     build_lora_indices,
     expand_ref,
@@ -232,8 +232,8 @@ def test_lora_linear_through_triton_matches_torch() -> None:
     """`LoRALinear` with the Triton backend equals the torch path on a prefill step and on a decode step."""
     from torch import nn
 
-    from inference.batch import SeqChunk, build_batch
-    from inference.lora.layers import LoRAContext, LoRALinear
+    from loraledger.inference.batch import SeqChunk, build_batch
+    from loraledger.inference.lora.layers import LoRAContext, LoRALinear
 
     g = torch.Generator().manual_seed(0)
     base = nn.Linear(24, 40).to(DEVICE)

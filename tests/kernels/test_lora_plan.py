@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from kernels.lora import BMM_ROWS_PER_SLOT, RUN_MIN_ROWS, LoRAIndices, add_lora_ref, build_lora_indices
+from loraledger.kernels.lora import BMM_ROWS_PER_SLOT, RUN_MIN_ROWS, LoRAIndices, add_lora_ref, build_lora_indices
 
 IN_F, OUT_F, MAX_RANK = 24, 40, 16
 SLOT_RANKS = [8, 8, 8, 8, 4, 0, 16, 8]  # slot 5 is empty (rank 0)
@@ -152,7 +152,7 @@ def test_random_steps_match_the_loop_reference(seed: int) -> None:
 @pytest.mark.parametrize("seed", range(6))
 def test_indices_from_host_runs_equal_indices_from_tensors(seed: int) -> None:
     """`build_batch`'s host runs give the same indices (columns, segments, groups, plans) as the device scan."""
-    from inference.batch import SeqChunk, build_batch
+    from loraledger.inference.batch import SeqChunk, build_batch
 
     g = torch.Generator().manual_seed(seed)
     chunks = []

@@ -25,7 +25,7 @@ T = TypeVar("T")
 def tiny_model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random Llama checkpoint + tokenizer (init_tiny defaults: 2 layers, hidden 64, vocab 512, context
     512). Read-only."""
-    from inference.tiny import init_tiny
+    from loraledger.inference.tiny import init_tiny
 
     return init_tiny(tmp_path_factory.mktemp("tiny") / "model")
 
@@ -106,7 +106,7 @@ class ChainWorld:
 
     w3: Any
     rpc_url: str
-    deployment: Any  # node.deploy.Deployment (extra.rpcUrl set)
+    deployment: Any  # loraledger.node.chain.deploy.Deployment (extra.rpcUrl set)
     deployment_file: Path
     operator: Any  # LocalAccount: OPERATOR_ROLE, ETH, reward tokens, ledger pre-approved
     contributors: list[Any]  # LocalAccounts (dev 2, 3, 4)
@@ -119,8 +119,8 @@ class ChainWorld:
     texts: dict[str, list[str]]  # contributor address -> records
 
     def bind(self, account: Any) -> Any:
-        from node.chain import ChainClient
-        from node.contracts_client import Contracts
+        from loraledger.node.chain.client import ChainClient
+        from loraledger.node.chain.bindings import Contracts
 
         return Contracts.at(ChainClient(self.w3, account), self.deployment.addresses)
 
@@ -131,7 +131,7 @@ class ChainWorld:
         """Another operator (its own epoch stream from 1): ETH, OPERATOR_ROLE, reward tokens, ledger approved."""
         from eth_account import Account
 
-        from node.keys import dev_account
+        from loraledger.node.chain.keys import dev_account
 
         op = Account.create()
         admin = self.bind(dev_account(0))
@@ -145,8 +145,8 @@ class ChainWorld:
 def random_lineage_adapter(model_dir: Path, out_dir: Path, seed: int, manifest_dir: Path,
                            contributors: dict[str, int], chain_id: int, datanet_id: int) -> Path:
     """A random PEFT adapter plus the lineage.json `loraledger train` would write for it (the whole datanet)."""
-    from inference.identity import base_model_hash, config_hash, weights_hash
-    from node.datanet import load_manifest
+    from loraledger.inference.identity import base_model_hash, config_hash, weights_hash
+    from loraledger.node.lineage.datanet import load_manifest
 
     write_random_adapter(model_dir, out_dir, seed)
     manifest = load_manifest(manifest_dir)
@@ -171,11 +171,12 @@ def build_chain_world(w3: Any, rpc_url: str, model_dir: Path, root: Path, fees: 
     import dataclasses
     import os
 
-    from node.attribution.manifest import LocalTokenizer, index_manifest
-    from node.datanet import build_datanet, load_manifest, register_datanet, sign_contribution
-    from node.deploy import deploy_all
-    from node.keys import dev_account
-    from node.lineage import register_adapter
+    from loraledger.node.attribution.manifest import LocalTokenizer, index_manifest
+    from loraledger.node.lineage.datanet import build_datanet, load_manifest, register_datanet
+    from loraledger.node.lineage.contributions import sign_contribution
+    from loraledger.node.chain.deploy import deploy_all
+    from loraledger.node.chain.keys import dev_account
+    from loraledger.node.lineage.registration import register_adapter
 
     deployment = deploy_all(w3, dev_account(0), shares=SHARES)
     deployment = dataclasses.replace(deployment, extra={"rpcUrl": rpc_url})
@@ -252,13 +253,13 @@ class NodeProcess:
 
 
 def start_node(args: list[str], env: dict[str, str] | None = None, timeout: float = 180.0) -> NodeProcess:
-    """`python -m node.cli node run ARGS` from the repo root; returns once it prints its serving line."""
+    """`python -m loraledger.node.cli node run ARGS` from the repo root; returns once it prints its serving line."""
     import os
     import subprocess
     import sys
 
     full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-    proc = subprocess.Popen([sys.executable, "-m", "node.cli", "node", "run", *args], cwd=REPO_ROOT, env=full_env,
+    proc = subprocess.Popen([sys.executable, "-m", "loraledger.node.cli", "node", "run", *args], cwd=REPO_ROOT, env=full_env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
     address: list[str] = []

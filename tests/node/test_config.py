@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from node.config import load_config
-from node.errors import ConfigError
+from loraledger.node.config import load_config
+from loraledger.node.errors import ConfigError
 
 
 def test_defaults_are_valid_and_work_with_the_devnet() -> None:

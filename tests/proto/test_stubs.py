@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from proto.codegen import generate_stubs
+from loraledger.proto.codegen import generate_stubs
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -16,7 +16,7 @@ def test_committed_stubs_are_current() -> None:
 
 
 def test_services_expose_the_documented_methods() -> None:
-    from proto.loraledger.v1 import loraledger_pb2 as pb
+    from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
 
     inference = pb.DESCRIPTOR.services_by_name["Inference"]
     assert {m.name for m in inference.methods} == {

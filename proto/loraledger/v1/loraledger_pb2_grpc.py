@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from proto.loraledger.v1 import loraledger_pb2 as proto_dot_loraledger_dot_v1_dot_loraledger__pb2
+from loraledger.proto.loraledger.v1 import loraledger_pb2 as loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in proto/loraledger/v1/loraledger_pb2_grpc.py depends on'
+        + ' but the generated code in loraledger/proto/loraledger/v1/loraledger_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,28 +37,28 @@ class InferenceStub:
         """
         self.Generate = channel.unary_unary(
                 '/loraledger.v1.Inference/Generate',
-                request_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateResponse.FromString,
+                request_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/loraledger.v1.Inference/GenerateStream',
-                request_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateStreamResponse.FromString,
+                request_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateStreamResponse.FromString,
                 _registered_method=True)
         self.LoadAdapter = channel.unary_unary(
                 '/loraledger.v1.Inference/LoadAdapter',
-                request_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.LoadAdapterRequest.SerializeToString,
-                response_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.LoadAdapterResponse.FromString,
+                request_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.LoadAdapterRequest.SerializeToString,
+                response_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.LoadAdapterResponse.FromString,
                 _registered_method=True)
         self.UnloadAdapter = channel.unary_unary(
                 '/loraledger.v1.Inference/UnloadAdapter',
-                request_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.UnloadAdapterRequest.SerializeToString,
-                response_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.UnloadAdapterResponse.FromString,
+                request_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.UnloadAdapterRequest.SerializeToString,
+                response_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.UnloadAdapterResponse.FromString,
                 _registered_method=True)
         self.ListAdapters = channel.unary_unary(
                 '/loraledger.v1.Inference/ListAdapters',
-                request_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListAdaptersRequest.SerializeToString,
-                response_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListAdaptersResponse.FromString,
+                request_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListAdaptersRequest.SerializeToString,
+                response_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListAdaptersResponse.FromString,
                 _registered_method=True)
 
 
@@ -103,28 +103,28 @@ def add_InferenceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateRequest.FromString,
-                    response_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateRequest.FromString,
+                    response_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateRequest.FromString,
-                    response_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateStreamResponse.SerializeToString,
+                    request_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateRequest.FromString,
+                    response_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateStreamResponse.SerializeToString,
             ),
             'LoadAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.LoadAdapter,
-                    request_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.LoadAdapterRequest.FromString,
-                    response_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.LoadAdapterResponse.SerializeToString,
+                    request_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.LoadAdapterRequest.FromString,
+                    response_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.LoadAdapterResponse.SerializeToString,
             ),
             'UnloadAdapter': grpc.unary_unary_rpc_method_handler(
                     servicer.UnloadAdapter,
-                    request_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.UnloadAdapterRequest.FromString,
-                    response_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.UnloadAdapterResponse.SerializeToString,
+                    request_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.UnloadAdapterRequest.FromString,
+                    response_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.UnloadAdapterResponse.SerializeToString,
             ),
             'ListAdapters': grpc.unary_unary_rpc_method_handler(
                     servicer.ListAdapters,
-                    request_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListAdaptersRequest.FromString,
-                    response_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListAdaptersResponse.SerializeToString,
+                    request_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListAdaptersRequest.FromString,
+                    response_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListAdaptersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -153,8 +153,8 @@ class Inference:
             request,
             target,
             '/loraledger.v1.Inference/Generate',
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateRequest.SerializeToString,
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateResponse.FromString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateRequest.SerializeToString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -180,8 +180,8 @@ class Inference:
             request,
             target,
             '/loraledger.v1.Inference/GenerateStream',
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateRequest.SerializeToString,
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateStreamResponse.FromString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateRequest.SerializeToString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GenerateStreamResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -207,8 +207,8 @@ class Inference:
             request,
             target,
             '/loraledger.v1.Inference/LoadAdapter',
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.LoadAdapterRequest.SerializeToString,
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.LoadAdapterResponse.FromString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.LoadAdapterRequest.SerializeToString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.LoadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -234,8 +234,8 @@ class Inference:
             request,
             target,
             '/loraledger.v1.Inference/UnloadAdapter',
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.UnloadAdapterRequest.SerializeToString,
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.UnloadAdapterResponse.FromString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.UnloadAdapterRequest.SerializeToString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.UnloadAdapterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -261,8 +261,8 @@ class Inference:
             request,
             target,
             '/loraledger.v1.Inference/ListAdapters',
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListAdaptersRequest.SerializeToString,
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListAdaptersResponse.FromString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListAdaptersRequest.SerializeToString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListAdaptersResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -286,18 +286,18 @@ class AttributionStub:
         """
         self.GetRecord = channel.unary_unary(
                 '/loraledger.v1.Attribution/GetRecord',
-                request_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRecordRequest.SerializeToString,
-                response_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRecordResponse.FromString,
+                request_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRecordRequest.SerializeToString,
+                response_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRecordResponse.FromString,
                 _registered_method=True)
         self.GetRewardProof = channel.unary_unary(
                 '/loraledger.v1.Attribution/GetRewardProof',
-                request_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRewardProofRequest.SerializeToString,
-                response_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRewardProofResponse.FromString,
+                request_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRewardProofRequest.SerializeToString,
+                response_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRewardProofResponse.FromString,
                 _registered_method=True)
         self.ListEpochs = channel.unary_unary(
                 '/loraledger.v1.Attribution/ListEpochs',
-                request_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsRequest.SerializeToString,
-                response_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsResponse.FromString,
+                request_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsRequest.SerializeToString,
+                response_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsResponse.FromString,
                 _registered_method=True)
 
 
@@ -330,18 +330,18 @@ def add_AttributionServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetRecord': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRecord,
-                    request_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRecordRequest.FromString,
-                    response_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRecordResponse.SerializeToString,
+                    request_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRecordRequest.FromString,
+                    response_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRecordResponse.SerializeToString,
             ),
             'GetRewardProof': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRewardProof,
-                    request_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRewardProofRequest.FromString,
-                    response_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRewardProofResponse.SerializeToString,
+                    request_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRewardProofRequest.FromString,
+                    response_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRewardProofResponse.SerializeToString,
             ),
             'ListEpochs': grpc.unary_unary_rpc_method_handler(
                     servicer.ListEpochs,
-                    request_deserializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsRequest.FromString,
-                    response_serializer=proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsResponse.SerializeToString,
+                    request_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsRequest.FromString,
+                    response_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -370,8 +370,8 @@ class Attribution:
             request,
             target,
             '/loraledger.v1.Attribution/GetRecord',
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRecordRequest.SerializeToString,
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRecordResponse.FromString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRecordRequest.SerializeToString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRecordResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -397,8 +397,8 @@ class Attribution:
             request,
             target,
             '/loraledger.v1.Attribution/GetRewardProof',
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRewardProofRequest.SerializeToString,
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRewardProofResponse.FromString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRewardProofRequest.SerializeToString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetRewardProofResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -424,8 +424,8 @@ class Attribution:
             request,
             target,
             '/loraledger.v1.Attribution/ListEpochs',
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsRequest.SerializeToString,
-            proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsResponse.FromString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsRequest.SerializeToString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsResponse.FromString,
             options,
             channel_credentials,
             insecure,

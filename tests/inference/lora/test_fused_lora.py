@@ -1,4 +1,4 @@
-"""LoRA deltas added into column views of fused q/k/v and gate/up outputs (`inference.fused_linear`), on the torch
+"""LoRA deltas added into column views of fused q/k/v and gate/up outputs (`loraledger.inference.fused_linear`), on the torch
 kernels and on the Triton SGMV/BGMV kernels (interpreted on the CPU), against LoRA over unfused projections."""
 
 from __future__ import annotations
@@ -9,13 +9,13 @@ from typing import Any
 import pytest
 import torch
 
-from inference.batch import SeqChunk, build_batch
-from inference.kv_cache import PagedKVCache
-from inference.loader import load_model
-from inference.lora.adapter import BaseDims
-from inference.lora.layers import apply_lora
-from inference.lora.store import AdapterStore
-from inference.model import LlamaModel
+from loraledger.inference.batch import SeqChunk, build_batch
+from loraledger.inference.kv_cache import PagedKVCache
+from loraledger.inference.loader import load_model
+from loraledger.inference.lora.adapter import BaseDims
+from loraledger.inference.lora.layers import apply_lora
+from loraledger.inference.lora.store import AdapterStore
+from loraledger.inference.model import LlamaModel
 
 CHUNKS = [SeqChunk(0, tuple(range(10, 19)), 0, (0, 1, 2)), SeqChunk(1, (40,), 6, (3, 4)),
           SeqChunk(2, tuple(range(60, 65)), 3, (5, 6))]

@@ -29,13 +29,13 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from inference.attention import TritonPagedAttention
-from inference.engine import Engine, EngineConfig, GenerationRequest
-from inference.loader import load_model
-from inference.lora.adapter import BaseDims
-from inference.lora.layers import apply_lora
-from inference.lora.store import AdapterStore
-from inference.sequence import SamplingParams
+from loraledger.inference.attention import TritonPagedAttention
+from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest
+from loraledger.inference.loader import load_model
+from loraledger.inference.lora.adapter import BaseDims
+from loraledger.inference.lora.layers import apply_lora
+from loraledger.inference.lora.store import AdapterStore
+from loraledger.inference.sequence import SamplingParams
 
 # Python-level tensor calls that read device memory on the host, or make a device tensor from host data
 HOST_CALLS = {"tolist", "item", "__bool__", "__int__", "__float__", "__index__", "numpy", "cpu", "tensor",

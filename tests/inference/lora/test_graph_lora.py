@@ -10,12 +10,12 @@ from typing import Any
 import pytest
 import torch
 
-from inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
-from inference.loader import load_model
-from inference.lora.adapter import BaseDims
-from inference.lora.layers import apply_lora
-from inference.lora.store import AdapterStore
-from inference.sequence import SamplingParams
+from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
+from loraledger.inference.loader import load_model
+from loraledger.inference.lora.adapter import BaseDims
+from loraledger.inference.lora.layers import apply_lora
+from loraledger.inference.lora.store import AdapterStore
+from loraledger.inference.sequence import SamplingParams
 
 HAS_CUDA = torch.cuda.is_available()
 SPECS: dict[str, dict[str, Any]] = {
@@ -116,8 +116,8 @@ def test_cuda_graphs_with_adapters_equal_plain_steps(tiny_model_dir: Path, adapt
 def test_steps_with_adapters_are_captured_only_on_the_triton_lora_backend(tiny_model_dir: Path) -> None:
     """The torch LoRA path plans from host values, so a graph may hold adapters only on the triton backend; the
     backend is read at each step (it can be switched), the layers' contexts are found once."""
-    from inference.graph_runner import DecodeGraphRunner
-    from inference.kv_cache import PagedKVCache
+    from loraledger.inference.graph_runner import DecodeGraphRunner
+    from loraledger.inference.kv_cache import PagedKVCache
 
     model = load_model(tiny_model_dir, dtype="fp32")
     slots = apply_lora(model, num_slots=2, max_rank=8, backend="torch")

@@ -14,9 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from inference.errors import AdapterFormatError, AdapterMismatchError
-from inference.identity import weights_hash
-from inference.lora.adapter import AdapterConfig, BaseDims, load_adapter, read_adapter_config
+from loraledger.inference.errors import AdapterFormatError, AdapterMismatchError
+from loraledger.inference.identity import weights_hash
+from loraledger.inference.lora.adapter import AdapterConfig, BaseDims, load_adapter, read_adapter_config
 
 DIMS = BaseDims(num_layers=2, hidden_size=32, intermediate_size=48, q_size=32, kv_size=16)  # conftest's TINY
 
@@ -249,7 +249,7 @@ def test_a_hash_mismatch_is_reported_before_a_format_error(patterned: Path, tmp_
 
 
 def test_base_dims_from_model_config() -> None:
-    from inference.config import ModelConfig
+    from loraledger.inference.config import ModelConfig
 
     cfg = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 96, "hidden_size": 32,
                                  "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,

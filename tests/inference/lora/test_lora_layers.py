@@ -6,11 +6,11 @@ import pytest
 import torch
 from torch import nn
 
-from inference.batch import SeqChunk, build_batch
-from inference.config import ModelConfig
-from inference.errors import AdapterFormatError
-from inference.lora.layers import LoRAContext, LoRALinear, apply_lora
-from inference.model import LlamaModel
+from loraledger.inference.batch import SeqChunk, build_batch
+from loraledger.inference.config import ModelConfig
+from loraledger.inference.errors import AdapterFormatError
+from loraledger.inference.lora.layers import LoRAContext, LoRALinear, apply_lora
+from loraledger.inference.model import LlamaModel
 
 
 def _layer(num_slots: int = 4, max_rank: int = 16, backend: str = "torch") -> LoRALinear:
@@ -101,7 +101,7 @@ def test_slot_fill_writes_every_layers_rank_in_one_copy_or_per_layer_once_unshar
     ranks buffer was replaced (e.g. by `module.to()`) no longer shares it, and then gets its own write."""
     from pathlib import Path
 
-    from inference.lora.adapter import AdapterConfig, LoRAAdapter, LoRAModuleWeights
+    from loraledger.inference.lora.adapter import AdapterConfig, LoRAAdapter, LoRAModuleWeights
 
     cfg = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 96, "hidden_size": 32,
                                  "intermediate_size": 48, "num_hidden_layers": 2, "num_attention_heads": 4,

@@ -10,23 +10,23 @@ from typing import Any
 import pytest
 import torch
 
-from inference.batch import SeqChunk, build_batch
-from inference.block_manager import BlockManager
-from inference.config import ModelConfig
-from inference.errors import (
+from loraledger.inference.batch import SeqChunk, build_batch
+from loraledger.inference.block_manager import BlockManager
+from loraledger.inference.config import ModelConfig
+from loraledger.inference.errors import (
     AdapterFormatError,
     AdapterMismatchError,
     AdapterNotFoundError,
     EngineError,
     InvalidRequestError,
 )
-from inference.identity import weights_hash
-from inference.lora.adapter import BaseDims, load_adapter
-from inference.lora.layers import LoRASlots, apply_lora
-from inference.lora.store import AdapterStore, default_num_slots
-from inference.model import LlamaModel
-from inference.scheduler import Scheduler, SchedulerConfig
-from inference.sequence import SamplingParams, Sequence
+from loraledger.inference.identity import weights_hash
+from loraledger.inference.lora.adapter import BaseDims, load_adapter
+from loraledger.inference.lora.layers import LoRASlots, apply_lora
+from loraledger.inference.lora.store import AdapterStore, default_num_slots
+from loraledger.inference.model import LlamaModel
+from loraledger.inference.scheduler import Scheduler, SchedulerConfig
+from loraledger.inference.sequence import SamplingParams, Sequence
 
 CONFIG = {"model_type": "llama", "vocab_size": 96, "hidden_size": 32, "intermediate_size": 48,
           "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2}

@@ -12,13 +12,13 @@ from typing import Any
 import pytest
 import torch
 
-from inference.engine import Engine, EngineConfig, GenerationRequest
-from inference.errors import AdapterFormatError, AdapterMismatchError
-from inference.loader import load_model
-from inference.lora.adapter import BaseDims
-from inference.lora.layers import apply_lora
-from inference.lora.store import AdapterStore
-from inference.sequence import SamplingParams
+from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest
+from loraledger.inference.errors import AdapterFormatError, AdapterMismatchError
+from loraledger.inference.loader import load_model
+from loraledger.inference.lora.adapter import BaseDims
+from loraledger.inference.lora.layers import apply_lora
+from loraledger.inference.lora.store import AdapterStore
+from loraledger.inference.sequence import SamplingParams
 
 N_ADAPTERS = 40
 

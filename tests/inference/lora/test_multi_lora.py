@@ -11,14 +11,14 @@ from typing import Any
 import pytest
 import torch
 
-from inference.batch import SeqChunk, build_batch
-from inference.engine import Engine, EngineConfig, GenerationRequest
-from inference.kv_cache import PagedKVCache
-from inference.loader import load_model
-from inference.lora.adapter import BaseDims
-from inference.lora.layers import apply_lora
-from inference.lora.store import AdapterStore
-from inference.sequence import SamplingParams
+from loraledger.inference.batch import SeqChunk, build_batch
+from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest
+from loraledger.inference.kv_cache import PagedKVCache
+from loraledger.inference.loader import load_model
+from loraledger.inference.lora.adapter import BaseDims
+from loraledger.inference.lora.layers import apply_lora
+from loraledger.inference.lora.store import AdapterStore
+from loraledger.inference.sequence import SamplingParams
 
 TOL = 1e-4
 NEW_TOKENS = 6

@@ -1,0 +1,1 @@
+"""Chain access: RPC client and transaction sending, contract bindings, compiled artifacts, deployment, the local devnet, keys, revert decoding."""

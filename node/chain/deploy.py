@@ -1,0 +1,289 @@
+"""Deploy the whole contract set from the committed artifacts, and the record of what was deployed.
+
+    deployment = deploy_all(w3, account)                 # RewardToken, registries, ledger; roles granted
+    Path("deployment.json").write_text(deployment.to_json())
+    deployment = Deployment.from_json(Path("deployment.json").read_text())
+
+Order (each constructor takes the address before it):
+
+    RewardToken(name, symbol, admin)                 (skipped when `token=` names an existing ERC-20)
+    ContributorRegistry(admin)
+    DatanetRegistry(contributorRegistry)
+    AdapterRegistry(datanetRegistry)
+    AttributionLedger(admin, token, challengeDelay, dataBps, adapterOwnerBps, operatorBps)
+    ledger.grantRole(OPERATOR_ROLE, operator), ledger.grantRole(GUARDIAN_ROLE, guardian)   (when given)
+
+Plain web3, one transaction at a time (each waits for its receipt and checks its status), so this module does not
+depend on the chain client. `deployer` is a local signing account (eth-account), or, against a devnet whose
+accounts are unlocked, a bare address string.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+from eth_account.signers.local import LocalAccount
+from eth_utils import is_address, keccak, to_checksum_address
+from web3 import Web3
+from web3.exceptions import TimeExhausted, Web3Exception
+from web3.types import TxParams, TxReceipt
+
+from loraledger.node.chain.artifacts import CORE_CONTRACTS, load_artifact
+from loraledger.node.errors import ChainError, ConfigError
+
+DEFAULT_SHARES: tuple[int, int, int] = (7000, 2000, 1000)
+DEFAULT_TOKEN_NAME = "LoraLedger Reward"
+DEFAULT_TOKEN_SYMBOL = "LLR"
+OPERATOR_ROLE = "0x" + keccak(text="OPERATOR_ROLE").hex()
+GUARDIAN_ROLE = "0x" + keccak(text="GUARDIAN_ROLE").hex()
+MINTER_ROLE = "0x" + keccak(text="MINTER_ROLE").hex()
+_FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What `deploy_all` deployed: enough for any later process to find and trust the contracts.
+
+    `addresses` maps contract name (`RewardToken`, `ContributorRegistry`, `DatanetRegistry`, `AdapterRegistry`,
+    `AttributionLedger`) to its checksummed address; `block_number` is the block of the first deployment
+    transaction (where event scans start); `artifact_sha256` maps contract name to the sha256 of the artifact file
+    whose bytecode was deployed (absent for an external token).
+    """
+
+    chain_id: int
+    addresses: dict[str, str]
+    block_number: int
+    artifact_sha256: dict[str, str]
+    deployer: str
+    challenge_delay: int = 0
+    shares: tuple[int, int, int] = DEFAULT_SHARES
+    operator: str | None = None
+    guardian: str | None = None
+    external_token: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def address(self, name: str) -> str:
+        """Address of contract `name`; ConfigError naming the known ones when it is not in this deployment."""
+        try:
+            return self.addresses[name]
+        except KeyError:
+            raise ConfigError(f"deployment has no contract {name!r} (has {sorted(self.addresses)})") from None
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict with camelCase keys (the `deployment.json` format)."""
+        return {
+            "version": _FORMAT_VERSION,
+            "chainId": self.chain_id,
+            "blockNumber": self.block_number,
+            "deployer": self.deployer,
+            "addresses": dict(sorted(self.addresses.items())),
+            "artifactSha256": dict(sorted(self.artifact_sha256.items())),
+            "challengeDelay": self.challenge_delay,
+            "shares": {"dataBps": self.shares[0], "adapterOwnerBps": self.shares[1], "operatorBps": self.shares[2]},
+            "operator": self.operator,
+            "guardian": self.guardian,
+            "externalToken": self.external_token,
+            "extra": self.extra,
+        }
+
+    def to_json(self) -> str:
+        """`to_dict` as indented JSON with a final newline."""
+        return json.dumps(self.to_dict(), indent=2) + "\n"
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Deployment:
+        """Inverse of `to_dict`; ConfigError naming the missing or malformed field."""
+        try:
+            version = d.get("version", _FORMAT_VERSION)
+            if version != _FORMAT_VERSION:
+                raise ConfigError(f"deployment format version {version} is not supported (expected {_FORMAT_VERSION})")
+            shares = d.get("shares") or {}
+            addresses = {str(k): _checksum(str(v), f"addresses.{k}") for k, v in dict(d["addresses"]).items()}
+            missing = [n for n in CORE_CONTRACTS if n not in addresses]
+            if missing:
+                raise ConfigError(f"deployment lacks addresses for {missing}")
+            return cls(
+                chain_id=int(d["chainId"]),
+                addresses=addresses,
+                block_number=int(d["blockNumber"]),
+                artifact_sha256={str(k): str(v) for k, v in dict(d.get("artifactSha256", {})).items()},
+                deployer=_checksum(str(d["deployer"]), "deployer"),
+                challenge_delay=int(d.get("challengeDelay", 0)),
+                shares=(
+                    int(shares.get("dataBps", DEFAULT_SHARES[0])),
+                    int(shares.get("adapterOwnerBps", DEFAULT_SHARES[1])),
+                    int(shares.get("operatorBps", DEFAULT_SHARES[2])),
+                ),
+                operator=_checksum(d["operator"], "operator") if d.get("operator") else None,
+                guardian=_checksum(d["guardian"], "guardian") if d.get("guardian") else None,
+                external_token=bool(d.get("externalToken", False)),
+                extra=dict(d.get("extra", {})),
+            )
+        except (KeyError, TypeError, ValueError) as e:
+            if isinstance(e, ConfigError):
+                raise
+            raise ConfigError(f"malformed deployment record: {e!r}") from e
+
+    @classmethod
+    def from_json(cls, text: str) -> Deployment:
+        """Parse `to_json` output; ConfigError when it is not valid JSON or lacks a field."""
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"deployment record is not valid JSON: {e}") from e
+        if not isinstance(d, dict):
+            raise ConfigError("deployment record must be a JSON object")
+        return cls.from_dict(d)
+
+
+def _checksum(value: str, what: str) -> str:
+    if not isinstance(value, str) or not is_address(value):
+        raise ConfigError(f"{what} is not an address: {value!r}")
+    return to_checksum_address(value)
+
+
+class _Sender:
+    """Sends one transaction at a time from `deployer`, waiting for each receipt and checking its status."""
+
+    def __init__(self, w3: Web3, deployer: LocalAccount | str, receipt_timeout: float) -> None:
+        self.w3 = w3
+        self.account = deployer if isinstance(deployer, LocalAccount) else None
+        self.address = _checksum(deployer.address if isinstance(deployer, LocalAccount) else deployer, "deployer")
+        self.chain_id = w3.eth.chain_id
+        self.receipt_timeout = receipt_timeout
+        self.nonce: int = int(w3.eth.get_transaction_count(self.address, "pending"))  # type: ignore[arg-type]
+
+    def send(self, tx: TxParams, what: str) -> TxReceipt:
+        """Fill nonce/chain id/fees/gas, sign (or let the unlocked node sign), send, wait; ChainError on failure."""
+        params: dict[str, Any] = dict(tx)
+        params["from"] = self.address
+        params["nonce"] = self.nonce
+        params["chainId"] = self.chain_id
+        if "maxFeePerGas" not in params:
+            base = self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0
+            tip = self.w3.eth.max_priority_fee
+            params["maxPriorityFeePerGas"] = int(tip)
+            params["maxFeePerGas"] = 2 * int(base) + int(tip)
+        try:
+            if "gas" not in params:
+                params["gas"] = int(self.w3.eth.estimate_gas(cast(TxParams, params)) * 1.2) + 10_000
+            if self.account is not None:
+                signed = self.account.sign_transaction(params)
+                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
+            else:
+                tx_hash = self.w3.eth.send_transaction(cast(TxParams, params))
+        except (Web3Exception, ValueError) as e:
+            raise ChainError(f"{what}: the node refused the transaction from {self.address}: {e}") from e
+        self.nonce += 1
+        try:
+            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.receipt_timeout)
+        except TimeExhausted as e:
+            raise ChainError(
+                f"{what}: no receipt for {tx_hash.hex()} within {self.receipt_timeout}s; is the chain producing blocks?"
+            ) from e
+        if receipt["status"] != 1:
+            raise ChainError(f"{what}: transaction {tx_hash.hex()} reverted (block {receipt['blockNumber']})")
+        return receipt
+
+
+def _deploy(sender: _Sender, name: str, args: Sequence[Any]) -> tuple[str, int]:
+    """Deploy artifact `name` with constructor `args`; returns (checksummed address, block number)."""
+    art = load_artifact(name)
+    factory = sender.w3.eth.contract(abi=art.abi, bytecode=art.bytecode)
+    data = factory.constructor(*args).data_in_transaction
+    receipt = sender.send({"data": data}, f"deploying {name}")
+    address = receipt.get("contractAddress")
+    if not address:
+        raise ChainError(f"deploying {name}: receipt {receipt['transactionHash'].hex()} has no contract address")
+    return to_checksum_address(address), int(receipt["blockNumber"])
+
+
+def _call(sender: _Sender, address: str, name: str, fn: str, args: Sequence[Any]) -> None:
+    """Send `name(address).fn(*args)` and wait for it."""
+    art = load_artifact(name)
+    contract = sender.w3.eth.contract(address=address, abi=art.abi)  # type: ignore[call-overload]
+    data = contract.encode_abi(fn, args=list(args))
+    sender.send({"to": address, "data": data}, f"{name}.{fn}")  # type: ignore[typeddict-item]
+
+
+def _check_shares(shares: Sequence[int]) -> tuple[int, int, int]:
+    if len(shares) != 3 or any(not isinstance(s, int) or not 0 <= s <= 10_000 for s in shares):
+        raise ConfigError(f"shares must be three integers in 0..10000 (data, adapter owner, operator), got {shares!r}")
+    if sum(shares) != 10_000:
+        raise ConfigError(f"shares must sum to 10000 basis points, got {shares!r} (sum {sum(shares)})")
+    return (shares[0], shares[1], shares[2])
+
+
+def deploy_all(
+    w3: Web3,
+    deployer_account: LocalAccount | str,
+    *,
+    challenge_delay: int = 0,
+    shares: Sequence[int] = DEFAULT_SHARES,
+    operator: str | None = None,
+    guardian: str | None = None,
+    token: str | None = None,
+    token_name: str = DEFAULT_TOKEN_NAME,
+    token_symbol: str = DEFAULT_TOKEN_SYMBOL,
+    receipt_timeout: float = 120.0,
+) -> Deployment:
+    """Deploy RewardToken (unless `token` is given), the three registries and the ledger; grant roles.
+
+    The deployer becomes admin of everything (and holds OPERATOR/GUARDIAN/PAUSER on the ledger and MINTER on
+    the token). `operator` / `guardian`, when given and different from the deployer, additionally receive
+    OPERATOR_ROLE / GUARDIAN_ROLE on the ledger. Funding the operator with tokens is left to the caller.
+    Raises ConfigError for bad arguments (before any transaction) and ChainError when a transaction fails.
+    """
+    if not 0 <= challenge_delay < 2**64:
+        raise ConfigError(f"challenge_delay must be 0..2**64-1 seconds, got {challenge_delay}")
+    share_tuple = _check_shares(shares)
+    operator_cs = _checksum(operator, "operator") if operator else None
+    guardian_cs = _checksum(guardian, "guardian") if guardian else None
+    token_cs = _checksum(token, "token") if token else None
+    if token_cs is not None and not w3.eth.get_code(token_cs):  # type: ignore[arg-type]
+        raise ConfigError(f"token {token_cs} has no code on chain {w3.eth.chain_id}; pass a deployed ERC-20")
+
+    sender = _Sender(w3, deployer_account, receipt_timeout)
+    admin = sender.address
+    addresses: dict[str, str] = {}
+    hashes: dict[str, str] = {}
+    first_block: int | None = None
+
+    def deploy(name: str, args: Sequence[Any]) -> str:
+        nonlocal first_block
+        address, block = _deploy(sender, name, args)
+        addresses[name] = address
+        hashes[name] = load_artifact(name).sha256
+        first_block = block if first_block is None else first_block
+        return address
+
+    if token_cs is None:
+        token_address = deploy("RewardToken", [token_name, token_symbol, admin])
+    else:
+        token_address = token_cs
+        addresses["RewardToken"] = token_cs
+    contributors = deploy("ContributorRegistry", [admin])
+    datanets = deploy("DatanetRegistry", [contributors])
+    deploy("AdapterRegistry", [datanets])
+    ledger = deploy("AttributionLedger", [admin, token_address, challenge_delay, *share_tuple])
+    if operator_cs is not None and operator_cs != admin:
+        _call(sender, ledger, "AttributionLedger", "grantRole", [bytes.fromhex(OPERATOR_ROLE[2:]), operator_cs])
+    if guardian_cs is not None and guardian_cs != admin:
+        _call(sender, ledger, "AttributionLedger", "grantRole", [bytes.fromhex(GUARDIAN_ROLE[2:]), guardian_cs])
+
+    assert first_block is not None
+    return Deployment(
+        chain_id=sender.chain_id,
+        addresses=addresses,
+        block_number=first_block,
+        artifact_sha256=hashes,
+        deployer=admin,
+        challenge_delay=challenge_delay,
+        shares=share_tuple,
+        operator=operator_cs or admin,
+        guardian=guardian_cs or admin,
+        external_token=token_cs is not None,
+    )

@@ -1,0 +1,1 @@
+"""Lineage: signed contributions, datanets, training, and adapter registration and verification against the chain."""

@@ -1,0 +1,569 @@
+"""`train_adapter`: LoRA / QLoRA fine-tuning (peft) on datanets, writing a PEFT adapter and its lineage.
+
+    records   = credited records of each datanet, in manifest order     # duplicates already dropped
+    example   = [bos] + prompt_ids + completion_ids + [eos], truncated to max_seq_len
+    labels    = -100 over bos + prompt, the ids elsewhere               # loss on completion (+ eos) only
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=Generator().manual_seed(seed * 1000 + epoch))
+        for batch of batch_size in order: AdamW step on mean token cross-entropy (right-padded, masked)
+
+The base is loaded in float32 ("lora") or 4-bit nf4 through bitsandbytes ("qlora", float32 compute; runs on
+CPU). LoRA A is initialised from `torch.manual_seed(seed)`, B at zero, dropout 0, and
+`torch.use_deterministic_algorithms(True)` is on during the run, so on one CPU machine the same inputs and
+seed give the same weights, hence the same weights hash.
+
+Output directory (written to a temp sibling and renamed at the end):
+
+    adapter_config.json, adapter_model.safetensors   PEFT format (plain `PeftModel.from_pretrained` loads it)
+    lineage.json                                     see `lineage_record`
+    loss.png                                         loss per step (matplotlib, Agg canvas)
+
+Lineage weights count each contributor's tokens that entered the model (prompt and completion ids inside the
+truncated window, bos/eos excluded), once per example whatever the number of epochs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from loraledger.node.lineage.datanet import DatanetManifest, TokenCounter, credited_records, verify_manifest
+from loraledger.node.errors import ConfigError, NodeError
+from loraledger.node.types import Address
+
+log = logging.getLogger(__name__)
+
+LINEAGE_FILE = "lineage.json"
+LOSS_PLOT_FILE = "loss.png"
+LINEAGE_VERSION = 1
+TRAINING_FORMAT = "loraledger.training.v1"
+METHODS = ("lora", "qlora")
+IGNORE_INDEX = -100
+
+# Short target names of the Llama family -> module names peft matches.
+TARGET_ALIASES: dict[str, str] = {
+    "q": "q_proj",
+    "k": "k_proj",
+    "v": "v_proj",
+    "o": "o_proj",
+    "gate": "gate_proj",
+    "up": "up_proj",
+    "down": "down_proj",
+}
+
+_ADAM_BETAS = (0.9, 0.999)
+_ADAM_EPS = 1e-8
+
+
+class TrainingError(NodeError, RuntimeError):
+    """A training run failed or produced an unusable adapter (e.g. no trainable example, lora_B left at
+    zero)."""
+
+
+def parse_targets(targets: str | Sequence[str]) -> list[str]:
+    """ "q,k,v" or ["q_proj", ...] -> sorted unique module names; ConfigError for an unknown short name."""
+    items = targets.split(",") if isinstance(targets, str) else list(targets)
+    names = set()
+    for raw in items:
+        t = raw.strip()
+        if not t:
+            continue
+        if t in TARGET_ALIASES:
+            names.add(TARGET_ALIASES[t])
+        elif t in TARGET_ALIASES.values():
+            names.add(t)
+        else:
+            raise ConfigError(
+                f"unknown LoRA target {t!r}; use some of {','.join(TARGET_ALIASES)} "
+                f"(or {','.join(TARGET_ALIASES.values())})"
+            )
+    if not names:
+        raise ConfigError("no LoRA targets given; e.g. --targets q,k,v,o")
+    return sorted(names)
+
+
+@dataclass(frozen=True)
+class TrainingArgs:
+    """The hyper-parameters of one run, validated."""
+
+    method: str
+    rank: int
+    alpha: float
+    targets: tuple[str, ...]
+    epochs: int
+    lr: float
+    seed: int
+    max_seq_len: int
+    batch_size: int
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
+        for name in ("rank", "epochs", "max_seq_len", "batch_size"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{name} must be a positive integer, got {v!r}")
+        if self.max_seq_len < 3:
+            raise ConfigError(f"max_seq_len must be at least 3 (bos, one token, eos), got {self.max_seq_len}")
+        if not self.alpha > 0 or not self.lr > 0:
+            raise ConfigError(f"alpha and lr must be positive, got alpha={self.alpha} lr={self.lr}")
+        if not 0 <= self.seed < 2**32:
+            raise ConfigError(f"seed must be in 0..2**32-1, got {self.seed}")
+
+
+@dataclass(frozen=True)
+class Example:
+    """One tokenized training sequence and whose tokens it holds."""
+
+    input_ids: list[int]
+    labels: list[int]
+    contributor: Address
+    datanet: int  # index into the run's manifests
+    content_tokens: int  # prompt + completion ids inside the window
+
+
+@dataclass(frozen=True)
+class TrainingResult:
+    out_dir: Path
+    lineage: dict[str, Any]
+    losses: list[float]
+
+    @property
+    def weights_hash(self) -> str:
+        return str(self.lineage["weights_hash"])
+
+
+def _special_ids(base_dir: Path) -> tuple[int | None, int, int]:
+    """(bos, eos, pad) ids from the checkpoint's config.json (pad falls back to eos; a list of eos ->
+    first)."""
+    try:
+        cfg = json.loads((base_dir / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{base_dir}: cannot read config.json ({e}); pass a Hugging Face checkpoint") from e
+
+    def first(v: Any) -> int | None:
+        if isinstance(v, list):
+            return int(v[0]) if v else None
+        return None if v is None else int(v)
+
+    bos, eos, pad = (
+        first(cfg.get("bos_token_id")),
+        first(cfg.get("eos_token_id")),
+        first(cfg.get("pad_token_id")),
+    )
+    if eos is None:
+        raise ConfigError(f"{base_dir}: config.json has no eos_token_id; training needs one to end examples")
+    return bos, eos, pad if pad is not None else eos
+
+
+def build_examples(
+    manifest_dirs: Sequence[Path], counter: TokenCounter, bos: int | None, eos: int, max_seq_len: int
+) -> list[Example]:
+    """Tokenize every credited record of every datanet (module docstring layout), in manifest order.
+
+    Examples whose prompt fills the whole window (no completion token left to learn) are dropped with a
+    warning.
+    """
+    examples: list[Example] = []
+    dropped = 0
+    for i, mdir in enumerate(manifest_dirs):
+        for contributor, rec in credited_records(mdir):
+            p, c = counter.record_ids(rec)
+            head = [bos] if bos is not None else []
+            ids = head + p + c + [eos]
+            labels = [IGNORE_INDEX] * (len(head) + len(p)) + c + [eos]
+            ids, labels = ids[:max_seq_len], labels[:max_seq_len]
+            if all(x == IGNORE_INDEX for x in labels):
+                dropped += 1
+                continue
+            content = min(len(p) + len(c), max(0, len(ids) - len(head)))
+            examples.append(Example(ids, labels, contributor, i, content))
+    if dropped:
+        log.warning("%d examples dropped: their prompt fills max_seq_len=%d", dropped, max_seq_len)
+    return examples
+
+
+def collate(batch: Sequence[Example], pad: int) -> dict[str, torch.Tensor]:
+    """Right-pad a batch: input_ids, attention_mask, labels, each [B, T] with T = longest example."""
+    t = max(len(e.input_ids) for e in batch)
+    ids = torch.full((len(batch), t), pad, dtype=torch.long)
+    mask = torch.zeros((len(batch), t), dtype=torch.long)
+    labels = torch.full((len(batch), t), IGNORE_INDEX, dtype=torch.long)
+    for row, e in enumerate(batch):
+        n = len(e.input_ids)
+        ids[row, :n] = torch.tensor(e.input_ids)
+        mask[row, :n] = 1
+        labels[row, :n] = torch.tensor(e.labels)
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def _load_base(base_dir: Path, method: str) -> torch.nn.Module:
+    """The base model on CPU: float32, or nf4 via bitsandbytes (float32 compute) prepared for k-bit
+    training."""
+    from transformers import AutoModelForCausalLM
+
+    if method == "lora":
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    try:
+        import bitsandbytes  # noqa: F401 - fail early with the fix when the quant extra is missing
+        from transformers import BitsAndBytesConfig
+    except ImportError as e:
+        raise ConfigError("method 'qlora' needs bitsandbytes (pip install 'loraledger[quant]')") from e
+    from peft import prepare_model_for_kbit_training
+
+    quant = BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_use_double_quant=False,
+    )
+    model = AutoModelForCausalLM.from_pretrained(
+        base_dir, quantization_config=quant, device_map={"": "cpu"}, dtype=torch.float32
+    )
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+
+
+def library_versions(method: str) -> dict[str, str]:
+    """Versions of the libraries that shape the weights."""
+    names = ["torch", "transformers", "peft", "tokenizers", "safetensors"] + (
+        ["bitsandbytes"] if method == "qlora" else []
+    )
+    out = {"python": platform.python_version()}
+    for n in names:
+        try:
+            out[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            out[n] = "not installed"
+    return out
+
+
+def training_config(
+    args: TrainingArgs, base_hash: str, manifests: Sequence[DatanetManifest], tokenizer_sha256: str
+) -> dict[str, Any]:
+    """The dict whose canonical-JSON sha256 is the training config hash: every input that shapes the
+    weights."""
+    return {
+        "format": TRAINING_FORMAT,
+        "method": args.method,
+        "rank": args.rank,
+        "alpha": args.alpha,
+        "targets": list(args.targets),
+        "lora_dropout": 0.0,
+        "epochs": args.epochs,
+        "lr": args.lr,
+        "seed": args.seed,
+        "max_seq_len": args.max_seq_len,
+        "batch_size": args.batch_size,
+        "optimizer": {"name": "adamw", "betas": list(_ADAM_BETAS), "eps": _ADAM_EPS, "weight_decay": 0.0},
+        "loss": "mean cross-entropy over completion tokens and eos",
+        "quantization": {"type": "nf4", "compute_dtype": "float32", "double_quant": False}
+        if args.method == "qlora"
+        else None,
+        "base_model_hash": base_hash,
+        "tokenizer_sha256": tokenizer_sha256,
+        "datanets": [{"name": m.name, "root": m.root} for m in manifests],
+    }
+
+
+def _plot_losses(losses: Sequence[float], path: Path, title: str) -> None:
+    """Loss per step as a PNG, drawn on a private Agg canvas (no global pyplot state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 3.5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.plot(range(1, len(losses) + 1), losses, marker="." if len(losses) < 50 else None)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_title(title)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def _check_lora_b(adapter_dir: Path) -> None:
+    """TrainingError when the saved adapter has no lora_B tensor or one that is still all zero."""
+    from safetensors.torch import load_file
+
+    tensors = load_file(adapter_dir / "adapter_model.safetensors")
+    bs = {k: v for k, v in tensors.items() if "lora_B" in k}
+    if not bs:
+        raise TrainingError(f"saved adapter has no lora_B tensors (keys: {sorted(tensors)[:4]}...)")
+    zero = [k for k, v in bs.items() if not bool(torch.any(v != 0))]
+    if zero:
+        raise TrainingError(
+            f"lora_B still zero after training in {zero[:3]} ({len(zero)} tensors): the adapter "
+            "would change nothing; train longer or with a larger lr"
+        )
+
+
+def _run(
+    model: torch.nn.Module, examples: list[Example], args: TrainingArgs, pad: int, progress: bool
+) -> list[float]:
+    """The optimisation loop (module docstring); returns the loss of every step."""
+    from tqdm import tqdm
+
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=_ADAM_BETAS, eps=_ADAM_EPS, weight_decay=0.0)
+    steps_per_epoch = (len(examples) + args.batch_size - 1) // args.batch_size
+    losses: list[float] = []
+    model.train()
+    bar = tqdm(
+        total=steps_per_epoch * args.epochs, desc=f"train {args.method}", unit="step", disable=not progress
+    )
+    try:
+        for epoch in range(args.epochs):
+            gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
+            order = torch.randperm(len(examples), generator=gen).tolist()
+            for s in range(steps_per_epoch):
+                batch = collate(
+                    [examples[j] for j in order[s * args.batch_size : (s + 1) * args.batch_size]], pad
+                )
+                out = model(**batch)
+                loss = out.loss
+                if not torch.isfinite(loss):
+                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch} step {s}; lower the lr")
+                loss.backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+                losses.append(float(loss.item()))
+                bar.update(1)
+                bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
+    finally:
+        bar.close()
+    return losses
+
+
+def train_adapter(
+    base_dir: str | os.PathLike[str],
+    manifests: Sequence[str | os.PathLike[str]],
+    method: str,
+    rank: int,
+    alpha: float,
+    targets: str | Sequence[str],
+    epochs: int,
+    lr: float,
+    seed: int,
+    out_dir: str | os.PathLike[str],
+    max_seq_len: int = 256,
+    batch_size: int = 4,
+    *,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainingResult:
+    """Train a LoRA (or QLoRA) adapter of `base_dir` on the datanets at `manifests`; write it with its
+    lineage.
+
+    Each manifest is verified (file hashes, signatures, root) before use. Raises ConfigError for bad
+    arguments, DatanetError for a bad datanet, TrainingError when training yields nothing usable. See the
+    module docstring.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from loraledger.inference.identity import base_model_hash, config_hash, weights_hash
+
+    args = TrainingArgs(
+        method,
+        rank,
+        float(alpha),
+        tuple(parse_targets(targets)),
+        epochs,
+        float(lr),
+        seed,
+        max_seq_len,
+        batch_size,
+    )
+    base = Path(base_dir)
+    out = Path(out_dir)
+    if out.exists() and not overwrite:
+        raise ConfigError(f"{out} already exists; choose another --out or remove it")
+    mdirs = [Path(m) for m in manifests]
+    if not mdirs:
+        raise ConfigError("no datanet given; pass at least one --datanet MANIFEST_DIR")
+    if len({p.resolve() for p in mdirs}) != len(mdirs):
+        raise ConfigError("the same datanet is given twice")
+    loaded = [verify_manifest(m) for m in mdirs]
+    roots = [m.root for m in loaded]
+    if len(set(roots)) != len(roots):
+        raise ConfigError("two of the datanets have the same root (the same data twice)")
+
+    counter = TokenCounter(base)
+    for m, d in zip(loaded, mdirs, strict=True):
+        if m.weight_unit == "tokens" and m.tokenizer_sha256 != counter.sha256:
+            log.warning(
+                "datanet %s was weighed with another tokenizer than %s's; lineage weights use the latter",
+                d,
+                base,
+            )
+    bos, eos, pad = _special_ids(base)
+    examples = build_examples(mdirs, counter, bos, eos, args.max_seq_len)
+    if not examples:
+        raise TrainingError("no trainable example in the datanets (every prompt fills max_seq_len?)")
+    base_hash = base_model_hash(base)
+    cfg = training_config(args, base_hash, loaded, counter.sha256)
+
+    det_before = torch.are_deterministic_algorithms_enabled()
+    rng_before = torch.random.get_rng_state()
+    torch.use_deterministic_algorithms(True)
+    try:
+        torch.manual_seed(args.seed)
+        model = _load_base(base, args.method)
+        # peft annotates lora_alpha as int but computes scaling = alpha / r, which a float serves as well
+        lora = LoraConfig(
+            r=args.rank,
+            lora_alpha=args.alpha,  # type: ignore[arg-type]
+            target_modules=list(args.targets),
+            lora_dropout=0.0,
+            bias="none",
+            task_type="CAUSAL_LM",
+        )
+        torch.manual_seed(args.seed)
+        try:
+            peft_model = get_peft_model(model, lora)
+        except ValueError as e:
+            raise ConfigError(f"LoRA targets {list(args.targets)} do not fit {base}: {e}") from e
+        losses = _run(peft_model, examples, args, pad, progress)
+    finally:
+        torch.use_deterministic_algorithms(det_before)
+        torch.random.set_rng_state(rng_before)
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        peft_model.save_pretrained(str(tmp))
+        _check_lora_b(tmp)
+        lineage = lineage_record(
+            base=base,
+            base_hash=base_hash,
+            manifests=loaded,
+            manifest_dirs=mdirs,
+            examples=examples,
+            config=cfg,
+            config_hash_value=config_hash(cfg),
+            losses=losses,
+            weights_hash_value=weights_hash(tmp),
+            args=args,
+        )
+        (tmp / LINEAGE_FILE).write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
+        _plot_losses(losses, tmp / LOSS_PLOT_FILE, f"{args.method} r={args.rank} on {len(examples)} examples")
+        if out.exists():
+            os.replace(out, old)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+    log.info(
+        "trained %s adapter %s: final loss %.4f, weights %s",
+        args.method,
+        out,
+        losses[-1],
+        lineage["weights_hash"],
+    )
+    return TrainingResult(out, lineage, losses)
+
+
+def lineage_record(
+    *,
+    base: Path,
+    base_hash: str,
+    manifests: Sequence[DatanetManifest],
+    manifest_dirs: Sequence[Path],
+    examples: Sequence[Example],
+    config: dict[str, Any],
+    config_hash_value: str,
+    losses: Sequence[float],
+    weights_hash_value: str,
+    args: TrainingArgs,
+) -> dict[str, Any]:
+    """The `lineage.json` document:
+
+    {version, weights_hash, base_model_hash, base_model_dir, training_config, training_config_hash,
+     datanets: [{name, root, datanet_id|null, chain_id|null, registry|null, manifest_dir, tokens_used,
+                 contributors: {address: tokens}}],
+     lineage_weights: [{contributor, tokens}]   # sorted by address, summed over datanets
+     total_tokens, examples, steps, seed, final_loss, losses, library_versions, registration: null}
+    """
+    per_datanet: list[dict[str, int]] = [defaultdict(int) for _ in manifests]  # type: ignore[misc]
+    for e in examples:
+        per_datanet[e.datanet][e.contributor] += e.content_tokens
+    total: dict[str, int] = defaultdict(int)
+    for counts in per_datanet:
+        for a, n in counts.items():
+            total[a] += n
+    datanets = []
+    for m, d, counts in zip(manifests, manifest_dirs, per_datanet, strict=True):
+        reg = m.registration
+        datanets.append(
+            {
+                "name": m.name,
+                "root": m.root,
+                "datanet_id": reg.datanet_id if reg else None,
+                "chain_id": reg.chain_id if reg else None,
+                "registry": reg.registry if reg else None,
+                "manifest_dir": str(d.resolve()),
+                "tokens_used": sum(counts.values()),
+                "contributors": dict(sorted(counts.items(), key=lambda kv: kv[0].lower())),
+            }
+        )
+    return {
+        "version": LINEAGE_VERSION,
+        "weights_hash": weights_hash_value,
+        "base_model_hash": base_hash,
+        "base_model_dir": str(base.resolve()),
+        "training_config": config,
+        "training_config_hash": config_hash_value,
+        "datanets": datanets,
+        "lineage_weights": [
+            {"contributor": a, "tokens": n} for a, n in sorted(total.items(), key=lambda kv: kv[0].lower())
+        ],
+        "total_tokens": sum(total.values()),
+        "examples": len(examples),
+        "steps": len(losses),
+        "seed": args.seed,
+        "final_loss": losses[-1],
+        "losses": list(losses),
+        "library_versions": library_versions(args.method),
+        "runtime": {
+            "device": "cpu",
+            "torch_threads": torch.get_num_threads(),
+            "deterministic_algorithms": True,
+        },
+        "registration": None,
+    }
+
+
+def load_lineage(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read `adapter_dir/lineage.json`; ConfigError naming the fix when it is missing or not JSON."""
+    path = Path(adapter_dir) / LINEAGE_FILE
+    if not path.is_file():
+        raise ConfigError(f"{adapter_dir}: no {LINEAGE_FILE}; it is written by `loraledger train`")
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ConfigError(f"{path}: not JSON ({e})") from e
+    if not isinstance(d, dict) or d.get("version") != LINEAGE_VERSION:
+        raise ConfigError(f"{path}: not a version-{LINEAGE_VERSION} lineage record")
+    return d
+
+
+def write_lineage(adapter_dir: str | os.PathLike[str], lineage: dict[str, Any]) -> Path:
+    """Write `lineage.json` atomically (temp file + rename)."""
+    path = Path(adapter_dir) / LINEAGE_FILE
+    tmp = path.with_name(f".{LINEAGE_FILE}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(lineage, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path

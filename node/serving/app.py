@@ -1,0 +1,241 @@
+"""`NodeApp`: one node process, wired from its config.
+
+    config --> engine (model + LoRA layers + AdapterStore as its slot hook)
+           --> adapter catalog (aliases from config; on-chain ids resolved through the AdapterRegistry)
+           --> record log + LedgerRecordSink (one AttributionRecord per finished request through on-chain adapters;
+               token-level attribution in an AttributionPool when attribution.token_level_lambda > 0)
+           --> settlement loop (a thread ticking a `Settler`, when a deployment, an operator key and
+               settlement.enabled are there; optional claim push after each epoch)
+           --> NodeServer (gRPC), health SERVING once the engine runs
+
+    app = NodeApp(load_config("node.toml"))
+    await app.run_until_signal()       # SIGTERM / SIGINT: drain (grace), flush records, stop engine, exit
+
+Adapters: `catalog.py`. Records: `record_sink.py` (token-level attribution: `token_attribution.py`).
+Settlement while serving: `settlement_loop.py`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from loraledger.inference.engine import Engine, EngineConfig
+from loraledger.inference.identity import base_model_hash
+from loraledger.inference.loader import load_model
+from loraledger.inference.lora.adapter import BaseDims
+from loraledger.inference.lora.layers import apply_lora
+from loraledger.inference.lora.store import AdapterStore
+from loraledger.node.config import NodeConfig
+from loraledger.node.errors import ConfigError
+from loraledger.node.ledger.record_log import RecordLog, open_record_log
+from loraledger.node.serving.catalog import StoreCatalog
+from loraledger.node.serving.queries import LogQueries
+from loraledger.node.serving.record_sink import LedgerRecordSink
+from loraledger.node.serving.server import NodeServer
+from loraledger.node.serving.servicers import (
+    AttributionServicer,
+    InferenceServicer,
+)
+from loraledger.node.serving.settlement_loop import SettlementLoop
+from loraledger.node.serving.token_attribution import SpanStore, TokenAttribution, spans_path
+
+log = logging.getLogger(__name__)
+
+
+# ---- engine ----------------------------------------------------------------------------------------------
+
+
+def resolve_device(name: str) -> str:
+    """"auto" -> "cuda" when a GPU is visible, else "cpu"; anything else unchanged."""
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def build_engine(cfg: NodeConfig) -> tuple[Engine, AdapterStore]:
+    """Load the model of `cfg.model`, wrap its projections with `adapters.slots` LoRA slots of rank up to
+    `adapters.max_rank`, and build the engine with the adapter store as its slot hook (not started).
+
+    model.quantize = "nf4": the base projections are loaded in 4-bit NF4 (`loraledger.inference.quant.load_model_quantized`,
+    QLoRA serving); the LoRA slots then hold the adapters in the compute dtype `model.dtype`.
+    """
+    m = cfg.model
+    model_dir = Path(m.dir)
+    if not (model_dir / "config.json").is_file():
+        raise ConfigError(f"no model checkpoint in {model_dir} (config.json missing); set model.dir or create the "
+                          f"tiny default with `loraledger model init-tiny {model_dir}`")
+    device = resolve_device(m.device)
+    attention = None if m.attention == "auto" else m.attention
+    if m.quantize == "nf4":
+        from loraledger.inference.quant import load_model_quantized
+
+        model = load_model_quantized(model_dir, "nf4", m.dtype, device)
+        slots = apply_lora(model, num_slots=cfg.adapters.slots, max_rank=cfg.adapters.max_rank, dtype=model.dtype)
+    else:
+        model = load_model(model_dir, m.dtype, device)
+        slots = apply_lora(model, num_slots=cfg.adapters.slots, max_rank=cfg.adapters.max_rank)
+    store = AdapterStore(slots, BaseDims.from_model_config(model.config), base_hash=base_model_hash(model_dir),
+                         background_loads=True)  # first loads from disk off the engine step
+    engine_cfg = EngineConfig(
+        model_dir=model_dir, dtype=m.dtype, device=device, block_size=m.block_size,
+        kv_cache_bytes=m.kv_cache_mb * (1 << 20), max_num_seqs=m.max_num_seqs,
+        max_tokens_per_step=m.max_tokens_per_step, attention_backend=attention, max_queue=cfg.server.max_queue,
+        decode_graphs=m.decode_graphs, async_decode={"auto": None, "on": True, "off": False}[m.async_decode],
+    )
+    engine = Engine(engine_cfg, adapter_slots=store, model=model)
+    captured = engine.warm_up_graphs()  # CUDA: every decode bucket captured now, not on a request's first step
+    if captured:
+        log.info("captured %d decode CUDA graphs", captured)
+    return engine, store
+
+
+# ---- adapters --------------------------------------------------------------------------------------------
+
+
+# ---- records -----------------------------------------------------------------------------------------------
+
+
+# ---- chain -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ChainHandles:
+    contracts: Any  # loraledger.node.chain.bindings.Contracts bound to the operator key (or a throwaway one)
+    can_sign: bool  # an operator key was configured (settlement needs one)
+    reader: Any = None  # the same contracts over their own connection, for the request path's reads
+
+    @property
+    def reads(self) -> Any:
+        return self.reader if self.reader is not None else self.contracts
+
+
+def connect_chain(cfg: NodeConfig) -> ChainHandles | None:
+    """Contracts of `chain.deployment` bound to the operator key (`chain.key_env` / `chain.key_file`); None when
+    the deployment file does not exist (on-chain adapters and settlement are then off). Without a key, a
+    throwaway account is used for reads only. `reader`: a second binding over its own HTTP connection, so the
+    request path's registry reads and the settlement thread's transactions never share one session."""
+    import os
+
+    from eth_account import Account
+    from loraledger.node.chain.bindings import Contracts
+    from loraledger.node.chain.client import ChainClient
+    from loraledger.node.chain.devnet_setup import read_deployment, web3_for
+    from loraledger.node.chain.keys import account_from_hex, load_keystore
+
+    if not Path(cfg.chain.deployment).is_file():
+        log.info("no deployment at %s: on-chain adapters and settlement are off", cfg.chain.deployment)
+        return None
+    dep = read_deployment(cfg.chain.deployment)
+    rpc = cfg.chain.rpc_url or str(dep.extra.get("rpcUrl", ""))
+    if not rpc:
+        raise ConfigError(f"no RPC endpoint: set chain.rpc_url ({cfg.chain.deployment} has none)")
+    w3 = web3_for(rpc)
+    if cfg.chain.key_file:
+        account, can_sign = load_keystore(cfg.chain.key_file, os.environ.get(cfg.chain.password_env, "")), True
+    elif os.environ.get(cfg.chain.key_env):
+        account, can_sign = account_from_hex(os.environ[cfg.chain.key_env], f"${cfg.chain.key_env}"), True
+    else:
+        log.warning("no operator key (set $%s or chain.key_file): chain reads only, settlement off",
+                    cfg.chain.key_env)
+        account, can_sign = Account.create(), False
+    reader = Contracts.at(ChainClient(web3_for(rpc), Account.create()), dep.addresses)
+    return ChainHandles(Contracts.at(ChainClient(w3, account), dep.addresses), can_sign, reader)
+
+
+# ---- settlement --------------------------------------------------------------------------------------------
+
+
+# ---- the process -------------------------------------------------------------------------------------------
+
+
+class NodeApp:
+    """Everything one node runs (module docstring). `start` / `stop` from a running asyncio loop."""
+
+    def __init__(self, config: NodeConfig) -> None:
+        self.config = config
+        self.engine: Engine | None = None
+        self.store: AdapterStore | None = None
+        self.records: RecordLog | None = None
+        self.spans: SpanStore | None = None
+        self.attribution: TokenAttribution | None = None
+        self.server: NodeServer | None = None
+        self.settlement: SettlementLoop | None = None
+        self.port: int | None = None
+
+    async def start(self) -> int:
+        """Load the model, start the engine, open the record log, start settlement and the server; returns the
+        bound port. Health turns SERVING at the end."""
+        cfg = self.config
+        engine, store = await asyncio.to_thread(build_engine, cfg)
+        self.engine, self.store = engine, store
+        chain = await asyncio.to_thread(connect_chain, cfg)
+        self.records = open_record_log(cfg.records.path, cfg.records.postgres_dsn)
+        self.attribution = TokenAttribution.from_config(cfg)
+        spans_file = spans_path(cfg.records.path)
+        # spans are written with token-level attribution on; an earlier run's stay readable for GetRecord
+        self.spans = SpanStore(spans_file) if self.attribution is not None or spans_file.is_file() else None
+        catalog = StoreCatalog(store, cfg, chain.reads if chain else None, self.attribution)
+        sink = LedgerRecordSink(self.records, catalog, attribution=self.attribution, spans=self.spans)
+        inference = InferenceServicer(engine, catalog=catalog, records=sink, max_queue=cfg.server.max_queue,
+                                      default_max_tokens=cfg.model.default_max_tokens)
+        operator = str(chain.contracts.ledger.client.address) if chain and chain.can_sign else ""
+        attribution = AttributionServicer(LogQueries(self.records, operator, self.spans))
+        engine.start()
+        self.server = NodeServer(cfg.server, inference, attribution)
+        self.port = await self.server.start()
+        if chain is not None and chain.can_sign and cfg.settlement.enabled:
+            self.settlement = SettlementLoop(self.records, chain.contracts, cfg)
+            self.settlement.start()
+        elif cfg.settlement.enabled:
+            log.info("settlement off: it needs a deployment and an operator key ($%s or chain.key_file)",
+                     cfg.chain.key_env)
+        await self.server.set_serving(True)
+        log.info("node ready on port %d (model %s, device %s)", self.port, cfg.model.dir, engine.device)
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Drain the server (NOT_SERVING, grace period, cancel the rest, write the records of what finished or
+        was abandoned after producing tokens, flush), stop settlement, close the record log, stop the engine."""
+        if self.server is not None:
+            await self.server.drain(grace)
+            self.server = None
+        if self.settlement is not None:
+            await asyncio.to_thread(self.settlement.stop)
+            self.settlement = None
+        if self.records is not None:
+            await asyncio.to_thread(self.records.close)
+            self.records = None
+        if self.attribution is not None:
+            await asyncio.to_thread(self.attribution.close)
+            self.attribution = None
+        if self.spans is not None:
+            self.spans.close()
+            self.spans = None
+        if self.engine is not None:
+            await asyncio.to_thread(self.engine.shutdown)
+        if self.store is not None:
+            await asyncio.to_thread(self.store.close)
+        log.info("node stopped")
+
+    async def run_until_signal(self, on_ready: Callable[[int], None] | None = None) -> None:
+        """start(), call `on_ready(port)`, serve until SIGTERM or SIGINT, then stop()."""
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            port = await self.start()
+            if on_ready is not None:
+                on_ready(port)
+            await stop.wait()
+            log.info("signal received: shutting down")
+        finally:
+            await self.stop()
+
