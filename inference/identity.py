@@ -1,4 +1,4 @@
-"""Content identities (DESIGN.md, "Identities"): adapter weights hash, base model hash, config hash.
+"""Content identities (docs/ARCHITECTURE.md, "Identities"): adapter weights hash, base model hash, config hash.
 
 Every hash is sha256, written `0x` + 64 lowercase hex (a `bytes32` on chain).
 

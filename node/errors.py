@@ -32,7 +32,7 @@ class DevnetError(NodeError, RuntimeError):
     """The local anvil devnet could not be started, reached or stopped."""
 
 
-class KeyError_(NodeError, KeyError):
+class SigningKeyError(NodeError, ValueError):
     """A signing key could not be loaded (missing file, wrong password, malformed)."""
 
 

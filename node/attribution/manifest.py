@@ -1,9 +1,9 @@
 """From a datanet manifest folder to an attribution index beside it.
 
-Reads only the manifest file format (see node/lineage/datanet.py's module docstring):
+The datanet is read with the datanet's own reader (`loraledger.node.lineage.datanet`: `load_manifest`,
+`read_entry_records`), so both agree on what a datanet credits:
 
-    MANIFEST_DIR/manifest.json           {"name", "tokenizer_sha256", "entries": [{"file", "contributor",
-                                           "contribution_hash", "duplicate_lines"}, ...], ...}
+    MANIFEST_DIR/manifest.json           the entries (file, contributor, contribution hash, duplicate lines)
     MANIFEST_DIR/contributions/<file>    the accepted JSONL copies: {"text"} or {"prompt", "completion"} per line
 
 Each entry becomes one `Contribution` whose token ids are its credited records (lines not listed as duplicates),
@@ -14,7 +14,6 @@ records. The index is written to `MANIFEST_DIR/attribution_index/`.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,9 +27,9 @@ from loraledger.node.attribution.index import (
     write_index,
 )
 from loraledger.node.errors import AttributionError
+from loraledger.node.lineage.contributions import ContributionError, ContributionLine
+from loraledger.node.lineage.datanet import DatanetError, DatanetManifest, load_manifest, read_entry_records
 
-MANIFEST_FILE = "manifest.json"
-FILES_DIR = "contributions"
 
 
 class TextEncoder(Protocol):
@@ -76,63 +75,42 @@ class LocalTokenizer:
         return str(self._tok.decode(ids, skip_special_tokens=True))
 
 
-def read_manifest(manifest_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed manifest.json (AttributionError naming the file when missing or malformed)."""
-    path = Path(manifest_dir) / MANIFEST_FILE
-    if not path.is_file():
-        raise AttributionError(f"{manifest_dir}: no {MANIFEST_FILE}; build the datanet with `loraledger datanet build`")
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise AttributionError(f"{path}: not JSON ({e})") from e
-    if not isinstance(d, dict) or not isinstance(d.get("entries"), list):
-        raise AttributionError(f"{path}: not a datanet manifest (no 'entries' list)")
-    return d
+def _line_ids(line: ContributionLine, tokenizer: TextEncoder) -> list[int]:
+    """A credited line as token ids: plain text as its ids; a pair as `prompt ids, BREAK, completion ids`."""
+    if not line.prompt:
+        return list(tokenizer.encode(line.completion))
+    return list(tokenizer.encode(line.prompt)) + [RECORD_BREAK] + list(tokenizer.encode(line.completion))
 
 
-def _record_ids(line: str, where: str, tokenizer: TextEncoder) -> list[int]:
+def _manifest(manifest_dir: str | os.PathLike[str]) -> DatanetManifest:
     try:
-        rec = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise AttributionError(f"{where}: not JSON ({e})") from e
-    if isinstance(rec, dict) and isinstance(rec.get("text"), str):
-        return list(tokenizer.encode(rec["text"]))
-    if isinstance(rec, dict) and isinstance(rec.get("prompt"), str) and isinstance(rec.get("completion"), str):
-        return list(tokenizer.encode(rec["prompt"])) + [RECORD_BREAK] + list(tokenizer.encode(rec["completion"]))
-    raise AttributionError(f"{where}: expected {{'text'}} or {{'prompt', 'completion'}}")
+        return load_manifest(manifest_dir)
+    except DatanetError as e:
+        raise AttributionError(str(e)) from e
 
 
 def contributions_from_manifest(manifest_dir: str | os.PathLike[str], tokenizer: TextEncoder) -> list[Contribution]:
     """One `Contribution` per manifest entry, in manifest order (module docstring for the token layout).
 
-    Checks each copied file's sha256 against the entry's contribution hash (the index must hold exactly the
-    committed data).
+    The entries' files are read by the datanet's own reader (`read_entry_records`), which checks each copied
+    file's sha256 and signature against its entry: the index holds exactly the committed data.
     """
-    root = Path(manifest_dir)
-    manifest = read_manifest(root)
+    manifest = _manifest(manifest_dir)
     out: list[Contribution] = []
-    for i, e in enumerate(manifest["entries"]):
+    for entry in manifest.entries:
         try:
-            rel, contributor, chash = str(e["file"]), str(e["contributor"]), str(e["contribution_hash"]).lower()
-            dup = {int(x) for x in e.get("duplicate_lines", [])}
-        except (KeyError, TypeError, ValueError) as err:
-            raise AttributionError(f"{root / MANIFEST_FILE}: entry {i} is malformed ({err!r})") from err
-        path = root / FILES_DIR / rel
-        if not path.is_file():
-            raise AttributionError(f"{root}: contribution file {FILES_DIR}/{rel} of entry {i} is missing")
-        data = path.read_bytes()
-        actual = "0x" + hashlib.sha256(data).hexdigest()
-        if actual != chash:
-            raise AttributionError(f"{path}: sha256 {actual} is not the manifest's {chash} (the file was changed)")
+            lines = read_entry_records(manifest_dir, entry, manifest.limits)
+        except (DatanetError, ContributionError) as e:
+            raise AttributionError(str(e)) from e
+        dup = set(entry.duplicate_lines)
         ids: list[int] = []
-        lines = data.decode("utf-8").splitlines()
         for lineno, line in enumerate(lines, start=1):
-            if lineno in dup or not line.strip():
+            if lineno in dup:
                 continue
             if ids:
                 ids.append(RECORD_BREAK)
-            ids.extend(_record_ids(line, f"{path}:{lineno}", tokenizer))
-        out.append(Contribution(chash, contributor, ids))
+            ids.extend(_line_ids(line, tokenizer))
+        out.append(Contribution(str(entry.contribution_hash).lower(), str(entry.contributor), ids))
     return out
 
 
@@ -142,15 +120,15 @@ def index_manifest(manifest_dir: str | os.PathLike[str], tokenizer: LocalTokeniz
     Refuses a tokenizer other than the one the manifest counted its weights with (when it names one).
     Returns the index folder.
     """
-    manifest = read_manifest(manifest_dir)
-    named = manifest.get("tokenizer_sha256")
+    manifest = _manifest(manifest_dir)
+    named = manifest.tokenizer_sha256
     if named and str(named).lower() != tokenizer.sha256:
         raise AttributionError(
             f"{manifest_dir}: the datanet was counted with tokenizer {named}, not {tokenizer.sha256} "
             f"({tokenizer.source}); index it with the same checkpoint's tokenizer"
         )
     contributions = contributions_from_manifest(manifest_dir, tokenizer)
-    label = str(manifest.get("name", "")) or Path(manifest_dir).name
+    label = manifest.name or Path(manifest_dir).name
     index = build_index(contributions, tokenizer.vocab_size, tokenizer=tokenizer.sha256, label=label,
                         tokenizer_source=str(Path(tokenizer.source).resolve()))
     return write_index(index, Path(manifest_dir) / INDEX_DIRNAME)

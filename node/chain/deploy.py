@@ -23,15 +23,14 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, cast
+from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import is_address, keccak, to_checksum_address
 from web3 import Web3
-from web3.exceptions import TimeExhausted, Web3Exception
-from web3.types import TxParams, TxReceipt
 
 from loraledger.node.chain.artifacts import CORE_CONTRACTS, load_artifact
+from loraledger.node.chain.client import ChainClient
 from loraledger.node.errors import ChainError, ConfigError
 
 DEFAULT_SHARES: tuple[int, int, int] = (7000, 2000, 1000)
@@ -145,68 +144,23 @@ def _checksum(value: str, what: str) -> str:
     return to_checksum_address(value)
 
 
-class _Sender:
-    """Sends one transaction at a time from `deployer`, waiting for each receipt and checking its status."""
-
-    def __init__(self, w3: Web3, deployer: LocalAccount | str, receipt_timeout: float) -> None:
-        self.w3 = w3
-        self.account = deployer if isinstance(deployer, LocalAccount) else None
-        self.address = _checksum(deployer.address if isinstance(deployer, LocalAccount) else deployer, "deployer")
-        self.chain_id = w3.eth.chain_id
-        self.receipt_timeout = receipt_timeout
-        self.nonce: int = int(w3.eth.get_transaction_count(self.address, "pending"))  # type: ignore[arg-type]
-
-    def send(self, tx: TxParams, what: str) -> TxReceipt:
-        """Fill nonce/chain id/fees/gas, sign (or let the unlocked node sign), send, wait; ChainError on failure."""
-        params: dict[str, Any] = dict(tx)
-        params["from"] = self.address
-        params["nonce"] = self.nonce
-        params["chainId"] = self.chain_id
-        if "maxFeePerGas" not in params:
-            base = self.w3.eth.get_block("latest").get("baseFeePerGas", 0) or 0
-            tip = self.w3.eth.max_priority_fee
-            params["maxPriorityFeePerGas"] = int(tip)
-            params["maxFeePerGas"] = 2 * int(base) + int(tip)
-        try:
-            if "gas" not in params:
-                params["gas"] = int(self.w3.eth.estimate_gas(cast(TxParams, params)) * 1.2) + 10_000
-            if self.account is not None:
-                signed = self.account.sign_transaction(params)
-                tx_hash = self.w3.eth.send_raw_transaction(signed.raw_transaction)
-            else:
-                tx_hash = self.w3.eth.send_transaction(cast(TxParams, params))
-        except (Web3Exception, ValueError) as e:
-            raise ChainError(f"{what}: the node refused the transaction from {self.address}: {e}") from e
-        self.nonce += 1
-        try:
-            receipt = self.w3.eth.wait_for_transaction_receipt(tx_hash, timeout=self.receipt_timeout)
-        except TimeExhausted as e:
-            raise ChainError(
-                f"{what}: no receipt for {tx_hash.hex()} within {self.receipt_timeout}s; is the chain producing blocks?"
-            ) from e
-        if receipt["status"] != 1:
-            raise ChainError(f"{what}: transaction {tx_hash.hex()} reverted (block {receipt['blockNumber']})")
-        return receipt
-
-
-def _deploy(sender: _Sender, name: str, args: Sequence[Any]) -> tuple[str, int]:
+def _deploy(sender: ChainClient, name: str, args: Sequence[Any]) -> tuple[str, int]:
     """Deploy artifact `name` with constructor `args`; returns (checksummed address, block number)."""
     art = load_artifact(name)
     factory = sender.w3.eth.contract(abi=art.abi, bytecode=art.bytecode)
     data = factory.constructor(*args).data_in_transaction
-    receipt = sender.send({"data": data}, f"deploying {name}")
+    receipt = sender.transact({"data": data})  # type: ignore[typeddict-item]
     address = receipt.get("contractAddress")
     if not address:
         raise ChainError(f"deploying {name}: receipt {receipt['transactionHash'].hex()} has no contract address")
     return to_checksum_address(address), int(receipt["blockNumber"])
 
 
-def _call(sender: _Sender, address: str, name: str, fn: str, args: Sequence[Any]) -> None:
+def _call(sender: ChainClient, address: str, name: str, fn: str, args: Sequence[Any]) -> None:
     """Send `name(address).fn(*args)` and wait for it."""
     art = load_artifact(name)
     contract = sender.w3.eth.contract(address=address, abi=art.abi)  # type: ignore[call-overload]
-    data = contract.encode_abi(fn, args=list(args))
-    sender.send({"to": address, "data": data}, f"{name}.{fn}")  # type: ignore[typeddict-item]
+    sender.transact(contract.get_function_by_name(fn)(*args))
 
 
 def _check_shares(shares: Sequence[int]) -> tuple[int, int, int]:
@@ -219,7 +173,7 @@ def _check_shares(shares: Sequence[int]) -> tuple[int, int, int]:
 
 def deploy_all(
     w3: Web3,
-    deployer_account: LocalAccount | str,
+    deployer_account: LocalAccount,
     *,
     challenge_delay: int = 0,
     shares: Sequence[int] = DEFAULT_SHARES,
@@ -246,8 +200,8 @@ def deploy_all(
     if token_cs is not None and not w3.eth.get_code(token_cs):  # type: ignore[arg-type]
         raise ConfigError(f"token {token_cs} has no code on chain {w3.eth.chain_id}; pass a deployed ERC-20")
 
-    sender = _Sender(w3, deployer_account, receipt_timeout)
-    admin = sender.address
+    sender = ChainClient(w3, deployer_account, receipt_timeout=receipt_timeout)
+    admin = str(sender.address)
     addresses: dict[str, str] = {}
     hashes: dict[str, str] = {}
     first_block: int | None = None

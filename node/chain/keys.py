@@ -21,7 +21,7 @@ from typing import Literal
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
 
-from loraledger.node.errors import KeyError_
+from loraledger.node.errors import SigningKeyError
 
 PASSWORD_ENV = "LORALEDGER_KEY_PASSWORD"
 PRIVATE_KEY_ENV = "LORALEDGER_PRIVATE_KEY"
@@ -50,21 +50,21 @@ DEV_CONTRIBUTORS = (2, 3, 4)  # the demo's data contributors
 def dev_account(index: int) -> LocalAccount:
     """Anvil's dev account `index` (0..9)."""
     if not 0 <= index < len(ANVIL_DEV_KEYS):
-        raise KeyError_(f"anvil has dev accounts 0..{len(ANVIL_DEV_KEYS) - 1}, not {index}")
+        raise SigningKeyError(f"anvil has dev accounts 0..{len(ANVIL_DEV_KEYS) - 1}, not {index}")
     return Account.from_key(ANVIL_DEV_KEYS[index])
 
 
 def account_from_hex(key: str, source: str = "key") -> LocalAccount:
-    """A LocalAccount from `0x` + 64 hex (the `0x` optional); KeyError_ naming `source` if malformed."""
+    """A LocalAccount from `0x` + 64 hex (the `0x` optional); SigningKeyError naming `source` if malformed."""
     text = key.strip()
     if text.startswith(("0x", "0X")):
         text = text[2:]
     if len(text) != 64:
-        raise KeyError_(f"{source} is not a private key (expected 64 hex digits, got {len(text)} characters)")
+        raise SigningKeyError(f"{source} is not a private key (expected 64 hex digits, got {len(text)} characters)")
     try:
         return Account.from_key(bytes.fromhex(text))
     except ValueError as e:
-        raise KeyError_(f"{source} is not a valid secp256k1 private key: {e}") from e
+        raise SigningKeyError(f"{source} is not a valid secp256k1 private key: {e}") from e
 
 
 def read_password(
@@ -75,29 +75,29 @@ def read_password(
     if password_file is not None:
         path = Path(password_file)
         if not path.is_file():
-            raise KeyError_(f"password file {path} does not exist")
+            raise SigningKeyError(f"password file {path} does not exist")
         lines = path.read_text().splitlines()
         return lines[0] if lines else ""
     if PASSWORD_ENV in env:
         return env[PASSWORD_ENV]
-    raise KeyError_(
+    raise SigningKeyError(
         f"no keystore password: set ${PASSWORD_ENV} or pass --password-file (passwords are never read from argv)"
     )
 
 
 def load_keystore(path: str | os.PathLike[str], password: str) -> LocalAccount:
-    """Decrypt a Web3 Secret Storage (v3) keystore file; KeyError_ on a missing file or wrong password."""
+    """Decrypt a Web3 Secret Storage (v3) keystore file; SigningKeyError on a missing file or wrong password."""
     p = Path(path)
     if not p.is_file():
-        raise KeyError_(f"keystore file {p} does not exist; create one with `loraledger key new --out {p}`")
+        raise SigningKeyError(f"keystore file {p} does not exist; create one with `loraledger key new --out {p}`")
     try:
         doc = json.loads(p.read_text())
     except json.JSONDecodeError as e:
-        raise KeyError_(f"keystore file {p} is not JSON: {e}") from e
+        raise SigningKeyError(f"keystore file {p} is not JSON: {e}") from e
     try:
         key = Account.decrypt(doc, password)
     except ValueError as e:
-        raise KeyError_(f"cannot decrypt keystore {p}: wrong password or corrupted file ({e})") from e
+        raise SigningKeyError(f"cannot decrypt keystore {p}: wrong password or corrupted file ({e})") from e
     return Account.from_key(key)
 
 
@@ -109,14 +109,14 @@ def load_account(
 ) -> LocalAccount:
     """The signing account: `key_file` keystore (password per `read_password`), else `$LORALEDGER_PRIVATE_KEY`.
 
-    Raises KeyError_ saying which of the two to provide when neither is there.
+    Raises SigningKeyError saying which of the two to provide when neither is there.
     """
     env = os.environ if environ is None else environ
     if key_file is not None:
         return load_keystore(key_file, read_password(password_file=password_file, environ=env))
     if env.get(PRIVATE_KEY_ENV):
         return account_from_hex(env[PRIVATE_KEY_ENV], f"${PRIVATE_KEY_ENV}")
-    raise KeyError_(f"no signing key: pass --key-file KEYSTORE (password in ${PASSWORD_ENV} or --password-file) "
+    raise SigningKeyError(f"no signing key: pass --key-file KEYSTORE (password in ${PASSWORD_ENV} or --password-file) "
                     f"or set ${PRIVATE_KEY_ENV}")
 
 
@@ -136,9 +136,9 @@ def write_keystore(
     """
     p = Path(path)
     if p.exists() and not overwrite:
-        raise KeyError_(f"{p} already exists; refusing to overwrite a keystore (move it away first)")
+        raise SigningKeyError(f"{p} already exists; refusing to overwrite a keystore (move it away first)")
     if not password:
-        raise KeyError_("refusing to write a keystore with an empty password")
+        raise SigningKeyError("refusing to write a keystore with an empty password")
     doc = Account.encrypt(account.key, password, kdf=kdf, iterations=iterations)
     p.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)

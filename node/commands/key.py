@@ -9,7 +9,7 @@ import argparse
 import getpass
 import sys
 
-from loraledger.node.errors import KeyError_
+from loraledger.node.errors import SigningKeyError
 from loraledger.node.chain.keys import PASSWORD_ENV, load_account, new_keystore, read_password
 
 
@@ -32,12 +32,12 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 def _password_for_new(password_file: str | None) -> str:
     try:
         return read_password(password_file=password_file)
-    except KeyError_:
+    except SigningKeyError:
         if not sys.stdin.isatty():
             raise
     first = getpass.getpass("new keystore password: ")
     if first != getpass.getpass("repeat password: "):
-        raise KeyError_("passwords differ; nothing written")
+        raise SigningKeyError("passwords differ; nothing written")
     return first
 
 

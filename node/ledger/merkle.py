@@ -11,7 +11,7 @@
 The same array layout as the JS library, so roots, proofs and `dump()` JSON match it exactly and verify in
 Solidity with OpenZeppelin's `MerkleProof.verify(proof, root, leaf)`.
 
-Speed: a 1M-leaf tree needs ~3M keccak calls. They go to safe-pysha3's C keccak (~1 us each; pycryptodome's raw
+Speed: a tree of n leaves needs about 3n keccak calls. They go to safe-pysha3's C keccak (pycryptodome's raw
 sponge, then eth_hash, when it is missing), in bulk: all leaves hashed in one C-level `map`, then the inner
 nodes one tree level at a time (sorted pairs by bytes compare), so there is no Python frame per node. Leaves of
 static ABI types (address, uintN, intN, bytesN, bool) are encoded without eth_abi; dynamic types (arrays, string,
@@ -72,7 +72,7 @@ class _FastKeccak(NamedTuple):
 
 
 def _pysha3_keccak() -> _FastKeccak | None:
-    """keccak256 from safe-pysha3's C module (~1 us per short input), or None when it is not installed.
+    """keccak256 from safe-pysha3's C module, or None when it is not installed.
 
     The bulk forms run their loop in C (`map` over the hash type and its unbound `digest`): no Python frame per
     item, and no intermediate list for the double hash of leaves.

@@ -5,7 +5,7 @@
                                       output_hash=sha256(output), contributors=[(addr, weight), ...])
     leaf = record.with_epoch(5).leaf_hash()      # what the records tree and `AttributionLedger.verifyRecord` use
 
-The on-chain record is the ABI tuple of DESIGN.md ("Attribution record and reward math"):
+The on-chain record is the ABI tuple of docs/ARCHITECTURE.md ("Attribution record and reward math"):
 
     (uint64 epoch, bytes32 requestId, uint256[] adapterIds, uint16[] weightsBps, uint32 promptTokens,
      uint32 completionTokens, uint256 fee, bytes32 outputHash, bytes32 attributionHash)
@@ -43,7 +43,7 @@ from loraledger.node.ledger.merkle import (
     keccak256,
     leaf_hashes_of_encoded,
 )
-from loraledger.node.types import Address, Bytes32, Wei, as_address, as_bytes32
+from loraledger.node.types import AdapterId, Address, Bytes32, Wei, as_address, as_bytes32
 
 BPS = 10_000
 """Basis points in a whole: adapter weights of a record sum to this."""
@@ -149,7 +149,7 @@ class AttributionRecord:
 
     epoch: int
     request_id: Bytes32
-    adapter_ids: tuple[int, ...]
+    adapter_ids: tuple[AdapterId, ...]
     weights_bps: tuple[int, ...]
     prompt_tokens: int
     completion_tokens: int
@@ -163,7 +163,7 @@ class AttributionRecord:
         cls,
         *,
         request_id: str | bytes,
-        adapter_ids: Sequence[int],
+        adapter_ids: Sequence[AdapterId | int],
         weights_bps: Sequence[int],
         prompt_tokens: int,
         completion_tokens: int,
@@ -177,7 +177,7 @@ class AttributionRecord:
         record = cls(
             epoch=int(epoch),
             request_id=as_bytes32(request_id),
-            adapter_ids=tuple(int(i) for i in adapter_ids),
+            adapter_ids=tuple(AdapterId(int(i)) for i in adapter_ids),
             weights_bps=tuple(int(w) for w in weights_bps),
             prompt_tokens=int(prompt_tokens),
             completion_tokens=int(completion_tokens),

@@ -35,7 +35,7 @@ from typing import Any, TypeVar
 
 from loraledger.node.ledger.merkle import REWARD_LEAF_ENCODING, StandardMerkleTree, gc_paused
 from loraledger.node.ledger.records import BPS, AttributionRecord
-from loraledger.node.types import Address, Wei, as_address
+from loraledger.node.types import AdapterId, Address, Wei, as_address
 from loraledger.node.ledger.terms import AdapterTerms
 from loraledger.node.ledger.terms import EpochTerms
 from loraledger.node.ledger.terms import RewardsError
@@ -100,10 +100,10 @@ def record_fee(weights_bps: Sequence[int], fees_per_token: Sequence[int], prompt
 
 
 def contributor_weights(
-    adapter_ids: Sequence[int],
+    adapter_ids: Sequence[AdapterId],
     weights_bps: Sequence[int],
     fees_per_token: Sequence[int],
-    lineage: Mapping[int, Mapping[Any, int]],
+    lineage: Mapping[AdapterId, Mapping[Any, int]],
     token_level: Mapping[Any, int] | None = None,
 ) -> dict[Address, int]:
     """A record's contributor weights (module docstring): token-level map if given, else from lineage.
@@ -132,7 +132,7 @@ def contributor_weights(
     return out
 
 
-def _adapter_terms(terms: EpochTerms, adapter_id: int) -> AdapterTerms:
+def _adapter_terms(terms: EpochTerms, adapter_id: AdapterId) -> AdapterTerms:
     t = terms.adapters.get(adapter_id)
     if t is None:
         raise RewardsError(f"adapter {adapter_id} is in a record but not in the epoch's adapter terms "

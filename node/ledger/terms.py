@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 from loraledger.node.ledger.records import BPS
 from loraledger.node.errors import NodeError
-from loraledger.node.types import Address
+from loraledger.node.types import AdapterId, Address
 
 
 @dataclass(frozen=True)
@@ -55,7 +55,7 @@ class EpochTerms:
 
     shares: Shares
     operator: Address
-    adapters: Mapping[int, AdapterTerms]
+    adapters: Mapping[AdapterId, AdapterTerms]
     contributors: Mapping[Address, ContributorStatus]
 
 

@@ -30,7 +30,7 @@ from loraledger.node.ledger.rewards import lineage_tokens
 from loraledger.node.ledger.terms import RewardsError
 from loraledger.node.serving.token_attribution import TokenAttribution
 from loraledger.node.serving.views import AdapterDescription
-from loraledger.node.types import Address
+from loraledger.node.types import AdapterId, Address, DatanetId
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +42,11 @@ class ServedAdapter:
     key: str
     path: Path
     alias: str = ""
-    onchain_id: int | None = None
+    onchain_id: AdapterId | None = None
     weights_hash: str = ""
     base_model_hash: str = ""
     fee_per_token: int = 0
-    datanet_ids: tuple[int, ...] = ()
+    datanet_ids: tuple[DatanetId, ...] = ()
     lineage: dict[Address, int] = field(default_factory=dict)  # contributor -> tokens trained on
     index_dirs: tuple[Path, ...] = ()  # attribution indexes of its datanets (token-level attribution)
 
@@ -143,9 +143,9 @@ class StoreCatalog:
             log.warning("adapter %d: no usable lineage.json (%s); its data share goes to the adapter owner",
                         adapter_id, e)
         return ServedAdapter(
-            key=str(adapter_id), path=Path(path), onchain_id=adapter_id, weights_hash=str(info.weights_hash),
+            key=str(adapter_id), path=Path(path), onchain_id=AdapterId(adapter_id), weights_hash=str(info.weights_hash),
             base_model_hash=str(info.base_model_hash), fee_per_token=int(info.fee_per_token),
-            datanet_ids=tuple(int(d) for d in info.datanet_ids), lineage=tokens, index_dirs=index_dirs,
+            datanet_ids=tuple(DatanetId(int(d)) for d in info.datanet_ids), lineage=tokens, index_dirs=index_dirs,
         )
 
     def load(self, name: str, path: str, expected_weights_hash: str) -> AdapterDescription:

@@ -17,7 +17,7 @@ from loraledger.node.ledger.rewards import contributor_weights, record_fee, weig
 from loraledger.node.serving.catalog import ServedAdapter, StoreCatalog
 from loraledger.node.serving.token_attribution import SpanStore, TokenAttribution, span_views
 from loraledger.node.serving.views import AttributionSummary, ContributorShareView, FinishedRequest
-from loraledger.node.types import Address, as_address
+from loraledger.node.types import AdapterId, Address, as_address
 
 TOP_CONTRIBUTORS = 10
 
@@ -42,15 +42,15 @@ class LedgerRecordSink:
         self.attribution_timeout = attribution_timeout
 
     def mixed_lineage(self, terms: Sequence[ServedAdapter], completion_ids: Sequence[int]
-                      ) -> tuple[dict[int, dict[Address, int]], list[Attribution]]:
+                      ) -> tuple[dict[AdapterId, dict[Address, int]], list[Attribution]]:
         """{adapter id: contributor weights} for `contributor_weights`: lineage tokens, re-weighted by token-level
         attribution of `completion_ids` where the adapter has indexes (module docstring); and the attributions."""
-        lineage: dict[int, dict[Address, int]] = {int(t.onchain_id): dict(t.lineage) for t in terms
-                                                  if t.onchain_id is not None}
+        lineage: dict[AdapterId, dict[Address, int]] = {t.onchain_id: dict(t.lineage) for t in terms
+                                                        if t.onchain_id is not None}
         att = self.attribution
         if att is None or not completion_ids:
             return lineage, []
-        futures = {int(t.onchain_id): att.pool.submit(completion_ids, t.index_dirs) for t in terms
+        futures = {t.onchain_id: att.pool.submit(completion_ids, t.index_dirs) for t in terms
                    if t.onchain_id is not None and t.index_dirs and t.lineage}
         found: list[Attribution] = []
         for adapter_id, fut in futures.items():
@@ -69,7 +69,7 @@ class LedgerRecordSink:
         terms = [self.catalog.terms(key) for key, _ in finished.adapters]
         if any(t.onchain_id is None for t in terms):
             return None
-        ids = [int(t.onchain_id) for t in terms if t.onchain_id is not None]
+        ids = [t.onchain_id for t in terms if t.onchain_id is not None]
         bps = weights_to_bps([w for _, w in finished.adapters])
         fees = [t.fee_per_token for t in terms]
         fee = record_fee(bps, fees, finished.prompt_tokens, finished.completion_tokens)

@@ -22,7 +22,7 @@ Records (`RecordSink`), one per request that produced tokens:
                                          result is in, a record of the tokens it generated is committed in the
                                          background; `flush` (shutdown) waits for these too
     no token produced, or failed         no record
-    base model only                      no record: fees come from adapters (DESIGN.md), so a request without
+    base model only                      no record: fees come from adapters (docs/ARCHITECTURE.md), so a request without
                                          one costs nothing and pays nobody; the sink returns None for it
 
 The servicers depend on small Protocols (`AdapterCatalog`, `RecordSink`, `AttributionQueries`) that the node

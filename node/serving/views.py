@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 from loraledger.inference.errors import AdapterNotFoundError, InvalidRequestError
+from loraledger.node.types import AdapterId, DatanetId
 
 
 @dataclass(frozen=True)
@@ -23,12 +24,12 @@ class AdapterDescription:
 
     key: str  # the engine key requests resolve to (on-chain id in decimal, or the alias)
     alias: str = ""
-    onchain_id: int | None = None
+    onchain_id: AdapterId | None = None
     weights_hash: str = ""
     base_model_hash: str = ""
     rank: int = 0
     resident: bool = False
-    datanet_ids: tuple[int, ...] = ()
+    datanet_ids: tuple[DatanetId, ...] = ()
     fee_per_token: int = 0
 
 
@@ -86,9 +87,9 @@ class AttributionSummary:
 
     record_hash: str
     request_id: str  # bytes32 form
-    adapter_ids: tuple[int, ...]
+    adapter_ids: tuple[AdapterId, ...]
     weights_bps: tuple[int, ...]
-    datanet_ids: tuple[int, ...]
+    datanet_ids: tuple[DatanetId, ...]
     fee: int
     attribution_hash: str
     top_contributors: tuple[ContributorShareView, ...] = ()

@@ -12,6 +12,7 @@ import pytest
 from web3 import Web3
 
 from loraledger.node.chain.deploy import deploy_all
+from loraledger.node.chain.keys import dev_account
 from tests.contracts.helpers import DELAY, MAX_UINT, OPERATOR_FUNDS, ChainEnv, contract, deploy, send
 
 
@@ -20,7 +21,8 @@ def chain_env(w3: Web3) -> ChainEnv:
     """Deploy everything once per session, plus a ledger with a challenge delay; fund and approve the operator."""
     accounts = list(w3.eth.accounts)
     admin, operator, guardian = accounts[0], accounts[1], accounts[2]
-    d = deploy_all(w3, admin, operator=operator, guardian=guardian)
+    assert dev_account(0).address == admin  # anvil's dev key 0 signs the deployment
+    d = deploy_all(w3, dev_account(0), operator=operator, guardian=guardian)
     token = contract(w3, "RewardToken", d.address("RewardToken"))
     ledger = contract(w3, "AttributionLedger", d.address("AttributionLedger"))
     delayed = deploy(w3, "AttributionLedger", [admin, token.address, DELAY, 7000, 2000, 1000], admin)

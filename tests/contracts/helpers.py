@@ -113,7 +113,7 @@ def rewards_tree(amounts: Mapping[str, int]) -> StandardMerkleTree:
 
 
 def record(epoch: int, i: int) -> list[Any]:
-    """A deterministic attribution record (the DESIGN.md record layout) for tests."""
+    """A deterministic attribution record (the record layout of docs/ARCHITECTURE.md) for tests."""
     return [
         epoch,
         (1000 * epoch + i).to_bytes(32, "big"),

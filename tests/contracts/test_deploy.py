@@ -9,6 +9,7 @@ from eth_account import Account
 from web3 import Web3
 
 from loraledger.node.chain.deploy import Deployment, deploy_all
+from loraledger.node.chain.keys import dev_account
 from loraledger.node.errors import ConfigError
 from tests.contracts.helpers import ChainEnv, contract, send
 
@@ -55,11 +56,11 @@ def test_bad_arguments_fail_before_any_transaction(env: ChainEnv) -> None:
     w3 = env.w3
     nonce = w3.eth.get_transaction_count(env.admin)
     with pytest.raises(ConfigError, match="sum to 10000"):
-        deploy_all(w3, env.admin, shares=(7000, 2000, 999))
+        deploy_all(w3, dev_account(0), shares=(7000, 2000, 999))
     with pytest.raises(ConfigError, match="has no code"):
-        deploy_all(w3, env.admin, token=env.users[0])
+        deploy_all(w3, dev_account(0), token=env.users[0])
     with pytest.raises(ConfigError, match="not an address"):
-        deploy_all(w3, env.admin, operator="0x1234")
+        deploy_all(w3, dev_account(0), operator="0x1234")
     assert w3.eth.get_transaction_count(env.admin) == nonce
 
 

@@ -10,7 +10,7 @@ import pytest
 from eth_account import Account
 from web3 import Web3
 
-from loraledger.node.errors import KeyError_
+from loraledger.node.errors import SigningKeyError
 from loraledger.node.chain.keys import (
     ANVIL_DEV_KEYS,
     PASSWORD_ENV,
@@ -27,7 +27,7 @@ FAST = {"kdf": "pbkdf2", "iterations": 2}  # a cheap KDF: these tests check the 
 
 def test_dev_keys_are_the_accounts_anvil_funds(w3: Web3) -> None:
     assert [dev_account(i).address for i in range(len(ANVIL_DEV_KEYS))] == w3.eth.accounts
-    with pytest.raises(KeyError_, match="0..9"):
+    with pytest.raises(SigningKeyError, match="0..9"):
         dev_account(10)
 
 
@@ -38,11 +38,11 @@ def test_keystore_round_trip_and_mode(tmp_path: Path) -> None:
     doc = json.loads(path.read_text())
     assert doc["version"] == 3 and acct.key.hex() not in path.read_text()
     assert load_keystore(path, "s3cret").address == acct.address
-    with pytest.raises(KeyError_, match="wrong password"):
+    with pytest.raises(SigningKeyError, match="wrong password"):
         load_keystore(path, "nope")
-    with pytest.raises(KeyError_, match="refusing to overwrite"):
+    with pytest.raises(SigningKeyError, match="refusing to overwrite"):
         write_keystore(path, acct, "other", **FAST)
-    with pytest.raises(KeyError_, match="empty password"):
+    with pytest.raises(SigningKeyError, match="empty password"):
         write_keystore(tmp_path / "k2.json", acct, "", **FAST)
 
 
@@ -53,16 +53,16 @@ def test_load_account_sources(tmp_path: Path) -> None:
     pw_file = tmp_path / "pw.txt"
     pw_file.write_text("pw-from-env\nignored second line\n")
     assert load_account(key_file=path, password_file=pw_file, environ={}).address == acct.address
-    with pytest.raises(KeyError_, match=PASSWORD_ENV):
+    with pytest.raises(SigningKeyError, match=PASSWORD_ENV):
         load_account(key_file=path, environ={})
-    with pytest.raises(KeyError_, match="does not exist"):
+    with pytest.raises(SigningKeyError, match="does not exist"):
         load_account(key_file=tmp_path / "missing.json", environ={PASSWORD_ENV: "x"})
     assert load_account(environ={PRIVATE_KEY_ENV: ANVIL_DEV_KEYS[3]}).address == dev_account(3).address
-    with pytest.raises(KeyError_, match="--key-file"):
+    with pytest.raises(SigningKeyError, match="--key-file"):
         load_account(environ={})
-    with pytest.raises(KeyError_, match="64 hex"):
+    with pytest.raises(SigningKeyError, match="64 hex"):
         account_from_hex("0x1234")
-    with pytest.raises(KeyError_, match="valid secp256k1"):
+    with pytest.raises(SigningKeyError, match="valid secp256k1"):
         account_from_hex("0x" + "00" * 32)
 
 
