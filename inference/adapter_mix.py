@@ -37,12 +37,15 @@ class AdapterMix:
     def __post_init__(self) -> None:
         keys, weights = tuple(self.keys), tuple(self.weights)
         if len(keys) != len(weights):
-            raise AdapterMixError(f"{len(keys)} adapter keys but {len(weights)} weights; give one weight per key")
+            raise AdapterMixError(
+                f"{len(keys)} adapter keys but {len(weights)} weights; give one weight per key"
+            )
         seen: set[str] = set()
         for key, weight in zip(keys, weights, strict=True):
             if not isinstance(key, str) or not key:
                 raise AdapterMixError(
-                    f"adapter key must be a non-empty string, got {key!r}; give an adapter key, on-chain id or alias"
+                    f"adapter key must be a non-empty string, got {key!r}; "
+                    "give an adapter key, on-chain id or alias"
                 )
             if key in seen:
                 raise AdapterMixError(
@@ -62,7 +65,8 @@ class AdapterMix:
         if keys and abs(total - 1.0) > MERGE_WEIGHT_TOLERANCE:
             raise AdapterMixError(
                 f"adapter merge weights {list(floats)} sum to {total:.9g} for {list(keys)}; they must sum to 1 "
-                f"(within {MERGE_WEIGHT_TOLERANCE}): normalise them, e.g. 0.7 and 0.3 (a lone adapter takes weight 1)"
+                f"(within {MERGE_WEIGHT_TOLERANCE}): normalise them, e.g. 0.7 and 0.3 "
+                "(a lone adapter takes weight 1)"
             )
         object.__setattr__(self, "keys", keys)
         object.__setattr__(self, "weights", floats)

@@ -24,7 +24,11 @@ import torch
 from loraledger.inference.batch import BatchMetadata
 from loraledger.inference.errors import BackendError
 from loraledger.kernels import default_backend
-from loraledger.kernels.paged_attention_ref import PagedAttentionPlan, paged_attention_ref, plan_paged_attention
+from loraledger.kernels.paged_attention_ref import (
+    PagedAttentionPlan,
+    paged_attention_ref,
+    plan_paged_attention,
+)
 
 ATTENTION_BACKENDS: tuple[str, ...] = ("torch", "triton")
 

@@ -80,7 +80,7 @@ class BatchMetadata:
 @dataclass(slots=True)
 class SeqChunk:
     """What the scheduler hands the batch builder for one sequence this step (host-side, plain Python; one per
-    running sequence per step, so a plain slotted class: a frozen one costs four times as much to build).
+    running sequence per step, so a plain slotted class, cheaper to build than a frozen one).
 
     `token_ids` are the tokens to run now (a prefill chunk or the one decode token), starting at absolute
     position `start_pos`; `block_table` covers at least `start_pos + len(token_ids)` tokens.

@@ -20,7 +20,7 @@ One graph per (P, M), captured on first use, all sharing one memory pool. Everyt
 from those tensors, never from host values that change from step to step: the Triton attention kernel reads
 context_lens on the device (the torch backend gathers all W blocks and masks), and the LoRA layers run BGMV
 over every column (rows whose slot is -1 return at once) with the rank grid spanning max_rank
-(`loraledger.kernels.lora.static_lora_indices`, chosen by `BatchMetadata.static`).
+(`loraledger.inference.lora.plan.static_lora_indices`, chosen by `BatchMetadata.static`).
 
 Modes (`GRAPH_MODES`):
 

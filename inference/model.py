@@ -28,8 +28,8 @@ delta into its slice of the output (`add_delta`), any other replacement makes it
 projection through the hook above.
 
 Layer ops. RMSNorm (fused with the residual add before it), RoPE + KV-cache write and SiLU gating go through a
-`LayerOps` backend (`loraledger.inference.layer_ops`): fused Triton kernels on CUDA, their torch twins elsewhere
-(`set_layer_ops` to choose).
+`LayerOps` backend (`loraledger.inference.layer_backend`): fused Triton kernels on CUDA, their torch twins
+elsewhere (`set_layer_ops` to choose).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ from loraledger.inference.batch import BatchMetadata
 from loraledger.inference.config import ModelConfig, RopeConfig
 from loraledger.inference.fused_linear import FusedLinear
 from loraledger.inference.kv_cache import PagedKVCache
-from loraledger.inference.layer_ops import LayerOps, get_layer_ops
+from loraledger.inference.layer_backend import LayerOps, get_layer_ops
 from loraledger.kernels.layer_ops_ref import rms_norm_ref
 
 LINEAR_NAMES: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

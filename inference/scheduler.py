@@ -36,7 +36,12 @@ from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 from loraledger.inference.batch import SeqChunk
 from loraledger.inference.block_manager import BlockManager
-from loraledger.inference.errors import AdapterNotFoundError, EngineConfigError, EngineError, InvalidRequestError
+from loraledger.inference.errors import (
+    AdapterNotFoundError,
+    EngineConfigError,
+    EngineError,
+    InvalidRequestError,
+)
 from loraledger.inference.sequence import FinishReason, Sequence, SequenceStatus
 
 if TYPE_CHECKING:  # the engine config module imports this one
@@ -108,7 +113,7 @@ class SchedulerConfig:
     def __post_init__(self) -> None:
         for name in ("max_num_seqs", "max_tokens_per_step"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not isinstance(value, int) or value < 1:
                 raise EngineConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.max_tokens_per_step < self.max_num_seqs:
             raise EngineConfigError(

@@ -190,6 +190,10 @@ class Sequence:
         """Order of service: priority first, then first come first served."""
         return (self.priority, self.arrival_index)
 
+    def ends_by_length(self, num_outputs: int, max_model_len: int) -> bool:
+        """With `num_outputs` generated tokens the sequence is done: max_tokens reached, or the context full."""
+        return num_outputs >= self.params.max_tokens or len(self.prompt_ids) + num_outputs >= max_model_len
+
     def max_total_tokens(self) -> int:
         """Most tokens this sequence can ever hold in the KV cache: prompt + max_tokens."""
         return len(self.prompt_ids) + self.params.max_tokens

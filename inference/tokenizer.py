@@ -127,8 +127,8 @@ class IncrementalDetokenizer:
     """Text deltas for a growing list of generated ids, each delta ending on a whole character.
 
     With a byte-level tokenizer each push is one call of the tokenizers library's `DecodeStream`, which keeps
-    the same window in Rust (one id costs about a microsecond, a third of the Python window below; the engine
-    pushes one id per sequence per step). Other tokenizers, and `flush`, use the Python window: one decode per
+    the same window in Rust (cheaper than the Python window below; the engine pushes one id per sequence per
+    step). Other tokenizers, and `flush`, use the Python window: one decode per
     pushed id. The window ids[prefix:] is decoded; `_before` caches the decode of ids[prefix:read], the part
     already emitted (read sits on a character boundary):
 

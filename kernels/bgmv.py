@@ -5,7 +5,8 @@
 
 Tokens with slot -1 return at once (no loads). Rank tiles at or past `ranks[slot]` exit before any load, and
 columns past the rank inside the last tile are masked (never read), so padding to `max_rank` moves no bytes.
-Reference twins: `loraledger.kernels.lora.shrink_ref` / `expand_ref`. On CPU run with TRITON_INTERPRET=1 (tests only).
+Reference twins: `loraledger.kernels.lora_ref.shrink_ref` / `expand_ref`. On CPU run with TRITON_INTERPRET=1 (tests
+only).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """SGMV: segmented gather matrix multiply LoRA kernels, one small GEMM per segment (prefill / mixed steps).
 
 A segment g is the tokens [seg_starts[g], seg_starts[g] + seg_lens[g]) that all use slot seg_slots[g] >= 0
-(slot -1 runs are dropped beforehand by `loraledger.kernels.lora.segments_from_slots`: they launch nothing).
+(tokens without an adapter belong to no segment, so they launch nothing).
 
     sgmv_shrink:  Y[seg, :r] = X[seg] @ A[slot, :, :r]                         r = ranks[slot], Y: [T, R] fp32
     sgmv_expand:  OUT[seg]  += scale[seg, None] * (Y[seg, :r] @ B[slot, :r, :])  in place, per-token scale
@@ -9,7 +9,7 @@ A segment g is the tokens [seg_starts[g], seg_starts[g] + seg_lens[g]) that all 
 Grid: (segment, row tile of BLOCK_M tokens, rank tile | out tile); tiles past a segment's length or its rank
 exit before any load, so an empty segment or a padded rank costs a launch slot but no memory traffic.
 fp32 inputs use IEEE dots (no TF32) so fp32 serving matches the reference to ~1e-6; see `_dot_in_f32`.
-Reference twins: `loraledger.kernels.lora.shrink_ref` / `expand_ref` with `slots_from_segments`.
+Reference twins: `loraledger.kernels.lora_ref.shrink_ref` / `expand_ref` over `slots_from_segments`.
 """
 
 from __future__ import annotations

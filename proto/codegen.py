@@ -17,8 +17,8 @@ IMPORT_PREFIX = Path("loraledger")  # the proto/ folder installs as loraledger/p
 
 def generate_stubs(repo_root: Path) -> dict[Path, str]:
     """Return {destination path: generated text} for every proto under proto/loraledger/v1."""
-    from grpc_tools import protoc  # build-time dependency (dev extra)
     import grpc_tools
+    from grpc_tools import protoc  # build-time dependency (dev extra)
 
     protos = sorted((repo_root / "proto" / "loraledger" / "v1").glob("*.proto"))
     if not protos:

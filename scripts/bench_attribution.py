@@ -24,7 +24,14 @@ import numpy as np
 import numpy.typing as npt
 from benchlib import machine_info  # scripts/benchlib.py, beside this script
 
-from loraledger.node.attribution import Contribution, MatcherConfig, attribute, build_index, open_index, write_index
+from loraledger.node.attribution import (
+    Contribution,
+    MatcherConfig,
+    attribute,
+    build_index,
+    open_index,
+    write_index,
+)
 from loraledger.node.attribution.matcher import longest_suffix_matches
 
 

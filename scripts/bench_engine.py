@@ -38,7 +38,9 @@ from benchmodels import SIZES, build_models, timed  # scripts/benchmodels.py, be
 from hostphases import PHASES, decode_phases  # scripts/hostphases.py, beside this script
 
 from loraledger.inference.config import parse_dtype
-from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest
+from loraledger.inference.engine import Engine
+from loraledger.inference.engine_config import EngineConfig
+from loraledger.inference.requests import GenerationRequest
 from loraledger.inference.sequence import SamplingParams
 
 

@@ -93,7 +93,7 @@ def write_adapter(model_dir: Path, out_dir: Path, seed: int, r: int = 8) -> Path
 
 
 async def _direct(engine: Any, n: int, adapters: int, max_tokens: int) -> dict[str, Any]:
-    from loraledger.inference.engine import GenerationRequest, GenerationResult
+    from loraledger.inference.requests import GenerationRequest, GenerationResult
     from loraledger.inference.sequence import SamplingParams
 
     params = SamplingParams(max_tokens=max_tokens, temperature=0.0)
@@ -131,6 +131,7 @@ def main() -> int:
     from loraledger.node.config import NodeConfig, ServerConfig
     from loraledger.node.serving.app import build_engine
     from loraledger.node.serving.catalog import StoreCatalog
+    from loraledger.node.serving.generation import GenerationService
     from loraledger.node.serving.server import NodeServer
     from loraledger.node.serving.servicers import InferenceServicer
 
@@ -146,8 +147,8 @@ def main() -> int:
                             for i in range(1, args.adapters + 1)}
     engine, store = build_engine(cfg.validate())
     engine.start()
-    servicer = InferenceServicer(engine, catalog=StoreCatalog(store, cfg), max_queue=4 * args.streams,
-                                 default_max_tokens=args.max_tokens)
+    servicer = InferenceServicer(GenerationService(engine, catalog=StoreCatalog(store, cfg), max_queue=4 * args.streams,
+                                                   default_max_tokens=args.max_tokens))
     server = NodeServer(ServerConfig(listen="127.0.0.1:0"), servicer)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)

@@ -1,6 +1,6 @@
 """Benchmark: multi-LoRA serving throughput and latency vs the base model (the ceiling) and peft (mixed batches).
 
-Traffic as in S-LoRA and Punica (`loraledger.inference.bench_traffic`): closed loop (default) or Poisson arrivals (--rate),
+Traffic as in S-LoRA and Punica (`scripts/traffic.py`): closed loop (default) or Poisson arrivals (--rate),
 adapter choice by S-LoRA's power law (--distribution power --alpha 1 | 0.3) or Punica's modes (identical,
 distinct, uniform, zipf with --alpha 1.5), N adapters in --num-adapters, lengths uniform in [lo, hi).
 
@@ -54,14 +54,16 @@ import torch
 from benchlib import machine_info  # scripts/benchlib.py, beside this script
 from benchmodels import SIZES, Models, build_models, sync, timed  # scripts/benchmodels.py, beside this script
 from torch import nn
+from traffic import ADAPTER_DISTRIBUTIONS, TrafficRequest, TrafficSpec, make_traffic  # scripts/traffic.py
 
-from loraledger.inference.bench_traffic import ADAPTER_DISTRIBUTIONS, TrafficRequest, TrafficSpec, make_traffic
 from loraledger.inference.config import parse_dtype
-from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest
+from loraledger.inference.engine import Engine
+from loraledger.inference.engine_config import EngineConfig
 from loraledger.inference.identity import weights_hash
 from loraledger.inference.lora.adapter import BaseDims
 from loraledger.inference.lora.layers import LoRASlots, apply_lora
 from loraledger.inference.lora.store import AdapterStore
+from loraledger.inference.requests import GenerationRequest
 from loraledger.inference.sequence import SamplingParams
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

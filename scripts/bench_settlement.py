@@ -36,17 +36,17 @@ from eth_typing import HexStr
 from eth_utils import to_checksum_address
 from web3 import Web3
 
-from loraledger.node.chain.client import ChainClient
-from loraledger.node.ledger.claims import claim, proofs_from_epoch_file, push_claims
 from loraledger.node.chain.bindings import Contracts
+from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.deploy import deploy_all
 from loraledger.node.chain.devnet import Anvil
 from loraledger.node.chain.keys import dev_account
+from loraledger.node.ledger.claims import claim, proofs_from_epoch_file, push_claims
+from loraledger.node.ledger.epochs import export_epoch
 from loraledger.node.ledger.record_log import RecordLog
 from loraledger.node.ledger.records import AttributionRecord, records_tree
 from loraledger.node.ledger.rewards import rewards_tree
 from loraledger.node.ledger.settler import Settler
-from loraledger.node.ledger.epochs import export_epoch
 from loraledger.node.types import Address, Bytes32, Wei
 
 CONTRIBUTORS = [dev_account(i) for i in (3, 4, 5, 6)]

@@ -198,10 +198,12 @@ def exercise(size: str, dtype_name: str, work: Path, launches: list[Launch]) -> 
     prefill mixed with decodes, eager and fixed-shape (CUDA-graph) decode steps, base-only, single-adapter and
     merged requests over ranks 8..128, and contexts long enough for split-KV decoding."""
     from loraledger.inference.attention import TritonPagedAttention
-    from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest
+    from loraledger.inference.engine import Engine
+    from loraledger.inference.engine_config import EngineConfig
     from loraledger.inference.lora.adapter import BaseDims
     from loraledger.inference.lora.layers import apply_lora
     from loraledger.inference.lora.store import AdapterStore
+    from loraledger.inference.requests import GenerationRequest
     from loraledger.inference.sequence import SamplingParams
     from loraledger.inference.tiny import init_tiny
 

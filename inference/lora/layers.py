@@ -4,8 +4,9 @@
 
 with A: [S, in, R], B: [S, R, out] (B already multiplied by the adapter's alpha/r scaling) and ranks [S].
 The step's `BatchMetadata.token_adapter_slots/scales` (and its host copy `adapter_runs`) are turned into
-`loraledger.kernels.lora.LoRAIndices` once per step by the shared `LoRAContext` (not once per layer), then each layer calls
-the kernel backend; on the torch path the per-rank plans (`LoRAIndices.plan`) are memoized per step as well.
+`loraledger.inference.lora.plan.LoRAIndices` once per step by the shared `LoRAContext` (not once per layer),
+then each layer calls the add-LoRA backend (`loraledger.inference.lora.backend`); on the torch path the
+per-rank plans (`LoRAIndices.plan`) are memoized per step as well.
 
 `apply_lora(model, num_slots, max_rank)` wraps the projections of an `loraledger.inference.model.LlamaModel` (through its
 `named_linears()` / `set_linear()` hook) and returns the `LoRASlots` the adapter store fills.
@@ -21,8 +22,9 @@ from torch import nn
 from loraledger.inference.batch import BatchMetadata
 from loraledger.inference.errors import AdapterFormatError
 from loraledger.inference.lora.adapter import LORA_MODULES, LoRAAdapter
+from loraledger.inference.lora.backend import get_add_lora
+from loraledger.inference.lora.plan import LoRAIndices, build_lora_indices, static_lora_indices
 from loraledger.kernels import default_backend, to_device
-from loraledger.kernels.lora import LoRAIndices, build_lora_indices, get_add_lora, static_lora_indices
 
 
 class LoRAContext:

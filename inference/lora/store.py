@@ -26,7 +26,6 @@ scheduler fails that request only) and never reaches a slot. A slot write that f
 
 from __future__ import annotations
 
-import builtins
 import functools
 import logging
 import queue
@@ -59,7 +58,7 @@ class AdapterEntry:
 
 @dataclass(frozen=True)
 class AdapterInfo:
-    """One row of `AdapterStore.list()`: where the adapter is now."""
+    """One row of `AdapterStore.adapters()`: where the adapter is now."""
 
     key: str
     path: Path
@@ -202,7 +201,7 @@ class AdapterStore:
         del self._entries[key]
 
     @_locked
-    def list(self) -> builtins.list[AdapterInfo]:
+    def adapters(self) -> list[AdapterInfo]:
         """Every known adapter with its tier, slot and reference count, by key."""
         return [self._info(k) for k in sorted(self._entries)]
 
@@ -271,7 +270,8 @@ class AdapterStore:
 
     @_locked
     def validate(self, keys: Sequence[str]) -> None:
-        """AdapterNotFoundError for an unknown key; InvalidRequestError for more distinct keys than slots."""
+        """AdapterNotFoundError for an unknown key; InvalidRequestError for more distinct keys than slots (the
+        keys come from a checked `AdapterMix`: only what this store knows and holds is checked here)."""
         for k in keys:
             self._entry(k)
         if len(set(keys)) > self.num_slots:
@@ -279,7 +279,7 @@ class AdapterStore:
                 f"a request names {len(set(keys))} distinct adapters but the engine has {self.num_slots} slots"
             )
 
-    def _free_slots(self, exclude: set[str]) -> builtins.list[int]:
+    def _free_slots(self, exclude: set[str]) -> list[int]:
         """Slots a new adapter may take: empty ones first, then unreferenced ones by least recent use."""
         empty = [s for s, k in enumerate(self._slot_key) if k is None]
         idle = [s for s, k in enumerate(self._slot_key) if k is not None and self._refs.get(k, 0) == 0 and k not in exclude]
@@ -443,7 +443,7 @@ class AdapterStore:
             return self._loads_done.wait_for(lambda: not self._loading, timeout)
 
     @_locked
-    def loading(self) -> builtins.list[str]:
+    def loading(self) -> list[str]:
         """Keys queued or being loaded by the loader thread, sorted."""
         return sorted(self._loading)
 
@@ -482,6 +482,6 @@ class AdapterStore:
         return self._cpu_bytes
 
     @_locked
-    def cpu_keys(self) -> builtins.list[str]:
+    def cpu_keys(self) -> list[str]:
         """Keys in the CPU tier, least recently used first."""
         return list(self._cpu)

@@ -17,7 +17,13 @@ from loraledger.node.attribution.index import (
     write_index,
 )
 from loraledger.node.attribution.manifest import LocalTokenizer, contributions_from_manifest, index_manifest
-from loraledger.node.attribution.matcher import Attribution, ContributionCredit, MatchedSpan, MatcherConfig, attribute
+from loraledger.node.attribution.matcher import (
+    Attribution,
+    ContributionCredit,
+    MatchedSpan,
+    MatcherConfig,
+    attribute,
+)
 from loraledger.node.attribution.mixing import WEIGHT_SCALE, mix_weights
 from loraledger.node.attribution.pool import AttributionPool
 

@@ -31,7 +31,6 @@ from loraledger.node.lineage.contributions import ContributionError, Contributio
 from loraledger.node.lineage.datanet import DatanetError, DatanetManifest, load_manifest, read_entry_records
 
 
-
 class TextEncoder(Protocol):
     """Anything that turns text into token ids without special tokens."""
 

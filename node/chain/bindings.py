@@ -21,8 +21,8 @@ from web3.contract import Contract
 from web3.contract.contract import ContractFunction
 from web3.types import TxReceipt
 
-from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.artifacts import load_artifact
+from loraledger.node.chain.client import ChainClient
 from loraledger.node.errors import ChainError
 from loraledger.node.types import (
     AdapterId,

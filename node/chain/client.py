@@ -41,8 +41,8 @@ from web3.exceptions import (
 from web3.types import BlockIdentifier, TxParams, TxReceipt
 
 from loraledger.node.chain.artifacts import ARTIFACTS_DIR
-from loraledger.node.errors import ChainError, ContractRevertError
 from loraledger.node.chain.reverts import DecodedRevert, ErrorDecoder
+from loraledger.node.errors import ChainError, ContractRevertError
 from loraledger.node.types import Address, TxHash, Wei
 
 log = logging.getLogger(__name__)

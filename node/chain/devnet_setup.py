@@ -21,12 +21,12 @@ from pathlib import Path
 
 from web3 import Web3
 
-from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.bindings import Contracts
+from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.deploy import Deployment, deploy_all
 from loraledger.node.chain.devnet import DEFAULT_CHAIN_ID, Anvil
-from loraledger.node.errors import ConfigError, DevnetError
 from loraledger.node.chain.keys import DEV_DEPLOYER, DEV_OPERATOR, dev_account
+from loraledger.node.errors import ConfigError, DevnetError
 
 log = logging.getLogger(__name__)
 

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from loraledger.node.chain.deploy import deploy_all
 from loraledger.node.chain.devnet_setup import web3_for
-from loraledger.node.errors import ConfigError
 from loraledger.node.chain.keys import PASSWORD_ENV, PRIVATE_KEY_ENV, load_account
+from loraledger.node.errors import ConfigError
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -9,8 +9,8 @@ import argparse
 import getpass
 import sys
 
-from loraledger.node.errors import SigningKeyError
 from loraledger.node.chain.keys import PASSWORD_ENV, load_account, new_keystore, read_password
+from loraledger.node.errors import SigningKeyError
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from loraledger.node.chain.devnet_setup import DEFAULT_STATE_DIR, DEPLOYMENT_FILE
-from loraledger.node.errors import ConfigError
 from loraledger.node.chain.keys import PASSWORD_ENV, PRIVATE_KEY_ENV
+from loraledger.node.errors import ConfigError
 
 DEFAULT_DEPLOYMENT = str(DEFAULT_STATE_DIR / DEPLOYMENT_FILE)
 Parsers = argparse._SubParsersAction  # type: ignore[type-arg]
@@ -189,8 +189,8 @@ def _contracts(args: argparse.Namespace, account: Any | None = None) -> Any:
     account for read-only use when None)."""
     from eth_account import Account
 
-    from loraledger.node.chain.client import ChainClient
     from loraledger.node.chain.bindings import Contracts
+    from loraledger.node.chain.client import ChainClient
     from loraledger.node.chain.devnet_setup import read_deployment, web3_for
 
     dep = read_deployment(args.deployment)

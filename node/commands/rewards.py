@@ -23,17 +23,23 @@ from eth_account import Account
 from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
-from loraledger.node.chain.client import ChainClient
-from loraledger.node.ledger.claims import claim, proof_from_epoch_file, proofs_from_epoch_file, push_claims
-from loraledger.node.config import NodeConfig, load_config
 from loraledger.node.chain.bindings import Contracts
+from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.deploy import Deployment
 from loraledger.node.chain.devnet_setup import read_deployment, web3_for
+from loraledger.node.chain.keys import (
+    PASSWORD_ENV,
+    account_from_hex,
+    load_account,
+    load_keystore,
+    read_password,
+)
+from loraledger.node.config import NodeConfig, load_config
 from loraledger.node.errors import ConfigError
-from loraledger.node.chain.keys import PASSWORD_ENV, account_from_hex, load_account, load_keystore, read_password
+from loraledger.node.ledger.claims import claim, proof_from_epoch_file, proofs_from_epoch_file, push_claims
+from loraledger.node.ledger.epochs import EpochProofs, RewardProofData, export_epoch
 from loraledger.node.ledger.record_log import RecordLog
 from loraledger.node.ledger.settler import SettlementOptions, Settler
-from loraledger.node.ledger.epochs import EpochProofs, RewardProofData, export_epoch
 from loraledger.node.types import Wei, as_address, as_bytes32
 
 

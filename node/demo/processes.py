@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+
 from loraledger.node.chain.keys import ANVIL_DEV_KEYS, DEV_OPERATOR
 from loraledger.node.errors import NodeError
 

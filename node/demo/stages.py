@@ -38,20 +38,24 @@ from typing import Any, TextIO
 from web3 import Web3
 
 from loraledger.node.chain import devnet_setup
-from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.bindings import Contracts
+from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.deploy import Deployment
 from loraledger.node.chain.devnet_setup import DevnetStatus
 from loraledger.node.chain.keys import ANVIL_DEV_KEYS, DEV_CONTRIBUTORS, DEV_OPERATOR, dev_account
-from loraledger.node.types import AdapterId, Address, DatanetId
-from loraledger.node.demo.processes import configured_port
-from loraledger.node.demo.processes import health_serving
-from loraledger.node.demo.processes import running_node_pid
 from loraledger.node.demo.data_files import sample_records
-from loraledger.node.demo.processes import start_node
-from loraledger.node.demo.processes import stop_node
-from loraledger.node.demo.processes import NODE_CONFIG, NODE_LOG, DemoError
-from loraledger.node.demo.processes import OPERATOR_KEY_ENV
+from loraledger.node.demo.processes import (
+    NODE_CONFIG,
+    NODE_LOG,
+    OPERATOR_KEY_ENV,
+    DemoError,
+    configured_port,
+    health_serving,
+    running_node_pid,
+    start_node,
+    stop_node,
+)
+from loraledger.node.types import AdapterId, Address, DatanetId
 
 # ---------------------------------------------------------------------------------------------------- plan
 
@@ -249,7 +253,13 @@ def stage_model(ctx: DemoContext) -> str:
 
 def _signature_valid(path: Path, account: Address) -> bool:
     """True when `path.sig.json` exists and is `account`'s signature over the file's current bytes."""
-    from loraledger.node.lineage.contributions import ContributionError, read_signature, recover_signer, sha256_hex, signature_path
+    from loraledger.node.lineage.contributions import (
+        ContributionError,
+        read_signature,
+        recover_signer,
+        sha256_hex,
+        signature_path,
+    )
 
     sig_path = signature_path(path)
     if not sig_path.is_file():
@@ -290,8 +300,8 @@ def _manifest_matches_files(ctx: DemoContext) -> bool:
     """True when STATE/datanet holds a manifest over exactly the current signed files, weighed with the tiny
     model's tokenizer, with its suffix-array index beside it."""
     from loraledger.node.attribution import INDEX_DIRNAME
-    from loraledger.node.lineage.datanet import DatanetError, TokenCounter, load_manifest
     from loraledger.node.lineage.contributions import sha256_hex
+    from loraledger.node.lineage.datanet import DatanetError, TokenCounter, load_manifest
 
     try:
         m = load_manifest(ctx.datanet_dir)
@@ -641,8 +651,8 @@ def _dev_index(address: str) -> int | None:
 def stage_claim(ctx: DemoContext) -> str:
     """Every account of the latest rewards tree claims what it is owed, each sending from its own key."""
     from loraledger.node.ledger.claims import claim
-    from loraledger.node.ledger.record_log import RecordLog
     from loraledger.node.ledger.epochs import EpochProofs
+    from loraledger.node.ledger.record_log import RecordLog
 
     with RecordLog.open(ctx.records_path) as log_:
         last = log_.last_confirmed()
@@ -664,8 +674,8 @@ def stage_claim(ctx: DemoContext) -> str:
 
 def stage_summary(ctx: DemoContext) -> str:
     """Read back who earned what: cumulative amount in the latest root (log), claimed and balance (chain)."""
-    from loraledger.node.ledger.record_log import RecordLog
     from loraledger.node.ledger.epochs import EpochProofs
+    from loraledger.node.ledger.record_log import RecordLog
 
     c = ctx.contracts_as(DEV_OPERATOR)
     rows: list[EarningsRow] = []

@@ -20,8 +20,8 @@ from typing import Any
 
 from loraledger.node.chain.bindings import LedgerClient
 from loraledger.node.errors import NodeError
-from loraledger.node.ledger.merkle import REWARD_LEAF_ENCODING, verify
 from loraledger.node.ledger.epochs import EPOCH_FILE_FORMAT, RewardProofData
+from loraledger.node.ledger.merkle import REWARD_LEAF_ENCODING, verify
 from loraledger.node.types import Address, TxHash, Wei, as_address, as_bytes32
 
 log = logging.getLogger(__name__)

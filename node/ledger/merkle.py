@@ -36,6 +36,7 @@ from typing import Any, NamedTuple
 from eth_abi import encode as abi_encode
 from eth_hash.auto import keccak as _eth_keccak
 from eth_utils import to_checksum_address
+
 from loraledger.node.errors import NodeError
 
 DUMP_FORMAT = "standard-v1"

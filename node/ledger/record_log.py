@@ -39,9 +39,9 @@ from pathlib import Path
 from typing import Any, Self
 
 from loraledger.node.errors import NodeError
+from loraledger.node.ledger.epochs import BUILT, CONFIRMED, OPEN, SUBMITTED, EpochRow
 from loraledger.node.ledger.records import AttributionRecord
 from loraledger.node.types import Address, Bytes32, TxHash, Wei
-from loraledger.node.ledger.epochs import BUILT, CONFIRMED, OPEN, SUBMITTED, EpochRow
 
 log = logging.getLogger(__name__)
 

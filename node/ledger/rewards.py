@@ -35,10 +35,8 @@ from typing import Any, TypeVar
 
 from loraledger.node.ledger.merkle import REWARD_LEAF_ENCODING, StandardMerkleTree, gc_paused
 from loraledger.node.ledger.records import BPS, AttributionRecord
+from loraledger.node.ledger.terms import AdapterTerms, EpochTerms, RewardsError
 from loraledger.node.types import AdapterId, Address, Wei, as_address
-from loraledger.node.ledger.terms import AdapterTerms
-from loraledger.node.ledger.terms import EpochTerms
-from loraledger.node.ledger.terms import RewardsError
 
 K = TypeVar("K", bound=Hashable)
 

@@ -37,20 +37,25 @@ from typing import Any
 
 import rlp
 from hexbytes import HexBytes
+from web3.exceptions import TransactionNotFound, Web3RPCError
+
 from loraledger.node.chain.bindings import Contracts, EpochInfo
 from loraledger.node.chain.client import CONNECTION_ERRORS
 from loraledger.node.errors import ContractRevertError
+from loraledger.node.ledger.epochs import (
+    BUILT,
+    CONFIRMED,
+    OPEN,
+    SUBMITTED,
+    EpochProofs,
+    EpochRow,
+    SettlementError,
+)
 from loraledger.node.ledger.record_log import RecordLog
-from loraledger.node.ledger.epochs import BUILT, CONFIRMED, OPEN, SUBMITTED
-from loraledger.node.ledger.epochs import EpochRow
 from loraledger.node.ledger.records import AttributionRecord, records_tree
 from loraledger.node.ledger.rewards import add_cumulative, epoch_amounts, rewards_tree
-from loraledger.node.ledger.terms import AdapterTerms, ContributorStatus, EpochTerms, Shares
+from loraledger.node.ledger.terms import AdapterTerms, ContributorStatus, EpochTerms, Shares, terms_to_json
 from loraledger.node.types import Address, Bytes32, TxHash, Wei, as_address, bytes32_to_bytes
-from web3.exceptions import TransactionNotFound, Web3RPCError
-from loraledger.node.ledger.epochs import EpochProofs
-from loraledger.node.ledger.epochs import SettlementError
-from loraledger.node.ledger.terms import terms_to_json
 
 log = logging.getLogger(__name__)
 

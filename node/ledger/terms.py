@@ -11,8 +11,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
-from loraledger.node.ledger.records import BPS
+
 from loraledger.node.errors import NodeError
+from loraledger.node.ledger.records import BPS
 from loraledger.node.types import AdapterId, Address
 
 

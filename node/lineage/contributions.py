@@ -30,16 +30,15 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
+
 from eth_account import Account
 from eth_account.messages import encode_defunct
 from eth_account.signers.local import LocalAccount
 from eth_utils import is_address, to_checksum_address
+
 from loraledger.node.errors import NodeError
 from loraledger.node.types import Address, Bytes32
-if TYPE_CHECKING:
-    pass
-
 
 SIG_SUFFIX = ".sig.json"
 

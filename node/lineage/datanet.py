@@ -36,21 +36,22 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
-
 from loraledger.node.errors import NodeError
+from loraledger.node.lineage.contributions import (
+    CONTRIBUTION_SUFFIX,
+    MESSAGE_PREFIX,
+    SIG_SUFFIX,
+    ContributionError,
+    ContributionLimits,
+    ContributionLine,
+    parse_records,
+    read_signature,
+    recover_signer,
+    sha256_hex,
+    signature_path,
+    verify_contribution,
+)
 from loraledger.node.types import Address, Bytes32, DatanetId, TxHash, as_address, as_bytes32
-from loraledger.node.lineage.contributions import CONTRIBUTION_SUFFIX
-from loraledger.node.lineage.contributions import ContributionError
-from loraledger.node.lineage.contributions import ContributionLimits
-from loraledger.node.lineage.contributions import MESSAGE_PREFIX
-from loraledger.node.lineage.contributions import ContributionLine
-from loraledger.node.lineage.contributions import SIG_SUFFIX
-from loraledger.node.lineage.contributions import parse_records
-from loraledger.node.lineage.contributions import read_signature
-from loraledger.node.lineage.contributions import recover_signer
-from loraledger.node.lineage.contributions import sha256_hex
-from loraledger.node.lineage.contributions import signature_path
-from loraledger.node.lineage.contributions import verify_contribution
 
 if TYPE_CHECKING:
     from loraledger.node.chain.bindings import Contracts

@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loraledger.inference.identity import base_model_hash, config_hash, parse_hash, weights_hash
-from loraledger.node.lineage.datanet import MANIFEST_FILE, load_manifest
 from loraledger.node.errors import ConfigError, LineageMismatchError, NodeError, NotFoundError
+from loraledger.node.lineage.datanet import MANIFEST_FILE, load_manifest
 from loraledger.node.lineage.training import load_lineage, write_lineage
 from loraledger.node.types import AdapterId, Address, DatanetId, TxHash, as_wei
 

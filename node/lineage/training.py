@@ -38,8 +38,8 @@ from typing import Any
 
 import torch
 
-from loraledger.node.lineage.datanet import DatanetManifest, TokenCounter, credited_records, verify_manifest
 from loraledger.node.errors import ConfigError, NodeError
+from loraledger.node.lineage.datanet import DatanetManifest, TokenCounter, credited_records, verify_manifest
 from loraledger.node.types import Address
 
 log = logging.getLogger(__name__)

@@ -26,7 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from loraledger.inference.engine import Engine, EngineConfig
+
+from loraledger.inference.engine import Engine
+from loraledger.inference.engine_config import EngineConfig
 from loraledger.inference.identity import base_model_hash
 from loraledger.inference.loader import load_model
 from loraledger.inference.lora.adapter import BaseDims
@@ -36,6 +38,7 @@ from loraledger.node.config import NodeConfig
 from loraledger.node.errors import ConfigError
 from loraledger.node.ledger.record_log import RecordLog, open_record_log
 from loraledger.node.serving.catalog import StoreCatalog
+from loraledger.node.serving.generation import GenerationService
 from loraledger.node.serving.queries import LogQueries
 from loraledger.node.serving.record_sink import LedgerRecordSink
 from loraledger.node.serving.server import NodeServer
@@ -124,6 +127,7 @@ def connect_chain(cfg: NodeConfig) -> ChainHandles | None:
     import os
 
     from eth_account import Account
+
     from loraledger.node.chain.bindings import Contracts
     from loraledger.node.chain.client import ChainClient
     from loraledger.node.chain.devnet_setup import read_deployment, web3_for
@@ -166,6 +170,7 @@ class NodeApp:
         self.spans: SpanStore | None = None
         self.attribution: TokenAttribution | None = None
         self.server: NodeServer | None = None
+        self.generation: GenerationService | None = None
         self.settlement: SettlementLoop | None = None
         self.port: int | None = None
 
@@ -183,8 +188,9 @@ class NodeApp:
         self.spans = SpanStore(spans_file) if self.attribution is not None or spans_file.is_file() else None
         catalog = StoreCatalog(store, cfg, chain.reads if chain else None, self.attribution)
         sink = LedgerRecordSink(self.records, catalog, attribution=self.attribution, spans=self.spans)
-        inference = InferenceServicer(engine, catalog=catalog, records=sink, max_queue=cfg.server.max_queue,
-                                      default_max_tokens=cfg.model.default_max_tokens)
+        self.generation = GenerationService(engine, catalog=catalog, records=sink, max_queue=cfg.server.max_queue,
+                                            default_max_tokens=cfg.model.default_max_tokens)
+        inference = InferenceServicer(self.generation)
         operator = str(chain.contracts.ledger.client.address) if chain and chain.can_sign else ""
         attribution = AttributionServicer(LogQueries(self.records, operator, self.spans))
         engine.start()

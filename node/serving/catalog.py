@@ -178,7 +178,7 @@ class StoreCatalog:
             return [self._describe(t) for t in sorted(self._terms.values(), key=lambda t: t.key)]
 
     def _describe(self, t: ServedAdapter) -> AdapterDescription:
-        info = {i.key: i for i in self.store.list()}.get(t.key)
+        info = {i.key: i for i in self.store.adapters()}.get(t.key)
         return AdapterDescription(
             key=t.key, alias=t.alias, onchain_id=t.onchain_id,
             weights_hash=t.weights_hash or (info.weights_hash if info and info.weights_hash else ""),

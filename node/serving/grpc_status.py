@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import grpc
+
 from loraledger.inference.errors import (
     AdapterFormatError,
     AdapterMismatchError,

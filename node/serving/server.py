@@ -19,6 +19,7 @@ import logging
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+
 from loraledger.node.config import ServerConfig
 from loraledger.node.serving.servicers import AttributionServicer, InferenceServicer
 from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb

@@ -18,8 +18,8 @@ from web3.types import TxReceipt
 
 from loraledger.node.chain.artifacts import ARTIFACTS_DIR, load_artifact
 from loraledger.node.chain.deploy import Deployment
-from loraledger.node.ledger.merkle import RECORD_LEAF_ENCODING, REWARD_LEAF_ENCODING, StandardMerkleTree
 from loraledger.node.chain.reverts import DecodedRevert, ErrorDecoder
+from loraledger.node.ledger.merkle import RECORD_LEAF_ENCODING, REWARD_LEAF_ENCODING, StandardMerkleTree
 
 OPERATOR_FUNDS = 10**27
 MAX_UINT = 2**256 - 1

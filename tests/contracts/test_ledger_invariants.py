@@ -14,7 +14,15 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
 
 from loraledger.node.ledger.merkle import StandardMerkleTree
-from tests.contracts.helpers import ChainEnv, expect_revert, records_tree, revert_to, rewards_tree, send, snapshot
+from tests.contracts.helpers import (
+    ChainEnv,
+    expect_revert,
+    records_tree,
+    revert_to,
+    rewards_tree,
+    send,
+    snapshot,
+)
 
 N_ACCOUNTS = 4
 

@@ -11,9 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
+from loraledger.inference.engine import Engine
+from loraledger.inference.engine_config import EngineConfig
 from loraledger.inference.errors import EngineConfigError
 from loraledger.inference.model import LlamaModel
+from loraledger.inference.requests import GenerationRequest, GenerationResult
 from loraledger.inference.sequence import SamplingParams
 
 
@@ -165,7 +167,7 @@ def test_run_ahead_on_the_background_thread_streams_what_synchronous_steps_give(
     step ran ahead delivers that step's tokens and cancels the rest cleanly."""
     import asyncio
 
-    from loraledger.inference.engine import TokenDelta
+    from loraledger.inference.requests import TokenDelta
 
     ps = prompts(6, seed=4)
     params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=0)

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult, TokenDelta
+from loraledger.inference.engine import Engine
+from loraledger.inference.engine_config import EngineConfig
 from loraledger.inference.errors import (
     AdapterMismatchError,
     AdapterNotFoundError,
@@ -20,6 +21,7 @@ from loraledger.inference.errors import (
 )
 from loraledger.inference.loader import load_model
 from loraledger.inference.model import LlamaModel
+from loraledger.inference.requests import GenerationRequest, GenerationResult, TokenDelta
 from loraledger.inference.sequence import SamplingParams
 from loraledger.inference.tokenizer import Tokenizer
 

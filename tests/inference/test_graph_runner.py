@@ -10,12 +10,14 @@ import pytest
 import torch
 
 from loraledger.inference.batch import SeqChunk, build_batch
-from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
+from loraledger.inference.engine import Engine
+from loraledger.inference.engine_config import EngineConfig
 from loraledger.inference.errors import EngineConfigError
 from loraledger.inference.graph_runner import DecodeGraphRunner, bucket_sizes
 from loraledger.inference.kv_cache import PagedKVCache
 from loraledger.inference.loader import load_model
 from loraledger.inference.model import LlamaModel
+from loraledger.inference.requests import GenerationRequest, GenerationResult
 from loraledger.inference.sequence import SamplingParams
 
 HAS_CUDA = torch.cuda.is_available()

@@ -21,7 +21,8 @@ import torch
 bnb = pytest.importorskip("bitsandbytes", reason="bitsandbytes is not installed (pip install 'loraledger[quant]')")
 
 from loraledger.inference.batch import SeqChunk, build_batch
-from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest
+from loraledger.inference.engine import Engine
+from loraledger.inference.engine_config import EngineConfig
 from loraledger.inference.errors import QuantizationError
 from loraledger.inference.kv_cache import PagedKVCache
 from loraledger.inference.loader import load_model
@@ -36,6 +37,7 @@ from loraledger.inference.quant import (
     projections_nbytes,
     quantize_nf4,
 )
+from loraledger.inference.requests import GenerationRequest
 from loraledger.inference.sequence import SamplingParams
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

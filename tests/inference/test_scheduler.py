@@ -8,9 +8,16 @@ from collections.abc import Sequence as Seq
 
 import pytest
 
+from loraledger.inference.adapter_mix import AdapterMix
 from loraledger.inference.block_manager import BlockManager
 from loraledger.inference.errors import AdapterMismatchError, AdapterNotFoundError, InvalidRequestError
-from loraledger.inference.scheduler import AdapterSlots, NoAdapterSlots, Scheduler, SchedulerConfig, SchedulerOutput
+from loraledger.inference.scheduler import (
+    AdapterSlots,
+    NoAdapterSlots,
+    Scheduler,
+    SchedulerConfig,
+    SchedulerOutput,
+)
 from loraledger.inference.sequence import SamplingParams, Sequence, SequenceStatus
 
 
@@ -79,7 +86,7 @@ def make_seq(sid: int, prompt_len: int, max_tokens: int = 4, priority: int = 0, 
         prompt_ids=[(sid * 7 + i) % 50 + 1 for i in range(prompt_len)],
         params=SamplingParams(max_tokens=max_tokens, temperature=0.0),
         priority=priority,
-        adapters=tuple(adapters),
+        adapters=AdapterMix.of(adapters),
     )
 
 

@@ -17,11 +17,17 @@ if not torch.cuda.is_available():
 from loraledger.inference.batch import SeqChunk, build_batch
 from loraledger.inference.errors import BackendError
 from loraledger.inference.kv_cache import PagedKVCache
-from loraledger.inference.layer_ops import get_layer_ops
+from loraledger.inference.layer_backend import get_layer_ops
 from loraledger.inference.loader import load_model
 from loraledger.inference.tiny import init_tiny
 from loraledger.kernels import layer_ops
-from loraledger.kernels.layer_ops_ref import add_rms_norm_ref, rms_norm_ref, rope_and_cache_ref, rotary_ref, silu_mul_ref
+from loraledger.kernels.layer_ops_ref import (
+    add_rms_norm_ref,
+    rms_norm_ref,
+    rope_and_cache_ref,
+    rotary_ref,
+    silu_mul_ref,
+)
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # 16-bit results may differ by a unit in the last place twice over (the normalised value, then its product with

@@ -1,4 +1,5 @@
-"""BGMV/SGMV Triton kernels and their torch twins against a float32 loop reference.
+"""BGMV/SGMV Triton kernels and their torch twins (`loraledger.kernels.lora_ref`) against its float32 loop
+oracle `add_lora_loop`.
 
 Without CUDA the Triton kernels run in the interpreter (TRITON_INTERPRET=1, set below before triton is
 imported); shapes are tiny so the whole file stays in seconds.
@@ -16,17 +17,10 @@ if not torch.cuda.is_available():
 
 triton = pytest.importorskip("triton")
 
+from loraledger.inference.lora.backend import add_lora_torch, get_add_lora
+from loraledger.inference.lora.plan import build_lora_indices, segments_from_slots
 from loraledger.kernels import bgmv, sgmv
-from loraledger.kernels.lora import (
-    add_lora_ref,
-    build_lora_indices,
-    expand_ref,
-    get_add_lora,
-    groups_from_slots,
-    segments_from_slots,
-    shrink_ref,
-    slots_from_segments,
-)
+from loraledger.kernels.lora_ref import add_lora_loop, expand_ref, shrink_ref, slots_from_segments
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # ranks 1..128 sampled: odd, power of two, one past a tile edge, the maximum; 0 = an empty slot
@@ -80,25 +74,6 @@ def make_slots(spread: str, t: int, seed: int = 0) -> torch.Tensor:
     return torch.tensor(slots[:t], dtype=torch.int32, device=DEVICE)
 
 
-def loop_reference(
-    out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
-    scales: torch.Tensor, ranks: torch.Tensor,
-) -> torch.Tensor:
-    """float32 per-token loop: out[t] + scale[t] * x[t] @ A[s, :, :r] @ B[s, :r, :], nothing shared."""
-    res = out.float().cpu().clone()
-    for t in range(x.shape[0]):
-        s = int(slots[t])
-        if s < 0:
-            continue
-        r = int(ranks[s])
-        if r == 0:
-            continue
-        a = A[s, :, :r].float().cpu()
-        b = B[s, :r, :].float().cpu()
-        res[t] += float(scales[t]) * ((x[t].float().cpu() @ a) @ b)
-    return res
-
-
 def _inputs(dtype: torch.dtype, t: int, spread: str, seed: int):
     g = torch.Generator().manual_seed(seed + 1)
     A, B, ranks = make_weights(dtype, seed)
@@ -115,7 +90,7 @@ def _inputs(dtype: torch.dtype, t: int, spread: str, seed: int):
 @pytest.mark.parametrize("kernel", ["bgmv", "sgmv", "torch"])
 def test_kernels_match_loop_reference(kernel: str, t: int, spread: str, dtype: torch.dtype) -> None:
     x, out, A, B, ranks, slots, scales = _inputs(dtype, t, spread, seed=t)
-    expected = loop_reference(out, x, A, B, slots, scales, ranks)
+    expected = add_lora_loop(out, x, A, B, slots, scales, ranks)
     got = out.clone()
     if kernel == "bgmv":
         y = bgmv.bgmv_shrink(x, A, slots, ranks, max_rank=MAX_RANK)
@@ -162,7 +137,8 @@ def test_sgmv_empty_segments_and_unused_slots() -> None:
     got = out.clone()
     y = sgmv.sgmv_shrink(x, A, st, ln, ss, ranks, 5)
     sgmv.sgmv_expand(got, y, B, st, ln, ss, scales, ranks, 5)
-    torch.testing.assert_close(got.cpu(), loop_reference(out, x, A, B, slots, scales, ranks), atol=2e-5, rtol=2e-5)
+    expected = add_lora_loop(out, x, A, B, slots, scales, ranks)
+    torch.testing.assert_close(got.cpu(), expected, atol=2e-5, rtol=2e-5)
     none = torch.zeros(0, dtype=torch.int32, device=DEVICE)
     got2 = out.clone()
     y = sgmv.sgmv_shrink(x, A, none, none, none, ranks, 0)
@@ -183,23 +159,9 @@ def test_add_lora_with_merges(backend: str, decode_only: bool) -> None:
     )
     got = out.clone()
     get_add_lora(backend)(got, x, A, B, ranks.tolist(), idx, ranks)
-    expected = loop_reference(out, x, A, B, slots0, scales0, ranks)
-    expected = loop_reference(expected, x, A, B, slots1, scales1, ranks)
+    expected = add_lora_loop(out, x, A, B, slots0, scales0, ranks)
+    expected = add_lora_loop(expected, x, A, B, slots1, scales1, ranks)
     torch.testing.assert_close(got.cpu(), expected, atol=3e-5, rtol=3e-5)
-
-
-def test_indices_skip_unused_columns_and_validate() -> None:
-    slots = torch.tensor([[2, -1], [2, -1], [-1, -1], [0, -1]], dtype=torch.int32)
-    idx = build_lora_indices(slots, torch.ones(4, 2), num_slots=3, decode_only=False)
-    assert len(idx.columns) == 1 and idx.active  # the all -1 column costs nothing
-    col = idx.columns[0]
-    assert col.seg_starts.tolist() == [0, 3] and col.seg_lens.tolist() == [2, 1] and col.max_seg_len == 2
-    assert [(s, i.tolist()) for s, i in col.groups] == [(0, [3]), (2, [0, 1])]
-    assert not build_lora_indices(torch.full((4, 1), -1, dtype=torch.int32), torch.ones(4, 1), 3, True).active
-    assert not build_lora_indices(torch.zeros(4, 0, dtype=torch.int32), torch.zeros(4, 0), 3, True).active
-    with pytest.raises(ValueError, match=r"\[-1, 3\)"):
-        build_lora_indices(torch.tensor([[3]], dtype=torch.int32), torch.ones(1, 1), 3, True)
-    assert groups_from_slots(torch.tensor([-1, -1], dtype=torch.int32)) == ()
 
 
 def test_torch_path_does_no_work_without_adapters() -> None:
@@ -207,7 +169,7 @@ def test_torch_path_does_no_work_without_adapters() -> None:
     x, out, A, B, ranks, _, _ = _inputs(torch.float32, 7, "uniform", seed=9)
     A.fill_(float("nan"))
     idx = build_lora_indices(torch.full((7, 1), -1, dtype=torch.int32), torch.ones(7, 1), len(SLOT_RANKS), True)
-    got = add_lora_ref(out.clone(), x, A, B, ranks.tolist(), idx)
+    got = add_lora_torch(out.clone(), x, A, B, ranks.tolist(), idx)
     assert torch.equal(got, out)
 
 

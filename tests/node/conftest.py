@@ -119,8 +119,8 @@ class ChainWorld:
     texts: dict[str, list[str]]  # contributor address -> records
 
     def bind(self, account: Any) -> Any:
-        from loraledger.node.chain.client import ChainClient
         from loraledger.node.chain.bindings import Contracts
+        from loraledger.node.chain.client import ChainClient
 
         return Contracts.at(ChainClient(self.w3, account), self.deployment.addresses)
 
@@ -172,10 +172,10 @@ def build_chain_world(w3: Any, rpc_url: str, model_dir: Path, root: Path, fees: 
     import os
 
     from loraledger.node.attribution.manifest import LocalTokenizer, index_manifest
-    from loraledger.node.lineage.datanet import build_datanet, load_manifest, register_datanet
-    from loraledger.node.lineage.contributions import sign_contribution
     from loraledger.node.chain.deploy import deploy_all
     from loraledger.node.chain.keys import dev_account
+    from loraledger.node.lineage.contributions import sign_contribution
+    from loraledger.node.lineage.datanet import build_datanet, load_manifest, register_datanet
     from loraledger.node.lineage.registration import register_adapter
 
     deployment = deploy_all(w3, dev_account(0), shares=SHARES)

@@ -30,11 +30,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from loraledger.inference.attention import TritonPagedAttention
-from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest
+from loraledger.inference.engine import Engine
+from loraledger.inference.engine_config import EngineConfig
 from loraledger.inference.loader import load_model
 from loraledger.inference.lora.adapter import BaseDims
 from loraledger.inference.lora.layers import apply_lora
 from loraledger.inference.lora.store import AdapterStore
+from loraledger.inference.requests import GenerationRequest
 from loraledger.inference.sequence import SamplingParams
 
 # Python-level tensor calls that read device memory on the host, or make a device tensor from host data

@@ -10,11 +10,13 @@ from typing import Any
 import pytest
 import torch
 
-from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest, GenerationResult
+from loraledger.inference.engine import Engine
+from loraledger.inference.engine_config import EngineConfig
 from loraledger.inference.loader import load_model
 from loraledger.inference.lora.adapter import BaseDims
 from loraledger.inference.lora.layers import apply_lora
 from loraledger.inference.lora.store import AdapterStore
+from loraledger.inference.requests import GenerationRequest, GenerationResult
 from loraledger.inference.sequence import SamplingParams
 
 HAS_CUDA = torch.cuda.is_available()

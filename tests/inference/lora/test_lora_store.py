@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 import torch
 
+from loraledger.inference.adapter_mix import AdapterMix
 from loraledger.inference.batch import SeqChunk, build_batch
 from loraledger.inference.block_manager import BlockManager
 from loraledger.inference.config import ModelConfig
@@ -76,17 +77,17 @@ def _slot_holds(store: AdapterStore, slot: int, path: Path) -> bool:
 
 def test_tiers_hits_and_list(many: list[Path]) -> None:
     store = _store(many[:3], num_slots=2)
-    assert [i.tier for i in store.list()] == ["disk"] * 3
+    assert [i.tier for i in store.adapters()] == ["disk"] * 3
     (s0,) = store.acquire(["k0"])
     assert store.stats.disk_loads == 1 and store.stats.slot_misses == 1
     assert _slot_holds(store, s0, many[0])
     store.release(["k0"])
     assert store.acquire(["k0"]) == (s0,) and store.stats.slot_hits == 1 and store.stats.disk_loads == 1
-    info = {i.key: i for i in store.list()}
+    info = {i.key: i for i in store.adapters()}
     assert info["k0"].tier == "gpu" and info["k0"].slot == s0 and info["k0"].refs == 1
     assert info["k1"].tier == "disk" and info["k1"].refs == 0
     store.prefetch(["k1"])  # CPU: loaded into the CPU tier synchronously
-    assert {i.key: i.tier for i in store.list()}["k1"] == "cpu"
+    assert {i.key: i.tier for i in store.adapters()}["k1"] == "cpu"
     store.acquire(["k1"])
     assert store.stats.disk_loads == 2 and store.stats.cpu_hits == 1
 
@@ -189,7 +190,7 @@ def test_scheduler_loads_an_adapter_per_slot_miss_not_per_waiting_request(many: 
     weights = [1 / (i + 1) ** 1.5 for i in range(1000)]
     params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
     for i, k in enumerate(rng.choices(range(1000), weights=weights, k=2000)):
-        sched.add(Sequence(i, f"r{i}", [1, 2, 3, 4], params, adapters=((f"k{k}", 1.0),)))
+        sched.add(Sequence(i, f"r{i}", [1, 2, 3, 4], params, adapters=AdapterMix.of([(f"k{k}", 1.0)])))
     finished = 0
     while sched.has_work():
         out = sched.schedule()
@@ -257,13 +258,13 @@ def test_runtime_load_unload(many: list[Path], tmp_path: Path) -> None:
     assert info.tier == "cpu" and info.weights_hash == weights_hash(many[0])
     with pytest.raises(AdapterMismatchError):
         store.load("y", many[1], weights_hash="0x" + "00" * 32)
-    assert [i.key for i in store.list()] == ["x"]  # a refused load leaves no trace
+    assert [i.key for i in store.adapters()] == ["x"]  # a refused load leaves no trace
     store.acquire(["x"])
     with pytest.raises(InvalidRequestError, match="held by 1 running"):
         store.unload("x")
     store.release(["x"])
     store.unload("x")
-    assert store.list() == [] and store.resident() == {}
+    assert store.adapters() == [] and store.resident() == {}
     with pytest.raises(AdapterNotFoundError, match="unknown adapter 'x'"):
         store.acquire(["x"])
 

@@ -12,12 +12,14 @@ from typing import Any
 import pytest
 import torch
 
-from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest
+from loraledger.inference.engine import Engine
+from loraledger.inference.engine_config import EngineConfig
 from loraledger.inference.errors import AdapterFormatError, AdapterMismatchError
 from loraledger.inference.loader import load_model
 from loraledger.inference.lora.adapter import BaseDims
 from loraledger.inference.lora.layers import apply_lora
 from loraledger.inference.lora.store import AdapterStore
+from loraledger.inference.requests import GenerationRequest
 from loraledger.inference.sequence import SamplingParams
 
 N_ADAPTERS = 40
@@ -66,7 +68,7 @@ def test_prefetched_adapter_is_a_cpu_hit(bg_store: AdapterStore) -> None:
     store.prefetch(["k1", "k2"])
     assert store.wait_for_loads(timeout=30)
     assert store.loading() == []
-    tiers = {i.key: i.tier for i in store.list()}
+    tiers = {i.key: i.tier for i in store.adapters()}
     assert tiers["k1"] == tiers["k2"] == "cpu" and tiers["k3"] == "disk"
     assert store.stats.prefetch_loads == 2 and store.stats.disk_loads == 2
     slots = store.acquire(["k1"])
@@ -119,7 +121,7 @@ def test_unload_while_loading_discards_the_result(bg_store: AdapterStore) -> Non
     store.prefetch(queued)
     store.unload(queued[-1])
     assert store.wait_for_loads(timeout=60)
-    assert queued[-1] not in store.cpu_keys() and queued[-1] not in {i.key for i in store.list()}
+    assert queued[-1] not in store.cpu_keys() and queued[-1] not in {i.key for i in store.adapters()}
 
 
 def test_engine_slow_and_failed_loads_do_not_block_other_requests(

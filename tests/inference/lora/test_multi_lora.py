@@ -12,12 +12,14 @@ import pytest
 import torch
 
 from loraledger.inference.batch import SeqChunk, build_batch
-from loraledger.inference.engine import Engine, EngineConfig, GenerationRequest
+from loraledger.inference.engine import Engine
+from loraledger.inference.engine_config import EngineConfig
 from loraledger.inference.kv_cache import PagedKVCache
 from loraledger.inference.loader import load_model
 from loraledger.inference.lora.adapter import BaseDims
 from loraledger.inference.lora.layers import apply_lora
 from loraledger.inference.lora.store import AdapterStore
+from loraledger.inference.requests import GenerationRequest
 from loraledger.inference.sequence import SamplingParams
 
 TOL = 1e-4

@@ -241,8 +241,8 @@ def test_manifest_to_index_and_cli(tmp_path: Path, capsys: pytest.CaptureFixture
 
     from loraledger.inference.tiny import train_tokenizer
     from loraledger.node.cli import main
-    from loraledger.node.lineage.datanet import build_datanet
     from loraledger.node.lineage.contributions import sign_contribution
+    from loraledger.node.lineage.datanet import build_datanet
 
     tok_dir = tmp_path / "tok"
     tok_dir.mkdir()

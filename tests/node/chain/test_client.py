@@ -15,12 +15,12 @@ from eth_abi import encode as abi_encode
 from eth_utils import keccak
 from web3 import Web3
 
-from loraledger.node.chain.client import ChainClient, FeePolicy
 from loraledger.node.chain.bindings import OPERATOR_ROLE, Contracts
+from loraledger.node.chain.client import ChainClient, FeePolicy
 from loraledger.node.chain.deploy import Deployment, deploy_all
 from loraledger.node.chain.devnet import free_port
-from loraledger.node.errors import ChainError, ContractRevertError
 from loraledger.node.chain.keys import dev_account
+from loraledger.node.errors import ChainError, ContractRevertError
 from loraledger.node.types import Bytes32, Wei
 
 ROOT_A = Bytes32("0x" + "aa" * 32)

@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 from web3 import Web3
 
-from loraledger.node.chain.client import ChainClient
-from loraledger.node.cli import main
 from loraledger.node.chain.artifacts import load_artifact
 from loraledger.node.chain.bindings import OPERATOR_ROLE, Contracts
+from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.devnet import Anvil, DevnetInfo, find_anvil, free_port, rpc_call
 from loraledger.node.chain.devnet_setup import DEFAULT_OPERATOR_FUNDING
-from loraledger.node.errors import DevnetError
 from loraledger.node.chain.keys import dev_account
+from loraledger.node.cli import main
+from loraledger.node.errors import DevnetError
 
 REPO = Path(__file__).resolve().parents[3]
 

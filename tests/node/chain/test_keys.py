@@ -10,7 +10,6 @@ import pytest
 from eth_account import Account
 from web3 import Web3
 
-from loraledger.node.errors import SigningKeyError
 from loraledger.node.chain.keys import (
     ANVIL_DEV_KEYS,
     PASSWORD_ENV,
@@ -21,6 +20,7 @@ from loraledger.node.chain.keys import (
     load_keystore,
     write_keystore,
 )
+from loraledger.node.errors import SigningKeyError
 
 FAST = {"kdf": "pbkdf2", "iterations": 2}  # a cheap KDF: these tests check the format, not its cost
 

@@ -15,9 +15,9 @@ from typing import Any
 import grpc
 import pytest
 
-from loraledger.node.ledger.claims import claim
-from loraledger.node.commands.rewards import proof_from_node
 from loraledger.node.chain.keys import dev_account
+from loraledger.node.commands.rewards import proof_from_node
+from loraledger.node.ledger.claims import claim
 from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
 from loraledger.proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
 

@@ -22,13 +22,13 @@ from typing import Any
 import grpc
 import pytest
 
-from loraledger.node.ledger.claims import claim
+from loraledger.node.chain.keys import dev_account, write_keystore
 from loraledger.node.cli import main as cli
 from loraledger.node.commands.rewards import proof_from_node
 from loraledger.node.config import NodeConfig, load_config
-from loraledger.node.chain.keys import dev_account, write_keystore
+from loraledger.node.ledger.claims import claim
 from loraledger.node.serving.app import NodeApp
-from loraledger.node.serving.servicers import request_id_bytes32
+from loraledger.node.serving.generation import request_id_bytes32
 from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
 from loraledger.proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
 
@@ -250,14 +250,14 @@ def test_tampered_adapter_and_unknown_id_are_refused(served: Served) -> None:
 def test_token_level_attribution_favours_the_copied_contributor(chain_world: Any, tiny_model_dir: Path,
                                                                 tmp_path: Path) -> None:
     from loraledger.node.attribution.manifest import LocalTokenizer
-    from loraledger.node.chain.client import ChainClient
     from loraledger.node.chain.bindings import Contracts
+    from loraledger.node.chain.client import ChainClient
+    from loraledger.node.ledger.record_log import RecordLog
     from loraledger.node.serving.app import build_engine
+    from loraledger.node.serving.catalog import StoreCatalog
     from loraledger.node.serving.queries import LogQueries
     from loraledger.node.serving.record_sink import LedgerRecordSink
-    from loraledger.node.serving.catalog import StoreCatalog
     from loraledger.node.serving.token_attribution import SpanStore, TokenAttribution
-    from loraledger.node.ledger.record_log import RecordLog
     from loraledger.node.serving.views import FinishedRequest
 
     world = chain_world

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from loraledger.node.ledger.record_log import RecordLog, RecordLogError
 from loraledger.node.ledger.epochs import BUILT, CONFIRMED, OPEN, SUBMITTED
+from loraledger.node.ledger.record_log import RecordLog, RecordLogError
 from loraledger.node.ledger.records import AttributionRecord
 from loraledger.node.types import Bytes32, TxHash, as_address
 

@@ -11,9 +11,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from loraledger.node.ledger.records import AttributionRecord
-from loraledger.node.ledger.rewards import add_cumulative, contributor_weights, epoch_amounts, largest_remainder, record_fee
-from loraledger.node.ledger.terms import RewardsError
-from loraledger.node.ledger.terms import AdapterTerms, ContributorStatus, EpochTerms, Shares
+from loraledger.node.ledger.rewards import (
+    add_cumulative,
+    contributor_weights,
+    epoch_amounts,
+    largest_remainder,
+    record_fee,
+)
+from loraledger.node.ledger.terms import AdapterTerms, ContributorStatus, EpochTerms, RewardsError, Shares
 from loraledger.node.types import Address, as_address
 
 ACCTS = [as_address("0x" + f"{i:02x}" * 20) for i in range(1, 13)]

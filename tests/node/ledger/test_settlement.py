@@ -22,6 +22,9 @@ from pathlib import Path
 import pytest
 from eth_account import Account
 from eth_account.signers.local import LocalAccount
+from web3 import Web3
+from web3.exceptions import TransactionNotFound
+
 from loraledger.node.chain.bindings import Contracts
 from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.deploy import Deployment, deploy_all
@@ -33,16 +36,20 @@ from loraledger.node.ledger.claims import (
     proofs_from_epoch_file,
     push_claims,
 )
+from loraledger.node.ledger.epochs import (
+    BUILT,
+    CONFIRMED,
+    SUBMITTED,
+    SettlementError,
+    TamperError,
+    export_epoch,
+)
 from loraledger.node.ledger.merkle import REWARD_LEAF_ENCODING, verify
 from loraledger.node.ledger.record_log import RecordLog
-from loraledger.node.ledger.epochs import BUILT, CONFIRMED, SUBMITTED
 from loraledger.node.ledger.records import AttributionRecord
 from loraledger.node.ledger.rewards import contributor_weights, record_fee
 from loraledger.node.ledger.settler import SettlementOptions, Settler
-from loraledger.node.ledger.epochs import SettlementError, TamperError, export_epoch
 from loraledger.node.types import Address
-from web3 import Web3
-from web3.exceptions import TransactionNotFound
 
 REPO = Path(__file__).resolve().parents[3]
 FEES = {1: 7, 2: 13}  # fee per token of adapters 1 and 2 (their on-chain ids in the fresh deployment)
@@ -490,5 +497,6 @@ def test_reorg_that_drops_the_submit_is_detected_and_resent(world: World, tmp_pa
         assert "re-broadcast" in caplog.text or "confirmed" in caplog.text
         assert world.admin.ledger.last_epoch(operator.address) == 1
     finally:
-        _rpc(w3, "evm_setIntervalMining", 0)
+        _rpc(w3, "evm_setIntervalMining", 0)  # on anvil this also leaves automine off: turn it back on for
+        _rpc(w3, "evm_setAutomine", True)  # the tests after this one (the devnet is shared by the session)
         log_.close()

@@ -14,13 +14,33 @@ from eth_account.signers.local import LocalAccount
 from web3 import Web3
 
 from loraledger.inference.tiny import train_tokenizer
-from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.bindings import Contracts
-from loraledger.node.lineage.datanet import FILES_DIR, DatanetError, DatanetMismatchError, EmptyDatanetError, TokenCounter, build_datanet, credited_records, load_manifest, register_datanet, verify_manifest, write_manifest
-from loraledger.node.lineage.contributions import ContributionError, ContributionLimits, parse_records, read_signature, sign_contribution, signature_path, verify_contribution
+from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.deploy import Deployment, deploy_all
 from loraledger.node.chain.keys import dev_account
 from loraledger.node.ledger.merkle import CONTRIBUTION_LEAF_ENCODING, StandardMerkleTree
+from loraledger.node.lineage.contributions import (
+    ContributionError,
+    ContributionLimits,
+    parse_records,
+    read_signature,
+    sign_contribution,
+    signature_path,
+    verify_contribution,
+)
+from loraledger.node.lineage.datanet import (
+    FILES_DIR,
+    DatanetError,
+    DatanetMismatchError,
+    EmptyDatanetError,
+    TokenCounter,
+    build_datanet,
+    credited_records,
+    load_manifest,
+    register_datanet,
+    verify_manifest,
+    write_manifest,
+)
 
 ALICE, BOB, CAROL, MALLORY = (dev_account(i) for i in (2, 3, 4, 5))
 

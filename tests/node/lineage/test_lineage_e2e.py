@@ -19,13 +19,13 @@ from loraledger.inference.errors import AdapterMismatchError
 from loraledger.inference.identity import base_model_hash
 from loraledger.inference.lora.adapter import BaseDims, load_adapter
 from loraledger.inference.tiny import init_tiny
-from loraledger.node.chain.client import ChainClient
-from loraledger.node.cli import main as cli
 from loraledger.node.chain.bindings import Contracts
-from loraledger.node.lineage.datanet import load_manifest, verify_manifest
+from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.deploy import Deployment, deploy_all
-from loraledger.node.errors import ContractRevertError
 from loraledger.node.chain.keys import PASSWORD_ENV, dev_account, write_keystore
+from loraledger.node.cli import main as cli
+from loraledger.node.errors import ContractRevertError
+from loraledger.node.lineage.datanet import load_manifest, verify_manifest
 from loraledger.node.lineage.registration import (
     AdapterHashes,
     AdapterLineageError,

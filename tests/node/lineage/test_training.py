@@ -13,11 +13,17 @@ from safetensors.torch import load_file
 
 from loraledger.inference.identity import base_model_hash, config_hash, weights_hash
 from loraledger.inference.tiny import init_tiny
-from loraledger.node.lineage.datanet import TokenCounter, build_datanet, credited_records, load_manifest
-from loraledger.node.lineage.contributions import sign_contribution
-from loraledger.node.errors import ConfigError
 from loraledger.node.chain.keys import dev_account
-from loraledger.node.lineage.training import LINEAGE_FILE, LOSS_PLOT_FILE, TrainingResult, parse_targets, train_adapter
+from loraledger.node.errors import ConfigError
+from loraledger.node.lineage.contributions import sign_contribution
+from loraledger.node.lineage.datanet import TokenCounter, build_datanet, credited_records, load_manifest
+from loraledger.node.lineage.training import (
+    LINEAGE_FILE,
+    LOSS_PLOT_FILE,
+    TrainingResult,
+    parse_targets,
+    train_adapter,
+)
 
 T0 = 1_700_000_000 * 10**9
 RECORDS = {

@@ -177,7 +177,7 @@ def test_sigterm_mid_load_loses_no_record(chain_world: Any, tiny_model_dir: Path
     produced has the record of the tokens the engine generated."""
     import sqlite3
 
-    from loraledger.node.serving.servicers import request_id_bytes32
+    from loraledger.node.serving.generation import request_id_bytes32
 
     records = tmp_path / "records.sqlite"
     node = node_runner(["--model", str(tiny_model_dir), "--device", "cpu", "--listen", "127.0.0.1:0",
@@ -242,8 +242,8 @@ def _nf4_runs_here() -> bool:
 
 @pytest.mark.skipif(not _nf4_runs_here(), reason="bitsandbytes 4-bit cannot run on this machine")
 def test_nf4_base_serves_adapters(tiny_model_dir: Path, tmp_path: Path, random_adapter: Callable[..., Path]) -> None:
-    from loraledger.inference.engine import GenerationRequest
     from loraledger.inference.quant import is_nf4
+    from loraledger.inference.requests import GenerationRequest
     from loraledger.inference.sequence import SamplingParams
     from loraledger.node.serving.app import build_engine
 

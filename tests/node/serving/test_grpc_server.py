@@ -16,15 +16,17 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from loraledger.inference.engine import Engine, GenerationRequest
+from loraledger.inference.engine import Engine
+from loraledger.inference.requests import GenerationRequest
 from loraledger.inference.sequence import SamplingParams
 from loraledger.node.config import NodeConfig, ServerConfig
-from loraledger.node.serving.app import build_engine
-from loraledger.node.serving.queries import LogQueries
-from loraledger.node.serving.catalog import StoreCatalog
 from loraledger.node.ledger.record_log import RecordLog
+from loraledger.node.serving.app import build_engine
+from loraledger.node.serving.catalog import StoreCatalog
+from loraledger.node.serving.generation import GenerationService, request_id_bytes32
+from loraledger.node.serving.queries import LogQueries
 from loraledger.node.serving.server import NodeServer
-from loraledger.node.serving.servicers import AttributionServicer, InferenceServicer, request_id_bytes32
+from loraledger.node.serving.servicers import AttributionServicer, InferenceServicer
 from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
 from loraledger.proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
 
@@ -65,9 +67,9 @@ def node(tiny_model_dir: Path, random_adapter: Callable[..., Path], tmp_path_fac
     catalog = StoreCatalog(store, cfg)
     records = RecordLog.open(tmp / "records.sqlite")
     server_cfg = ServerConfig(listen="127.0.0.1:0", max_message_bytes=MAX_MESSAGE, grace_seconds=1.0)
-    main = NodeServer(server_cfg, InferenceServicer(engine, catalog=catalog, max_queue=128, default_max_tokens=16),
+    main = NodeServer(server_cfg, InferenceServicer(GenerationService(engine, catalog=catalog, max_queue=128, default_max_tokens=16)),
                       AttributionServicer(LogQueries(records)))
-    small = NodeServer(server_cfg, InferenceServicer(engine, catalog=catalog, max_queue=2))
+    small = NodeServer(server_cfg, InferenceServicer(GenerationService(engine, catalog=catalog, max_queue=2)))
     loop = server_loop  # LoopThread
 
     async def up() -> tuple[int, int]:

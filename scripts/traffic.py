@@ -1,4 +1,5 @@
-"""Synthetic multi-LoRA traffic for the benchmark, as in the S-LoRA and Punica papers: who asks, when, how much.
+"""Synthetic multi-LoRA traffic for the benchmarks, as in the S-LoRA and Punica papers: who asks, when, how much.
+Imported by the benchmark scripts beside it (`bench_lora.py`).
 
 A trace is a list of `TrafficRequest(index, arrival_s, adapter, input_len, output_len)` drawn from a `TrafficSpec`:
 
@@ -27,7 +28,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from loraledger.inference.errors import BenchmarkConfigError
+from loraledger.inference.errors import EngineError
+
+
+class BenchmarkConfigError(EngineError, ValueError):
+    """A benchmark traffic or run setting is out of range; the message names it and the accepted values."""
+
 
 ADAPTER_DISTRIBUTIONS: tuple[str, ...] = ("power", "identical", "distinct", "uniform", "zipf")
 PUNICA_MODES: tuple[str, ...] = ("identical", "distinct", "uniform", "zipf")

@@ -1,30 +1,18 @@
-"""Multi-LoRA shrink/expand: per-step indices, pure-torch reference twins (the CPU path), backend dispatch.
+"""A step's adapter assignment as the LoRA layers use it: indices for the kernels, built once per step, and
+the torch path's plan of the work.
 
-Weights of one target module, stacked over the adapter slots, ranks zero-padded to `max_rank`:
+Every token t carries M merge columns (`BatchMetadata.token_adapter_slots/scales` [T, M]; M > 1 for a request
+merging adapters): slot `slots[t, m]` (-1 = none) with merge weight `scales[t, m]`, so that the LoRA layers
+compute `out[t] += sum_m scales[t, m] * (x[t] @ A[s] @ B[s])` (semantics: `loraledger.kernels.lora_ref`).
+`build_lora_indices` turns them into one `AdapterColumn` per used column, in both encodings of the slots:
 
-    A: [S, in, R]      B: [S, R, out]      ranks: [S] int32 (rank of the adapter in each slot, 0 = empty)
+    BGMV  per token: slots [T] int32, scales [T] float32 (decode-only steps)
+    SGMV  segments of consecutive tokens sharing a slot: seg_starts, seg_lens, seg_slots [G] int32
+          (prefill and mixed steps: one small GEMM per segment), slot -1 runs dropped
 
-The adapter's own scaling (alpha/r or alpha/sqrt(r)) is folded into B when the slot is filled, so the kernels
-only apply each token's merge weight. Semantics, for one merge column m with per-token `slot[t]` and `scale[t]`:
-
-    shrink:  y[t, :]   = x[t, :] @ A[slot[t], :, :ranks[slot[t]]]            (y: [T, R] float32, rest 0)
-    expand:  out[t, :] += scale[t] * (y[t, :rank] @ B[slot[t], :rank, :])     (rank = ranks[slot[t]])
-    tokens with slot[t] == -1 are skipped: y[t] stays 0 and out[t] is not touched.
-
-and a token merging M adapters (`token_adapter_slots[t, m]`, DESIGN.md "per-request merge") gets
-`out[t] += sum_m scale[t, m] * (x[t] @ A[s_m] @ B[s_m])`, one (shrink, expand) pair per column m.
-
-Two encodings of the same slot assignment: BGMV (per token, used for decode-only steps) and SGMV (segments of
-consecutive tokens with the same slot, used for prefill and mixed steps: one small GEMM per segment).
-
-Padding cost. The torch path slices `A[s, :, :r]`, `B[s, :r, :]` per slot, so padding costs nothing there.
-The Triton kernels read `ranks[slot]` and mask/stop their rank loop there: padded rank columns are never
-loaded from memory, and compute is wasted only up to the next multiple of the rank tile (16), e.g. rank 4
-computes a 16-wide tile in the shrink while moving only 4 columns of A.
-
-"No adapter costs no LoRA work": `build_lora_indices` drops merge columns and segments whose slot is -1,
-and the torch path only touches the tokens of used, non-empty slots, so a batch without adapters does no LoRA
-work at all and an un-adapted token in a mixed batch is never gathered.
+"No adapter costs no LoRA work": columns and segments whose slot is -1 are dropped, so a batch without
+adapters launches nothing and an un-adapted token in a mixed batch is never gathered. `static_lora_indices`
+is the exception: a CUDA-graph step keeps every column (BGMV skips -1 tokens on the device).
 
 The torch path (the CPU path) is bound by the number of small torch calls, not by bytes: looping over the
 slots of a decode step costs ~6 calls per slot and projection, i.e. thousands per step. So, once per step and
@@ -35,18 +23,17 @@ adapters (see RUN_MIN_ROWS below for the cost model):
     runs  prefill chunks (long runs of one slot): x[start:end] @ A @ B added into out[start:end]; no gather
     bmm   decodes over many slots: gather each row's A and B, two batched GEMMs, one scatter; no slot loop
     loop  many rows on few slots: rows sorted by slot, two GEMMs per slot into one buffer, one scatter
+
+`loraledger.inference.lora.backend` runs the buckets (torch) or the kernels over the columns (triton).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 
 from loraledger.kernels import to_device
-
-BACKENDS = ("torch", "triton")
 
 
 @dataclass(frozen=True)
@@ -186,6 +173,7 @@ def segments_from_slots(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
 
     slots: [T] int -> (seg_starts [G] int32, seg_lens [G] int32, seg_slots [G] int32), e.g.
     [3, 3, -1, 0, 0, 0, 3] -> starts [0, 3, 6], lens [2, 3, 1], slots [3, 0, 3].
+    Inverse: `loraledger.kernels.lora_ref.slots_from_segments`.
     """
     t = int(slots.shape[0])
     if t == 0:
@@ -202,16 +190,6 @@ def segments_from_slots(slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
         (ends - starts)[keep].to(torch.int32),
         seg_slots[keep].to(torch.int32),
     )
-
-
-def slots_from_segments(
-    num_tokens: int, seg_starts: torch.Tensor, seg_lens: torch.Tensor, seg_slots: torch.Tensor
-) -> torch.Tensor:
-    """Inverse of `segments_from_slots`: per-token slots [T] int32, -1 outside every segment."""
-    slots = torch.full((num_tokens,), -1, dtype=torch.int32, device=seg_slots.device)
-    for start, length, slot in zip(seg_starts.tolist(), seg_lens.tolist(), seg_slots.tolist(), strict=True):
-        slots[start : start + length] = slot
-    return slots
 
 
 def groups_from_slots(slots: torch.Tensor) -> tuple[tuple[int, torch.Tensor], ...]:
@@ -348,165 +326,3 @@ def static_lora_indices(token_adapter_slots: torch.Tensor, token_adapter_scales:
             raise ValueError("static LoRA indices need contiguous columns: store the slots/scales as [M, T]")
         columns.append(AdapterColumn(slots, scales, empty, empty, empty, 0, ()))
     return LoRAIndices(num_tokens=int(t), columns=tuple(columns), decode_only=True, static=True)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Reference twins (pure torch): the CPU path and the oracle of the Triton kernels.
-# ---------------------------------------------------------------------------------------------------------
-
-
-def shrink_ref(x: torch.Tensor, A: torch.Tensor, slots: torch.Tensor, ranks: torch.Tensor) -> torch.Tensor:
-    """y[t, :r] = x[t] @ A[slot[t], :, :r] with r = ranks[slot[t]]; y[t] = 0 where slot[t] == -1.
-
-    x: [T, in], A: [S, in, R], slots: [T] int, ranks: [S] int -> y: [T, R] float32.
-    """
-    y = torch.zeros(x.shape[0], A.shape[2], dtype=torch.float32, device=x.device)
-    rank_list = ranks.tolist()
-    for slot, idx in groups_from_slots(slots):
-        r = rank_list[slot]
-        if r:
-            y[idx, :r] = (x[idx] @ A[slot, :, :r]).float()
-    return y
-
-
-def expand_ref(
-    out: torch.Tensor,
-    y: torch.Tensor,
-    B: torch.Tensor,
-    slots: torch.Tensor,
-    scales: torch.Tensor,
-    ranks: torch.Tensor,
-) -> torch.Tensor:
-    """out[t] += scale[t] * (y[t, :r] @ B[slot[t], :r, :]) with r = ranks[slot[t]]; in place, returns out.
-
-    out: [T, out], y: [T, R] (any float dtype), B: [S, R, out], slots: [T], scales: [T] float32, ranks: [S].
-    """
-    rank_list = ranks.tolist()
-    for slot, idx in groups_from_slots(slots):
-        r = rank_list[slot]
-        if r:
-            delta = (y[idx, :r].to(B.dtype) @ B[slot, :r, :]) * scales[idx, None].to(B.dtype)
-            out.index_add_(0, idx, delta.to(out.dtype))
-    return out
-
-
-def add_lora_ref(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    ranks_host: list[int],
-    indices: LoRAIndices,
-) -> torch.Tensor:
-    """The CPU path: out[t] += sum_m scale[t, m] * (x[t] @ A[s] @ B[s]) over used (column, slot) pairs only.
-
-    out: [T, out], x: [T, in], A: [S, in, R], B: [S, R, out]; in place, returns out. Works through
-    `indices.plan(m, ranks_host)` (see the module docstring): unused tokens, empty slots and padded rank
-    columns are never read. `ranks_host` is the host copy of ranks (no device sync per layer).
-    """
-    for m in range(len(indices.columns)):
-        for bucket in indices.plan(m, ranks_host):
-            _add_bucket(out, x, A, B, bucket)
-    return out
-
-
-def _add_bucket(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, bucket: LoRABucket) -> None:
-    """out[t] += scale[t] * (x[t] @ A[slot, :, :r] @ B[slot, :r, :]) for the tokens of one rank-r bucket."""
-    r, scales = bucket.rank, bucket.scales
-    if bucket.form == "runs":  # contiguous token ranges: slice, never gather
-        for slot, start, end in bucket.parts:
-            y = x[start:end] @ A[slot, :, :r]  # [len, r]
-            if scales is not None:
-                y.mul_(scales[start:end].to(y.dtype))
-            _add_rows(out[start:end], y, B[slot, :r, :])
-        return
-    rows = bucket.rows
-    assert rows is not None
-    xs = x.index_select(0, rows)  # [n, in], sorted by slot
-    if bucket.form == "bmm":  # few rows per slot: one batched GEMM over rows, no loop over slots
-        assert bucket.slot_of_row is not None
-        a = A[:, :, :r].index_select(0, bucket.slot_of_row)  # [n, in, r]
-        y = torch.bmm(xs.unsqueeze(1), a)  # [n, 1, r]
-        if scales is not None:
-            y.mul_(scales.to(y.dtype).unsqueeze(2))
-        b = B[:, :r, :].index_select(0, bucket.slot_of_row)  # [n, r, out]
-        delta = torch.bmm(y, b).squeeze(1)  # [n, out]
-    else:  # "loop": each slot's GEMMs write their slice of one buffer
-        y = xs.new_empty(xs.shape[0], r)
-        for slot, start, end in bucket.parts:
-            torch.mm(xs[start:end], A[slot, :, :r], out=y[start:end])
-        if scales is not None:
-            y.mul_(scales.to(y.dtype))
-        delta = xs.new_empty(xs.shape[0], B.shape[2])
-        for slot, start, end in bucket.parts:
-            torch.mm(y[start:end], B[slot, :r, :], out=delta[start:end])
-    out.index_add_(0, rows, delta if delta.dtype == out.dtype else delta.to(out.dtype))
-
-
-def _add_rows(out: torch.Tensor, y: torch.Tensor, b: torch.Tensor) -> None:
-    """out += y @ b in place (out: a contiguous row range [n, out], y: [n, r], b: [r, out])."""
-    if out.dtype == b.dtype:
-        out.addmm_(y, b)
-    else:
-        out.add_((y @ b).to(out.dtype))
-
-
-def _add_lora_triton(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    ranks_host: list[int],
-    indices: LoRAIndices,
-    ranks: torch.Tensor,
-) -> torch.Tensor:
-    from loraledger.kernels import bgmv, sgmv  # imported on use: triton is optional (the `gpu` extra)
-
-    # a static step (CUDA graph) must not bake the ranks of this step into its grid: span every rank
-    max_rank: int | None = None if indices.static else (max(ranks_host) if ranks_host else 0)
-    for col in indices.columns:
-        if indices.decode_only:
-            y = bgmv.bgmv_shrink(x, A, col.slots, ranks, max_rank=max_rank)
-            bgmv.bgmv_expand(out, y, B, col.slots, col.scales, ranks, max_rank=max_rank)
-        else:
-            y = sgmv.sgmv_shrink(
-                x, A, col.seg_starts, col.seg_lens, col.seg_slots, ranks, col.max_seg_len, max_rank=max_rank
-            )
-            sgmv.sgmv_expand(
-                out, y, B, col.seg_starts, col.seg_lens, col.seg_slots, col.scales, ranks, col.max_seg_len,
-                max_rank=max_rank,
-            )
-    return out
-
-
-AddLoRA = Callable[
-    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, list[int], LoRAIndices, torch.Tensor], torch.Tensor
-]
-
-
-def _add_lora_torch(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    ranks_host: list[int],
-    indices: LoRAIndices,
-    ranks: torch.Tensor,
-) -> torch.Tensor:
-    if indices.static:
-        raise ValueError("static LoRA indices (a CUDA-graph decode step) run on the triton backend only; build "
-                         "the step's indices with build_lora_indices for the torch backend")
-    return add_lora_ref(out, x, A, B, ranks_host, indices)
-
-
-def get_add_lora(backend: str) -> AddLoRA:
-    """Backend factory: "torch" (reference, any device) or "triton" (CUDA, or CPU with TRITON_INTERPRET=1).
-
-    The returned function computes `out += LoRA(x)` in place:
-    fn(out [T, out], x [T, in], A [S, in, R], B [S, R, out], ranks_host, indices, ranks [S] int32) -> out.
-    """
-    if backend == "torch":
-        return _add_lora_torch
-    if backend == "triton":
-        return _add_lora_triton
-    raise ValueError(f"unknown LoRA kernel backend {backend!r}; choose one of {BACKENDS}")

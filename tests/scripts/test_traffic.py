@@ -1,21 +1,41 @@
-"""The benchmark's traffic generators: S-LoRA's power choice, Punica's popularity modes, Poisson arrivals, lengths."""
+"""The benchmarks' traffic generators (scripts/traffic.py): S-LoRA's power choice, Punica's popularity modes,
+Poisson arrivals, lengths."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
+import sys
 from dataclasses import replace
+from pathlib import Path
+from types import ModuleType
 
 import numpy as np
 import pytest
 
-from loraledger.inference.bench_traffic import (
-    TrafficSpec,
-    distinct_per_window,
-    make_traffic,
-    power_adapters,
-    punica_segment_lengths,
-)
-from loraledger.inference.errors import BenchmarkConfigError, EngineError
+from loraledger.inference.errors import EngineError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py as the module `name` (the scripts folder is no package); put in sys.modules before it
+    runs, where dataclasses look their module up."""
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+traffic = load_script("traffic")
+BenchmarkConfigError = traffic.BenchmarkConfigError
+TrafficSpec = traffic.TrafficSpec
+distinct_per_window = traffic.distinct_per_window
+make_traffic = traffic.make_traffic
+power_adapters = traffic.power_adapters
+punica_segment_lengths = traffic.punica_segment_lengths
 
 
 def test_same_seed_same_trace_and_streams_are_independent() -> None:

@@ -1,13 +1,23 @@
-"""The torch (CPU) LoRA path: how `LoRAIndices.plan` splits a step into "runs" / "bmm" / "loop" buckets, and
-that every form adds exactly the LoRA of each token (against a float32 per-token loop) without reading padded
-rank columns or empty slots (they hold NaN here) and without touching tokens that use no adapter."""
+"""A step's LoRA indices (`loraledger.inference.lora.plan`): columns and segments built from per-token slots or
+from host runs, validated; and the torch path: how `LoRAIndices.plan` splits a step into "runs" / "bmm" /
+"loop" buckets, and that every form adds exactly the LoRA of each token (against the float32 per-token loop
+`add_lora_loop`) without reading padded rank columns or empty slots (they hold NaN here) and without touching
+tokens that use no adapter."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from loraledger.kernels.lora import BMM_ROWS_PER_SLOT, RUN_MIN_ROWS, LoRAIndices, add_lora_ref, build_lora_indices
+from loraledger.inference.lora.backend import add_lora_torch
+from loraledger.inference.lora.plan import (
+    BMM_ROWS_PER_SLOT,
+    RUN_MIN_ROWS,
+    LoRAIndices,
+    build_lora_indices,
+    groups_from_slots,
+)
+from loraledger.kernels.lora_ref import add_lora_loop
 
 IN_F, OUT_F, MAX_RANK = 24, 40, 16
 SLOT_RANKS = [8, 8, 8, 8, 4, 0, 16, 8]  # slot 5 is empty (rank 0)
@@ -25,22 +35,9 @@ def make_weights(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
     return A, B, list(SLOT_RANKS)
 
 
-def loop_reference(out: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, slots: torch.Tensor,
-                   scales: torch.Tensor, ranks: list[int]) -> torch.Tensor:
-    """out[t] + sum_m scales[t, m] * x[t] @ A[s, :, :r] @ B[s, :r, :], token by token in float32."""
-    res = out.clone()
-    for t in range(x.shape[0]):
-        for m in range(slots.shape[1]):
-            s = int(slots[t, m])
-            if s >= 0 and ranks[s] > 0:
-                r = ranks[s]
-                res[t] += float(scales[t, m]) * ((x[t] @ A[s, :, :r]) @ B[s, :r, :])
-    return res
-
-
 def run_case(slots_rows: list[list[int]], scales_rows: list[list[float]] | None = None, decode_only: bool = True,
              seed: int = 0) -> tuple[LoRAIndices, torch.Tensor, torch.Tensor]:
-    """Indices for per-token slots [T, M], and (got, expected) outputs of add_lora_ref vs the loop reference."""
+    """Indices for per-token slots [T, M], and (got, expected) outputs of add_lora_torch vs the loop reference."""
     slots = torch.tensor(slots_rows, dtype=torch.int32)
     scales = torch.ones(slots.shape) if scales_rows is None else torch.tensor(scales_rows)
     A, B, ranks = make_weights(seed)
@@ -48,8 +45,8 @@ def run_case(slots_rows: list[list[int]], scales_rows: list[list[float]] | None 
     x = torch.randn(slots.shape[0], IN_F, generator=g)
     out = torch.randn(slots.shape[0], OUT_F, generator=g)
     idx = build_lora_indices(slots, scales, len(SLOT_RANKS), decode_only)
-    got = add_lora_ref(out.clone(), x, A, B, ranks, idx)
-    expected = loop_reference(out, x, A, B, slots, scales, ranks)
+    got = add_lora_torch(out.clone(), x, A, B, ranks, idx)
+    expected = add_lora_loop(out, x, A, B, slots, scales, ranks)
     assert not torch.isnan(got).any(), "a padded rank column or an empty slot was read"
     torch.testing.assert_close(got, expected, atol=2e-5, rtol=2e-5)
     untouched = ((slots < 0) | (torch.tensor(ranks)[slots.clamp(min=0).long()] == 0)).all(1)
@@ -59,6 +56,21 @@ def run_case(slots_rows: list[list[int]], scales_rows: list[list[float]] | None 
 
 def forms(idx: LoRAIndices, column: int = 0) -> list[str]:
     return [b.form for b in idx.plan(column, SLOT_RANKS)]
+
+
+def test_indices_skip_unused_columns_and_validate() -> None:
+    slots = torch.tensor([[2, -1], [2, -1], [-1, -1], [0, -1]], dtype=torch.int32)
+    idx = build_lora_indices(slots, torch.ones(4, 2), num_slots=3, decode_only=False)
+    assert len(idx.columns) == 1 and idx.active  # the all -1 column costs nothing
+    col = idx.columns[0]
+    assert col.seg_starts.tolist() == [0, 3] and col.seg_lens.tolist() == [2, 1] and col.max_seg_len == 2
+    assert [(s, i.tolist()) for s, i in col.groups] == [(0, [3]), (2, [0, 1])]
+    assert not build_lora_indices(torch.full((4, 1), -1, dtype=torch.int32), torch.ones(4, 1), 3, True).active
+    assert not build_lora_indices(torch.zeros(4, 0, dtype=torch.int32), torch.zeros(4, 0), 3, True).active
+    with pytest.raises(ValueError, match=r"\[-1, 3\)"):
+        build_lora_indices(torch.tensor([[3]], dtype=torch.int32), torch.ones(1, 1), 3, True)
+    assert groups_from_slots(torch.tensor([-1, -1], dtype=torch.int32)) == ()
+
 
 
 def test_decode_over_distinct_slots_is_one_batched_gemm() -> None:
@@ -179,9 +191,9 @@ def test_indices_from_host_runs_equal_indices_from_tensors(seed: int) -> None:
     A, B, ranks = make_weights(seed)
     x = torch.randn(batch.num_tokens, IN_F, generator=g)
     out = torch.randn(batch.num_tokens, OUT_F, generator=g)
-    torch.testing.assert_close(add_lora_ref(out.clone(), x, A, B, ranks, fast),
-                               loop_reference(out, x, A, B, batch.token_adapter_slots, batch.token_adapter_scales,
-                                              ranks), atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(add_lora_torch(out.clone(), x, A, B, ranks, fast),
+                               add_lora_loop(out, x, A, B, batch.token_adapter_slots, batch.token_adapter_scales,
+                                             ranks), atol=2e-5, rtol=2e-5)
 
 
 def test_host_runs_are_validated() -> None:
