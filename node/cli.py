@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import sys
 from collections.abc import Sequence
 
 from loraledger.node.errors import NodeError
+from loraledger.node.logs import LOG_FORMATS, setup_logging
 
 # Modules that contribute sub-commands, in the order they appear in `loraledger --help`.
 COMMAND_MODULES: tuple[str, ...] = (
@@ -36,6 +36,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Serve many LoRA adapters from one GPU and pay data contributors, provably, on an EVM chain.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("--log-format", choices=LOG_FORMATS, default="text",
+                        help="text (default) or json: one JSON object per line, with the request id on every "
+                             "line a request causes")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMAND_MODULES:
         module = importlib.import_module(name)
@@ -46,10 +49,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    setup_logging(args.log_format, args.verbose)
     handler = getattr(args, "handler", None)
     if handler is None:
         parser.print_help()

@@ -4,8 +4,10 @@ Sources, later ones winning: built-in defaults (which work with `loraledger devn
 `loraledger model init-tiny`), a TOML file (`--config node.toml`), environment variables
 `LORALEDGER_<SECTION>_<KEY>` (e.g. `LORALEDGER_SERVER_LISTEN=0.0.0.0:50051`), then command-line flags.
 
-    [server]      listen, max_queue, grace_seconds, max_message_bytes, workers
-    [model]       dir, dtype, device, quantize, attention, decode_graphs, async_decode, block_size,
+    [server]      listen, max_queue, grace_seconds, max_message_bytes, workers   (gRPC; max_queue is shared)
+    [http]        listen (empty: off), max_body_bytes                            (OpenAI-compatible API)
+    [metrics]     listen (Prometheus /metrics on its own port; used when [http] is off)
+    [model]       name, dir, dtype, device, quantize, attention, decode_graphs, async_decode, block_size,
                   kv_cache_mb, max_num_seqs, max_tokens_per_step, default_max_tokens
     [adapters]    dir, slots, max_rank, aliases = { alias = "path" }
     [chain]       deployment, rpc_url, key_env, key_file, password_env
@@ -38,9 +40,7 @@ class ServerConfig:
     workers: int = 16
 
     def validate(self) -> None:
-        host, sep, port = self.listen.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
-            raise ConfigError(f"server.listen must be HOST:PORT, got {self.listen!r}")
+        _check_listen("server.listen", self.listen)
         _positive("server.max_queue", self.max_queue)
         _positive("server.max_message_bytes", self.max_message_bytes)
         _positive("server.workers", self.workers)
@@ -48,9 +48,41 @@ class ServerConfig:
             raise ConfigError(f"server.grace_seconds must be >= 0, got {self.grace_seconds}")
 
 
+def _check_listen(name: str, listen: str) -> None:
+    host, sep, port = listen.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError(f"{name} must be HOST:PORT, got {listen!r}")
+
+
+@dataclass
+class HttpConfig:
+    listen: str = "127.0.0.1:8000"  # the OpenAI-compatible API and /metrics; "" turns it off
+    max_body_bytes: int = 1024 * 1024  # a larger request body is refused with 413 before it is parsed
+
+    def validate(self) -> None:
+        if self.listen:
+            _check_listen("http.listen", self.listen)
+        _positive("http.max_body_bytes", self.max_body_bytes)
+
+
+@dataclass
+class MetricsConfig:
+    listen: str = ""  # Prometheus /metrics on its own HOST:PORT (for a node whose HTTP API is off)
+
+    def validate(self) -> None:
+        if self.listen:
+            _check_listen("metrics.listen", self.listen)
+
+
 @dataclass
 class ModelConfigSection:
+    name: str = ""  # the base model's name in the APIs (`model`); "" = the checkpoint folder's name
     dir: str = str(DEFAULT_STATE_DIR / "model")
+
+    @property
+    def served_name(self) -> str:
+        """The base model's name in the APIs: `name`, else the checkpoint folder's name."""
+        return self.name or Path(self.dir).resolve().name
     dtype: str = "float32"
     device: str = "auto"  # "auto" = cuda when available, else cpu
     quantize: str = "none"  # "none" or "nf4"
@@ -145,6 +177,8 @@ class AttributionConfig:
 @dataclass
 class NodeConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
+    http: HttpConfig = field(default_factory=HttpConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
     model: ModelConfigSection = field(default_factory=ModelConfigSection)
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)

@@ -44,5 +44,9 @@ class NotFoundError(NodeError, LookupError):
     """A request names something the node does not know (record, epoch, account, adapter id)."""
 
 
+class UnavailableError(NodeError, RuntimeError):
+    """The node cannot take the request now (shutting down, or a dependency is down); retry elsewhere or later."""
+
+
 class LineageMismatchError(NodeError, ValueError):
     """An adapter's files do not match what the chain registered (weights hash, base model, datanets)."""

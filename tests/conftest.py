@@ -13,6 +13,9 @@ import torch
 # (transformers does, early), or every interpreted kernel launch fails later in the session.
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Every node a test starts (in process through load_config, or as a subprocess) serves its HTTP API on a free
+# port, never on the default 8000 that another node or program may hold.
+os.environ.setdefault("LORALEDGER_HTTP_LISTEN", "127.0.0.1:0")
 
 from collections.abc import Iterator
 from typing import TYPE_CHECKING

@@ -30,6 +30,7 @@ import functools
 import logging
 import queue
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -152,6 +153,8 @@ class AdapterStore:
         self._failed: dict[str, EngineError] = {}  # key -> error of its last background load
         self._loader: threading.Thread | None = None
         self.stats = StoreStats()
+        # called with the seconds of each disk read (read, hash, layout), from whichever thread ran it
+        self.load_observer: Callable[[float], None] | None = None
 
     # ---- the disk tier: what is known ------------------------------------------------------------------
     @property
@@ -248,10 +251,14 @@ class AdapterStore:
 
     def _read(self, e: AdapterEntry) -> LoRAAdapter:
         """Disk -> verified `LoRAAdapter` (pinned on CUDA); touches no store state, so it may run unlocked."""
-        return load_adapter(
+        started = time.perf_counter()
+        adapter = load_adapter(
             e.path, self._dims, self.max_rank, dtype=self._dtype, expected_weights_hash=e.weights_hash,
             expected_base_hash=e.base_hash, base_hash=self._base_hash, pin_memory=self._device.type == "cuda",
         )
+        if self.load_observer is not None:
+            self.load_observer(time.perf_counter() - started)
+        return adapter
 
     def _cpu_put(self, key: str, ad: LoRAAdapter) -> None:
         """Insert a freshly read adapter into the CPU LRU, evicting the oldest beyond the byte budget."""

@@ -26,11 +26,13 @@ DEFAULT_SERVER = "127.0.0.1:50051"
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    node = subparsers.add_parser("node", help="the node process: engine + gRPC API + records + settlement")
+    node = subparsers.add_parser("node", help="the node process: engine + gRPC and HTTP APIs + records + settlement")
     sub = node.add_subparsers(dest="node_command", metavar="ACTION", required=True)
     run = sub.add_parser("run", help="serve until SIGTERM / SIGINT (then drain and exit 0)")
     run.add_argument("--config", help="node.toml (default: built-in defaults + LORALEDGER_* env vars)")
     run.add_argument("--listen", help="HOST:PORT to serve on (server.listen; port 0 picks a free one)")
+    run.add_argument("--http-listen", help="HOST:PORT of the OpenAI-compatible HTTP API and /metrics "
+                                           "(http.listen; port 0 picks a free one; \"\" turns it off)")
     run.add_argument("--model", help="model checkpoint directory (model.dir)")
     run.add_argument("--device", help="auto, cpu or cuda (model.device)")
     run.add_argument("--records", help="SQLite record log path (records.path)")
@@ -61,6 +63,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
 def _overrides(args: argparse.Namespace) -> dict[str, dict[str, Any]]:
     return {
         "server": {"listen": args.listen, "max_queue": args.max_queue, "grace_seconds": args.grace},
+        "http": {"listen": args.http_listen},
         "model": {"dir": args.model, "device": args.device},
         "records": {"path": args.records},
         "adapters": {"dir": args.adapters_dir},
@@ -79,6 +82,9 @@ def _run(args: argparse.Namespace) -> int:
 
     def ready(port: int) -> None:
         print(f"loraledger node: serving on {host}:{port}", flush=True)
+        if app.http_port is not None:
+            http_host = cfg.http.listen.rpartition(":")[0]
+            print(f"loraledger node: HTTP API on http://{http_host}:{app.http_port}/v1", flush=True)
 
     asyncio.run(app.run_until_signal(ready))
     print("loraledger node: stopped", flush=True)

@@ -131,14 +131,14 @@ def stop_node(state_dir: Path, timeout: float = 30.0) -> bool:
     return True
 
 
-def configured_port(path: Path) -> int | None:
-    """The port of server.listen in an existing node.toml, if any."""
+def configured_port(path: Path, section: str = "server") -> int | None:
+    """The port of `section`.listen (server: gRPC, http: the HTTP API) in an existing node.toml, if any."""
     import tomllib
 
     if not path.is_file():
         return None
     try:
-        listen = str(tomllib.loads(path.read_text())["server"]["listen"])
+        listen = str(tomllib.loads(path.read_text())[section]["listen"])
         return int(listen.rpartition(":")[2])
     except (tomllib.TOMLDecodeError, KeyError, ValueError):
         return None

@@ -171,6 +171,7 @@ class DemoContext:
     datanet_id: DatanetId | None = None
     adapters: list[TrainedAdapter] = field(default_factory=list)
     node_address: str = ""
+    http_address: str = ""
     node_pid: int | None = None
     requests: list[RequestOutcome] = field(default_factory=list)
     epoch: int | None = None
@@ -475,7 +476,7 @@ def stage_register(ctx: DemoContext) -> str:
 # ------------------------------------------------------------------------------------------------- node
 
 
-def node_config_text(ctx: DemoContext, port: int) -> str:
+def node_config_text(ctx: DemoContext, port: int, http_port: int) -> str:
     """The node.toml the demo's node runs with (absolute paths; settlement by the demo, not the node)."""
     def q(v: str) -> str:
         return json.dumps(v)
@@ -483,6 +484,7 @@ def node_config_text(ctx: DemoContext, port: int) -> str:
     return "\n".join([
         "# Written by `loraledger demo`: the demo's node (see node/config.py for every key).",
         "[server]", f"listen = {q(f'127.0.0.1:{port}')}", "grace_seconds = 5.0", "",
+        "[http]", f"listen = {q(f'127.0.0.1:{http_port}')}", "",
         "[model]", f"dir = {q(str(ctx.model_dir))}", 'device = "cpu"',
         f"default_max_tokens = {ctx.sizes.max_tokens}", "",
         "[adapters]", f"dir = {q(str(ctx.adapters_dir))}", "",
@@ -528,7 +530,9 @@ def stage_node(ctx: DemoContext) -> str:
     from loraledger.node.chain.devnet import free_port
 
     port = ctx.node_port or configured_port(ctx.node_config) or free_port()
-    text = node_config_text(ctx, port)
+    http_port = configured_port(ctx.node_config, "http") or free_port()
+    ctx.http_address = f"127.0.0.1:{http_port}"
+    text = node_config_text(ctx, port, http_port)
     same_config = ctx.node_config.is_file() and ctx.node_config.read_text() == text
     address = f"127.0.0.1:{port}"
     pid = running_node_pid(ctx.state)
@@ -740,7 +744,7 @@ def report(ctx: DemoContext) -> str:
     for a in ctx.adapters:
         lines.append(f"adapter      #{a.adapter_id} {a.plan.name}: {a.plan.method} r={a.plan.rank} "
                      f"fee/token {a.plan.fee_per_token}, weights {a.weights_hash}")
-    lines.append(f"node         {addr} (pid {ctx.node_pid})")
+    lines.append(f"node         {addr} (pid {ctx.node_pid}); HTTP API http://{ctx.http_address}/v1")
     lines.append(f"settled      {ctx.epoch_line}")
     lines.append("")
     lines.append("Who earned what (reward-token base units; 1 token = 10^18). earned = cumulative amount in the "
@@ -751,6 +755,9 @@ def report(ctx: DemoContext) -> str:
     lines.append(f"  loraledger generate --server {addr} --adapter {ids[0]} --stream 'The logging module'")
     lines.append(f"  loraledger generate --server {addr} --adapter {ids[0]}:0.5 --adapter {ids[1]}:0.5 'Unicode'")
     lines.append(f"  grpcurl -plaintext {addr} list")
+    lines.append(f"  curl -s http://{ctx.http_address}/v1/completions -H 'content-type: application/json' "
+                 f"-d '{{\"model\": \"{ids[0]}\", \"prompt\": \"The logging module\"}}'")
+    lines.append(f"  curl -s http://{ctx.http_address}/metrics | grep loraledger_requests")
     lines.append(f"  grpcurl -plaintext -d '{request_json}' {addr} loraledger.v1.Inference/Generate")
     lines.append(f"  loraledger rewards show {alice} {cfg}")
     lines.append(f"  {OPERATOR_KEY_ENV}={ANVIL_DEV_KEYS[DEV_OPERATOR]} loraledger epoch settle {cfg}")

@@ -416,6 +416,10 @@ class RecordLog:
         n, oldest = self._q("SELECT COUNT(*), MIN(appended_at) FROM records WHERE epoch IS NULL")[0]
         return int(n), None if oldest is None else float(oldest)
 
+    def pending_fees(self) -> Wei:
+        """The fees of the records not yet in an epoch: what the next epoch's submit will pull."""
+        return Wei(sum(int(f) for (f,) in self._q("SELECT fee FROM records WHERE epoch IS NULL")))
+
     def records_of_epoch(self, epoch: int) -> list[AttributionRecord]:
         """The epoch's records in append order, each carrying its epoch."""
         rows = self._q(f"{_SELECT_RECORD} WHERE epoch = ? ORDER BY seq", (epoch,))

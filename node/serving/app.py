@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from prometheus_client import start_http_server
 
 from loraledger.inference.engine import Engine
 from loraledger.inference.engine_config import EngineConfig
@@ -35,10 +36,13 @@ from loraledger.inference.lora.adapter import BaseDims
 from loraledger.inference.lora.layers import apply_lora
 from loraledger.inference.lora.store import AdapterStore
 from loraledger.node.config import NodeConfig
-from loraledger.node.errors import ConfigError
+from loraledger.node.errors import ConfigError, NotFoundError
+from loraledger.node.ledger.epochs import export_epoch
 from loraledger.node.ledger.record_log import RecordLog, open_record_log
 from loraledger.node.serving.catalog import StoreCatalog
 from loraledger.node.serving.generation import GenerationService
+from loraledger.node.serving.http_api import HttpNode, HttpServer, create_app
+from loraledger.node.serving.metrics import NodeCollector, NodeMetrics, SettlementView
 from loraledger.node.serving.queries import LogQueries
 from loraledger.node.serving.record_sink import LedgerRecordSink
 from loraledger.node.serving.server import NodeServer
@@ -173,6 +177,11 @@ class NodeApp:
         self.generation: GenerationService | None = None
         self.settlement: SettlementLoop | None = None
         self.port: int | None = None
+        self.metrics: NodeMetrics | None = None
+        self.http: HttpServer | None = None
+        self.http_node: HttpNode | None = None
+        self.http_port: int | None = None
+        self._metrics_server: Any = None
 
     async def start(self) -> int:
         """Load the model, start the engine, open the record log, start settlement and the server; returns the
@@ -188,14 +197,27 @@ class NodeApp:
         self.spans = SpanStore(spans_file) if self.attribution is not None or spans_file.is_file() else None
         catalog = StoreCatalog(store, cfg, chain.reads if chain else None, self.attribution)
         sink = LedgerRecordSink(self.records, catalog, attribution=self.attribution, spans=self.spans)
+        self.metrics = NodeMetrics()
         self.generation = GenerationService(engine, catalog=catalog, records=sink, max_queue=cfg.server.max_queue,
-                                            default_max_tokens=cfg.model.default_max_tokens)
+                                            default_max_tokens=cfg.model.default_max_tokens, metrics=self.metrics)
         inference = InferenceServicer(self.generation)
         operator = str(chain.contracts.ledger.client.address) if chain and chain.can_sign else ""
         attribution = AttributionServicer(LogQueries(self.records, operator, self.spans))
+        self.metrics.attach(NodeCollector(engine, self.generation, store, SettlementView(
+            self.records, chain.reads if chain and chain.can_sign else None, operator)))
         engine.start()
         self.server = NodeServer(cfg.server, inference, attribution)
         self.port = await self.server.start()
+        if cfg.http.listen:
+            base_hash = await asyncio.to_thread(base_model_hash, Path(cfg.model.dir))  # cached beside the model
+            self.http_node = HttpNode(self.generation, cfg.model.served_name, str(base_hash), operator,
+                                      self.metrics, self._export_epoch, cfg.http.max_body_bytes)
+            self.http = HttpServer(create_app(self.http_node), cfg.http.listen, cfg.server.grace_seconds)
+            self.http_port = await self.http.start()
+        elif cfg.metrics.listen:
+            host, _, port = cfg.metrics.listen.rpartition(":")
+            self._metrics_server, _ = start_http_server(int(port), host, registry=self.metrics.registry)
+            log.info("metrics on http://%s/metrics", cfg.metrics.listen)
         if chain is not None and chain.can_sign and cfg.settlement.enabled:
             self.settlement = SettlementLoop(self.records, chain.contracts, cfg)
             self.settlement.start()
@@ -203,15 +225,40 @@ class NodeApp:
             log.info("settlement off: it needs a deployment and an operator key ($%s or chain.key_file)",
                      cfg.chain.key_env)
         await self.server.set_serving(True)
-        log.info("node ready on port %d (model %s, device %s)", self.port, cfg.model.dir, engine.device)
+        if self.http_node is not None:
+            self.http_node.serving = True
+        log.info("node ready on port %d%s (model %s, device %s)", self.port,
+                 f", HTTP port {self.http_port}" if self.http_port else "", cfg.model.dir, engine.device)
         return self.port
+
+    def _export_epoch(self, n: int, path: Path) -> None:
+        """The epoch's export file, as `loraledger epoch export` writes it (NotFoundError before it is built)."""
+        records = self.records
+        row = records.epoch(n) if records is not None else None
+        if records is None or row is None or row.records_root is None:
+            raise NotFoundError(f"epoch {n} has no export on this node yet (not in its record log, or not built); "
+                                "list epochs with `loraledger epoch show`")
+        ledger, chain_id = None, None
+        if Path(self.config.chain.deployment).is_file():
+            from loraledger.node.chain.devnet_setup import read_deployment
+
+            dep = read_deployment(self.config.chain.deployment)
+            ledger, chain_id = dep.address("AttributionLedger"), dep.chain_id
+        export_epoch(records, n, path, ledger=ledger, chain_id=chain_id)
 
     async def stop(self, grace: float | None = None) -> None:
         """Drain the server (NOT_SERVING, grace period, cancel the rest, write the records of what finished or
         was abandoned after producing tokens, flush), stop settlement, close the record log, stop the engine."""
+        if self.generation is not None:
+            self.generation.accepting = False  # both APIs refuse new requests (503 / UNAVAILABLE) from here
+        if self.http_node is not None:
+            self.http_node.serving = False
         if self.server is not None:
-            await self.server.drain(grace)
-            self.server = None
+            await asyncio.gather(self.server.drain(grace), *([self.http.stop()] if self.http else []))
+            self.server, self.http = None, None
+        if self._metrics_server is not None:
+            self._metrics_server.shutdown()
+            self._metrics_server = None
         if self.settlement is not None:
             await asyncio.to_thread(self.settlement.stop)
             self.settlement = None

@@ -47,6 +47,7 @@ class ServedAdapter:
     base_model_hash: str = ""
     fee_per_token: int = 0
     datanet_ids: tuple[DatanetId, ...] = ()
+    owner: str = ""
     lineage: dict[Address, int] = field(default_factory=dict)  # contributor -> tokens trained on
     index_dirs: tuple[Path, ...] = ()  # attribution indexes of its datanets (token-level attribution)
 
@@ -145,7 +146,7 @@ class StoreCatalog:
         return ServedAdapter(
             key=str(adapter_id), path=Path(path), onchain_id=AdapterId(adapter_id), weights_hash=str(info.weights_hash),
             base_model_hash=str(info.base_model_hash), fee_per_token=int(info.fee_per_token),
-            datanet_ids=tuple(DatanetId(int(d)) for d in info.datanet_ids), lineage=tokens, index_dirs=index_dirs,
+            datanet_ids=tuple(DatanetId(int(d)) for d in info.datanet_ids), owner=str(info.owner), lineage=tokens, index_dirs=index_dirs,
         )
 
     def load(self, name: str, path: str, expected_weights_hash: str) -> AdapterDescription:
@@ -183,5 +184,5 @@ class StoreCatalog:
             key=t.key, alias=t.alias, onchain_id=t.onchain_id,
             weights_hash=t.weights_hash or (info.weights_hash if info and info.weights_hash else ""),
             base_model_hash=t.base_model_hash, rank=t.rank, resident=bool(info and info.tier == "gpu"),
-            datanet_ids=t.datanet_ids, fee_per_token=t.fee_per_token,
+            datanet_ids=t.datanet_ids, fee_per_token=t.fee_per_token, owner=t.owner,
         )

@@ -44,7 +44,8 @@ from loraledger.inference.engine import Engine
 from loraledger.inference.errors import CapacityError, EngineError, InvalidRequestError
 from loraledger.inference.requests import GenerationRequest, GenerationResult, RequestHandle, TokenDelta
 from loraledger.inference.sequence import SamplingParams
-from loraledger.node.errors import NodeError
+from loraledger.node.errors import NodeError, UnavailableError
+from loraledger.node.logs import set_request_id
 from loraledger.node.serving.views import (
     AdapterCatalog,
     AttributionSummary,
@@ -99,8 +100,9 @@ class CallLog:
     completion_tokens: int = 0
     finish_reason: str = ""
     status: str = "OK"
+    resolved: bool = False  # the adapters were checked and found (metrics label by their names only then)
     fee: int = 0
-    record_adapters: tuple[int, ...] = ()
+    adapter_fees: tuple[int, ...] = ()
     started: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     last_token_at: float | None = None
@@ -199,7 +201,10 @@ class GenerationService:
         return self._inflight
 
     def admit(self, account: str = "") -> Admission:
-        """A queue place for one request; CapacityError when `max_queue` are held (the caller retries later)."""
+        """A queue place for one request; CapacityError when `max_queue` are held (the caller retries later),
+        UnavailableError once the node stopped accepting (shutdown)."""
+        if not self.accepting:
+            raise UnavailableError("the node is shutting down; send the request to another node or retry later")
         if self._inflight >= self.max_queue:
             raise CapacityError(
                 f"the node holds {self._inflight} requests (server.max_queue={self.max_queue}); retry later"
@@ -212,13 +217,17 @@ class GenerationService:
                       call: CallLog | None = None) -> GenerationRequest:
         """The engine request: the mix checked once (`AdapterMix`) and its names resolved to store keys through
         the catalog (on-chain ids verified against the registry on first use)."""
-        mix = AdapterMix.of(adapters)
+        set_request_id(client_id)
         if call is not None:
             call.request_id = client_id
+        mix = AdapterMix.of(adapters)
+        if call is not None:
             call.adapters = list(mix.pairs)
         if mix:
             keys = await asyncio.to_thread(lambda: [self.catalog.resolve(k) for k in mix.keys])
             mix = mix.rekeyed(keys)
+        if call is not None:
+            call.resolved = True
         if isinstance(prompt, str) and not prompt:
             raise InvalidRequestError("the prompt is empty; send a non-empty prompt or chat messages")
         return GenerationRequest(prompt, params, request_id_bytes32(client_id), mix, int(priority))
@@ -248,7 +257,7 @@ class GenerationService:
         if result.finish_reason in ("stop", "length") or result.completion_tokens > 0:
             summary = await self._commit(_finished(result, gen, account))
         if summary is not None:
-            call.fee, call.record_adapters = int(summary.fee), tuple(int(i) for i in summary.adapter_ids)
+            call.fee, call.adapter_fees = int(summary.fee), tuple(summary.adapter_fees)
         return Finished(result, summary)
 
     async def _commit(self, finished: FinishedRequest) -> AttributionSummary | None:

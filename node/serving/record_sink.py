@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from loraledger.node.attribution.matcher import Attribution
 from loraledger.node.attribution.mixing import mix_weights
 from loraledger.node.ledger.record_log import RecordLog
-from loraledger.node.ledger.records import AttributionRecord
+from loraledger.node.ledger.records import BPS, AttributionRecord
 from loraledger.node.ledger.rewards import contributor_weights, record_fee, weights_to_bps
 from loraledger.node.serving.catalog import ServedAdapter, StoreCatalog
 from loraledger.node.serving.token_attribution import SpanStore, TokenAttribution, span_views
@@ -91,6 +91,8 @@ class LedgerRecordSink:
             weights_bps=tuple(bps), datanet_ids=tuple(sorted({d for t in terms for d in t.datanet_ids})),
             fee=int(fee), attribution_hash=record.attribution_hash,
             top_contributors=tuple(ContributorShareView(a, int(w), int(w) / total) for a, w in top),
+            adapter_fees=tuple(b * f * (finished.prompt_tokens + finished.completion_tokens) // BPS
+                               for b, f in zip(bps, fees, strict=True)),
         )
 
     def flush(self) -> None:

@@ -5,7 +5,7 @@
 Validation and admission are the shared `GenerationService`'s (`generation.py`), records too; this module only
 translates proto messages (sampling: proto fields -> `SamplingParams`, temperature 0 = greedy by default,
 max_tokens 0 = the node's default) and maps errors to status codes through
-`loraledger.node.serving.grpc_status.status_for`. A client cancel or deadline ends the RPC, which releases the
+`loraledger.node.serving.status.status_for`. A client cancel or deadline ends the RPC, which releases the
 request's admission: the engine request is cancelled at once and its KV blocks freed.
 
 The servicers depend on small Protocols (`views.py`) that the node app implements with the adapter store, the
@@ -33,7 +33,7 @@ from loraledger.node.serving.generation import (
     new_request_id,
     request_id_bytes32,
 )
-from loraledger.node.serving.grpc_status import status_for
+from loraledger.node.serving.status import status_for
 from loraledger.node.serving.views import (
     AdapterDescription,
     AttributionQueries,

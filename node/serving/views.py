@@ -31,6 +31,7 @@ class AdapterDescription:
     resident: bool = False
     datanet_ids: tuple[DatanetId, ...] = ()
     fee_per_token: int = 0
+    owner: str = ""  # the registered owner's address (on-chain adapters)
 
 
 class AdapterCatalog(Protocol):
@@ -94,6 +95,7 @@ class AttributionSummary:
     attribution_hash: str
     top_contributors: tuple[ContributorShareView, ...] = ()
     epoch: int = 0
+    adapter_fees: tuple[int, ...] = ()  # each adapter's part of `fee`: bps_i * feePerToken_i * tokens // 10000
 
 
 @dataclass(frozen=True)

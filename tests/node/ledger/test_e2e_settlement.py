@@ -63,6 +63,7 @@ def node_config(world: Any, model_dir: Path, tmp: Path, **sections: dict[str, An
     _flip_one_weight_byte(adapters_dir / "3")
     base: dict[str, dict[str, Any]] = {
         "server": {"listen": "127.0.0.1:0", "grace_seconds": 2.0},
+        "http": {"listen": "127.0.0.1:0"},
         "model": {"dir": str(model_dir), "device": "cpu", "max_num_seqs": 32, "max_tokens_per_step": 512},
         "adapters": {"dir": str(adapters_dir), "slots": 4, "max_rank": 8},
         "chain": {"deployment": str(world.deployment_file), "key_env": KEY_ENV},

@@ -249,7 +249,7 @@ def test_contributions_to_verified_adapters(
     with pytest.raises(AdapterLineageError, match="weightsHash") as e:
         verify_adapter_against_chain(tampered, lora_id, owner, base_dir)
     assert set(e.value.differences) == {"weightsHash"}
-    assert isinstance(e.value, LineageMismatchError)  # mapped to FAILED_PRECONDITION by loraledger.node.serving.grpc_status
+    assert isinstance(e.value, LineageMismatchError)  # mapped to FAILED_PRECONDITION by loraledger.node.serving.status
     with pytest.raises(AdapterMismatchError):
         load_adapter(tampered, _dims(base_dir), max_rank=8, expected_weights_hash=lineage["weights_hash"])
     assert cli(["adapter", "verify", str(tampered), "--base", str(base_dir), *chain]) == 1

@@ -135,6 +135,7 @@ def test_node_run_serves_and_drains_on_sigterm(node_process: tuple[subprocess.Po
 def test_node_app_stop_cancels_after_grace(tiny_model_dir: Path, tmp_path: Path) -> None:
     cfg = load_config(None, {
         "server": {"listen": "127.0.0.1:0", "grace_seconds": 0.2},
+        "http": {"listen": "127.0.0.1:0"},
         "model": {"dir": str(tiny_model_dir), "device": "cpu"},
         "records": {"path": str(tmp_path / "records.sqlite")},
         "chain": {"deployment": str(tmp_path / "none.json")},
