@@ -8,6 +8,11 @@ import {IDatanetRegistry} from "./interfaces/IDatanetRegistry.sol";
 /// @notice Content-addressed LoRA adapters with their lineage: the weights hash (unique), the base model and
 ///         training config they came from, and the datanets they were trained on. Ids count from 1. The engine
 ///         refuses to serve weights whose hash is not the registered one.
+///
+///         Access: every adapter is public (anyone may use it) until its owner makes it private; a private adapter
+///         may be used by the accounts on its allowlist only. The allowlist is kept while the adapter is public and
+///         applies again when it turns private. The allowlist is not enumerable on chain: it is the replay of the
+///         `AdapterAllowlistChanged` events of the id (`node/chain/access.py`).
 contract AdapterRegistry is IAdapterRegistry {
     /// @notice The datanet registry adapters' datanet ids refer to.
     IDatanetRegistry public immutable datanetRegistry;
@@ -15,6 +20,8 @@ contract AdapterRegistry is IAdapterRegistry {
     mapping(uint256 id => Adapter) private _adapters;
     mapping(bytes32 weightsHash => uint256 id) private _idByWeightsHash;
     uint256 private _adapterCount;
+    mapping(uint256 id => bool) private _private;
+    mapping(uint256 id => mapping(address account => bool)) private _allowed;
 
     /// @notice Creates the registry bound to `datanetRegistry_`.
     /// @dev Requirements: `datanetRegistry_` is a contract (`AdapterInvalidDatanetRegistry`).
@@ -72,11 +79,61 @@ contract AdapterRegistry is IAdapterRegistry {
     ///      deprecated yet (`AdapterAlreadyDeprecated`). Events: `AdapterDeprecated(id, caller)`.
     /// @param id An adapter id.
     function deprecate(uint256 id) external {
-        Adapter storage a = _adapter(id);
-        if (a.owner != msg.sender) revert AdapterNotOwner(id, msg.sender);
+        Adapter storage a = _ownedAdapter(id);
         if (a.deprecated) revert AdapterAlreadyDeprecated(id);
         a.deprecated = true;
         emit AdapterDeprecated(id, msg.sender);
+    }
+
+    /// @notice Makes adapter `id` usable by anyone (`isPublic_`) or by its allowlisted accounts only.
+    /// @dev Requirements: it exists (`AdapterUnknown`); the caller owns it (`AdapterNotOwner`). Setting the current
+    ///      value changes nothing and emits nothing. Events: `AdapterAccessChanged(id, isPublic_)`.
+    /// @param id An adapter id.
+    /// @param isPublic_ True: anyone may use it; false: only accounts on its allowlist.
+    function setPublic(uint256 id, bool isPublic_) external {
+        _ownedAdapter(id);
+        if (_private[id] != isPublic_) return;
+        _private[id] = !isPublic_;
+        emit AdapterAccessChanged(id, isPublic_);
+    }
+
+    /// @notice Adds `accounts` to (`allowed`) or removes them from the allowlist of adapter `id`.
+    /// @dev Requirements: it exists (`AdapterUnknown`); the caller owns it (`AdapterNotOwner`); no account is the
+    ///      zero address (`AdapterZeroAccount`). An account already in the wanted state is skipped and emits
+    ///      nothing. Events: `AdapterAllowlistChanged(id, account, allowed)` per account that changed, in order.
+    /// @param id An adapter id.
+    /// @param accounts The client accounts.
+    /// @param allowed True to add them, false to remove them.
+    function setAllowed(uint256 id, address[] calldata accounts, bool allowed) external {
+        _ownedAdapter(id);
+        mapping(address account => bool) storage list = _allowed[id];
+        uint256 n = accounts.length;
+        for (uint256 i = 0; i < n; ++i) {
+            address account = accounts[i];
+            if (account == address(0)) revert AdapterZeroAccount(id);
+            if (list[account] == allowed) continue;
+            list[account] = allowed;
+            emit AdapterAllowlistChanged(id, account, allowed);
+        }
+    }
+
+    /// @notice Whether adapter `id` is usable by anyone (true) or by its allowlisted accounts only (false).
+    /// @dev Requirements: it exists (`AdapterUnknown`).
+    /// @param id An adapter id.
+    /// @return public_ True unless its owner made it private.
+    function isPublic(uint256 id) external view returns (bool public_) {
+        _adapter(id);
+        return !_private[id];
+    }
+
+    /// @notice Whether `account` may use adapter `id`: it is public, or `account` is on its allowlist.
+    /// @dev Requirements: it exists (`AdapterUnknown`).
+    /// @param id An adapter id.
+    /// @param account A client account.
+    /// @return allowed_ True when `account` may use it.
+    function isAllowed(uint256 id, address account) external view returns (bool allowed_) {
+        _adapter(id);
+        return !_private[id] || _allowed[id][account];
     }
 
     /// @notice Adapter `id`.
@@ -104,6 +161,12 @@ contract AdapterRegistry is IAdapterRegistry {
     function _adapter(uint256 id) private view returns (Adapter storage a) {
         if (id == 0 || id > _adapterCount) revert AdapterUnknown(id);
         return _adapters[id];
+    }
+
+    /// @dev Storage record of adapter `id` owned by the caller; reverts `AdapterUnknown` or `AdapterNotOwner`.
+    function _ownedAdapter(uint256 id) private view returns (Adapter storage a) {
+        a = _adapter(id);
+        if (a.owner != msg.sender) revert AdapterNotOwner(id, msg.sender);
     }
 
     /// @dev Reverts unless `ids` is non-empty, repeat-free and names existing datanets (O(n^2), lists are short).

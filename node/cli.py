@@ -26,6 +26,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "loraledger.node.commands.lineage",
     "loraledger.node.commands.attribution",  # after any module that adds `datanet`: it adds `datanet index` there
     "loraledger.node.commands.serve",
+    "loraledger.node.commands.apikey",
     "loraledger.node.commands.rewards",
 )
 

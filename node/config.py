@@ -7,9 +7,11 @@ Sources, later ones winning: built-in defaults (which work with `loraledger devn
     [server]      listen, max_queue, grace_seconds, max_message_bytes, workers   (gRPC; max_queue is shared)
     [http]        listen (empty: off), max_body_bytes                            (OpenAI-compatible API)
     [metrics]     listen (Prometheus /metrics on its own port; used when [http] is off)
+    [auth]        mode (auto | keys | none), keys_file, metrics (open | keyed), signature_ttl_seconds
+    [tls]         cert_file, key_file, client_ca_file (both listeners; client certs for gRPC admin calls)
     [model]       name, dir, dtype, device, quantize, attention, decode_graphs, async_decode, block_size,
                   kv_cache_mb, max_num_seqs, max_tokens_per_step, default_max_tokens
-    [adapters]    dir, slots, max_rank, aliases = { alias = "path" }
+    [adapters]    dir, slots, max_rank, aliases = { alias = "path" }, roots (LoadAdapter path folders)
     [chain]       deployment, rpc_url, key_env, key_file, password_env
     [records]     path, postgres_dsn
     [settlement]  enabled, epoch_seconds, epoch_records, push_threshold
@@ -75,6 +77,38 @@ class MetricsConfig:
 
 
 @dataclass
+class AuthConfig:
+    mode: str = "auto"  # "auto": keys when the keys file holds one; "keys": always; "none": open on purpose
+    keys_file: str = str(DEFAULT_STATE_DIR / "api_keys.json")
+    metrics: str = "open"  # "open" or "keyed" (any valid key) for /metrics
+    signature_ttl_seconds: float = 300.0  # a signed request's deadline may be at most this far ahead
+
+    def validate(self) -> None:
+        if self.mode not in ("auto", "keys", "none"):
+            raise ConfigError(f"auth.mode must be auto, keys or none, got {self.mode!r}")
+        if self.metrics not in ("open", "keyed"):
+            raise ConfigError(f"auth.metrics must be open or keyed, got {self.metrics!r}")
+        _positive("auth.signature_ttl_seconds", self.signature_ttl_seconds)
+
+
+@dataclass
+class TlsConfig:
+    cert_file: str = ""  # PEM certificate chain of both listeners; empty = plaintext
+    key_file: str = ""
+    client_ca_file: str = ""  # CA of client certificates: the gRPC listener then requires one (mTLS)
+
+    def validate(self) -> None:
+        if bool(self.cert_file) != bool(self.key_file):
+            raise ConfigError("tls.cert_file and tls.key_file go together: set both, or neither")
+        if self.client_ca_file and not self.cert_file:
+            raise ConfigError("tls.client_ca_file needs tls.cert_file and tls.key_file (mTLS runs over TLS)")
+        for name in ("cert_file", "key_file", "client_ca_file"):
+            path = getattr(self, name)
+            if path and not Path(path).is_file():
+                raise ConfigError(f"tls.{name} {path} does not exist")
+
+
+@dataclass
 class ModelConfigSection:
     name: str = ""  # the base model's name in the APIs (`model`); "" = the checkpoint folder's name
     dir: str = str(DEFAULT_STATE_DIR / "model")
@@ -116,6 +150,8 @@ class AdaptersConfig:
     slots: int = 8
     max_rank: int = 64
     aliases: dict[str, str] = field(default_factory=dict)
+    # LoadAdapter with a local path (admin) reads only below these folders; empty = `dir` alone
+    roots: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
         _positive("adapters.slots", self.slots)
@@ -179,6 +215,8 @@ class NodeConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
     http: HttpConfig = field(default_factory=HttpConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    auth: AuthConfig = field(default_factory=AuthConfig)
+    tls: TlsConfig = field(default_factory=TlsConfig)
     model: ModelConfigSection = field(default_factory=ModelConfigSection)
     adapters: AdaptersConfig = field(default_factory=AdaptersConfig)
     chain: ChainConfig = field(default_factory=ChainConfig)
@@ -222,6 +260,9 @@ def _coerce(section: str, key: str, current: Any, value: Any, source: str) -> An
             return float(value)
         except (TypeError, ValueError) as e:
             raise ConfigError(f"{where} must be a number, got {value!r}") from e
+    if isinstance(current, list):
+        items = value if isinstance(value, list) else [v for v in str(value).split(",") if v.strip()]
+        return [str(v).strip() for v in items]
     if isinstance(current, dict):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{where} must be a table of name = value")

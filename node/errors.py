@@ -44,6 +44,25 @@ class NotFoundError(NodeError, LookupError):
     """A request names something the node does not know (record, epoch, account, adapter id)."""
 
 
+class AuthenticationError(NodeError, PermissionError):
+    """No API key, or one this node does not accept (unknown or revoked); UNAUTHENTICATED / HTTP 401."""
+
+
+class SignatureError(AuthenticationError):
+    """A client's EIP-712 request signature was refused (loraledger.node.serving.signing); UNAUTHENTICATED / 401.
+
+    `reason` is one of "malformed", "expired", "too_far", "mismatch", "replayed"; the message says what to fix.
+    """
+
+    def __init__(self, message: str, reason: str = "malformed") -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class PermissionDeniedError(NodeError, PermissionError):
+    """The caller is known but may not do this (scope, adapter access, a path outside the roots); 403."""
+
+
 class UnavailableError(NodeError, RuntimeError):
     """The node cannot take the request now (shutting down, or a dependency is down); retry elsewhere or later."""
 

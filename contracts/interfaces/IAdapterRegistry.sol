@@ -30,6 +30,10 @@ interface IAdapterRegistry {
     );
     /// @notice Adapter `id` was deprecated by its owner.
     event AdapterDeprecated(uint256 indexed id, address indexed owner);
+    /// @notice Adapter `id` became usable by anyone (`isPublic`) or by its allowlisted accounts only.
+    event AdapterAccessChanged(uint256 indexed id, bool isPublic);
+    /// @notice `account` was added to (`allowed`) or removed from the allowlist of adapter `id`.
+    event AdapterAllowlistChanged(uint256 indexed id, address indexed account, bool allowed);
 
     /// @notice The datanet registry given at construction, `given`, is not a contract.
     error AdapterInvalidDatanetRegistry(address given);
@@ -49,4 +53,6 @@ interface IAdapterRegistry {
     error AdapterNotOwner(uint256 id, address caller);
     /// @notice Adapter `id` is already deprecated.
     error AdapterAlreadyDeprecated(uint256 id);
+    /// @notice The zero address cannot be put on the allowlist of adapter `id`.
+    error AdapterZeroAccount(uint256 id);
 }

@@ -4,6 +4,7 @@
     dn = c.datanets.register_datanet(root, 3, "file://dn.jsonl")     # -> DatanetId, parsed from the event
     c.ledger.submit_epoch(1, records_root, 10, rewards_root, 1234)  # -> TxResult (hash, block, gas, events)
     c.ledger.epoch(operator, 1)                                      # -> EpochInfo
+    c.adapters.access_events(from_block, to_block, adapter_ids=[7])  # -> [AccessChanged | AllowlistChanged]
 
 Writes send from the bound client's account and wait for the receipt (ContractRevertError names the custom
 error); reads go through `ChainClient.call`. To act as another account, bind a second `Contracts` to another
@@ -12,13 +13,14 @@ client (e.g. each contributor registers from its own account).
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from eth_utils import event_abi_to_log_topic, keccak
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
+from web3.exceptions import Web3RPCError
 from web3.types import TxReceipt
 
 from loraledger.node.chain.artifacts import load_artifact
@@ -236,6 +238,30 @@ class AdapterInfo:
     uri: str
 
 
+@dataclass(frozen=True)
+class AccessChanged:
+    """`AdapterAccessChanged`: adapter `adapter_id` became public (`is_public`) or allowlist-only, at this log."""
+
+    adapter_id: AdapterId
+    is_public: bool
+    block_number: int
+    log_index: int
+
+
+@dataclass(frozen=True)
+class AllowlistChanged:
+    """`AdapterAllowlistChanged`: `account` was added to (`allowed`) or removed from `adapter_id`'s allowlist."""
+
+    adapter_id: AdapterId
+    account: Address
+    allowed: bool
+    block_number: int
+    log_index: int
+
+
+AccessEvent = AccessChanged | AllowlistChanged
+
+
 class AdapterRegistryClient(BoundContract):
     NAME = "AdapterRegistry"
 
@@ -271,6 +297,56 @@ class AdapterRegistryClient(BoundContract):
 
     def adapter_count(self) -> int:
         return int(self._read("adapterCount"))
+
+    # access: public (the default) or the owner's allowlist of client accounts
+    def set_public(self, adapter_id: int, is_public: bool) -> TxResult:
+        """Make the bound account's adapter usable by anyone (`is_public`) or by its allowlist only."""
+        return self._write("setPublic", int(adapter_id), bool(is_public))
+
+    def set_allowed(self, adapter_id: int, accounts: Sequence[Address | str], allowed: bool) -> TxResult:
+        """Add `accounts` to (`allowed`) or remove them from the allowlist of the bound account's adapter."""
+        return self._write("setAllowed", int(adapter_id), [as_address(a) for a in accounts], bool(allowed))
+
+    def is_public(self, adapter_id: int) -> bool:
+        return bool(self._read("isPublic", int(adapter_id)))
+
+    def is_allowed(self, adapter_id: int, account: Address | str) -> bool:
+        """True when the adapter is public or `account` is on its allowlist."""
+        return bool(self._read("isAllowed", int(adapter_id), as_address(account)))
+
+    def access_events(
+        self, from_block: int, to_block: int, adapter_ids: Iterable[int] | None = None,
+    ) -> list[AccessEvent]:
+        """Both access events in blocks `from_block..to_block` (inclusive), in chain order (block, log index);
+        only those of `adapter_ids` when given (an empty list: none). One `eth_getLogs`, topics
+        `[[AdapterAccessChanged, AdapterAllowlistChanged], [ids...]]`; a provider's limit on the block range is the
+        caller's to respect."""
+        events = self.contract.events
+        names = {str(events[n]().topic): n for n in ("AdapterAccessChanged", "AdapterAllowlistChanged")}
+        topics: list[Any] = [list(names)]
+        if adapter_ids is not None:
+            ids = sorted({int(i) for i in adapter_ids})
+            if not ids:
+                return []
+            topics.append(["0x" + i.to_bytes(32, "big").hex() for i in ids])
+        params: Any = {"address": self.address, "fromBlock": int(from_block), "toBlock": int(to_block),
+                       "topics": topics}
+        try:
+            logs = self.client.read(lambda: self.client.w3.eth.get_logs(params), "eth_getLogs (adapter access)")
+        except Web3RPCError as e:  # e.g. the provider's cap on the block range or on the number of results
+            raise ChainError(f"eth_getLogs of blocks {from_block}..{to_block} failed: {e}") from e
+        out: list[AccessEvent] = []
+        for log in logs:
+            name = names["0x" + bytes(log["topics"][0]).hex()]
+            args = events[name]().process_log(log)["args"]
+            block, index = int(log["blockNumber"]), int(log["logIndex"])
+            if name == "AdapterAccessChanged":
+                out.append(AccessChanged(AdapterId(int(args["id"])), bool(args["isPublic"]), block, index))
+            else:
+                out.append(AllowlistChanged(AdapterId(int(args["id"])), as_address(args["account"]),
+                                            bool(args["allowed"]), block, index))
+        out.sort(key=lambda e: (e.block_number, e.log_index))
+        return out
 
 
 @dataclass(frozen=True)

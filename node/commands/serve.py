@@ -2,7 +2,9 @@
 
     loraledger node run --config node.toml [--listen HOST:PORT] [--model DIR] [--device cpu|cuda] ...
     loraledger generate [--server ADDR] [--adapter ID[:WEIGHT]]... [--stream] [--max-tokens N]
-                        [--temperature T] [--seed S] [--chat] PROMPT
+                        [--temperature T] [--seed S] [--chat]
+                        [--key-file KEYSTORE [--password-file F] [--deployment F] [--chain-id N] [--operator ADDR]]
+                        PROMPT
 
 `node run` prints one line `loraledger node: serving on HOST:PORT` once health is SERVING (scripts wait for it)
 and exits 0 after a clean SIGTERM / SIGINT shutdown (in-flight requests get `server.grace_seconds`; the record of
@@ -10,16 +12,21 @@ every request that produced tokens is durable before exit). With a deployment (`
 key (`$LORALEDGER_OPERATOR_KEY` or `chain.key_file`) and `settlement.enabled`, the node also settles epochs
 itself (`[settlement]` epoch_seconds / epoch_records / push_threshold; see loraledger.node.serving.app.SettlementLoop), and
 `attribution.token_level_lambda` > 0 turns token-level attribution on. `generate` prints the text (streamed as it comes with
---stream), then usage and the attribution summary on stderr-free stdout lines starting with `#`.
+--stream), then usage and the attribution summary on stderr-free stdout lines starting with `#`. With --key-file
+it signs the request (EIP-712, loraledger.node.serving.signing) for the node's chain id and operator (--chain-id,
+--operator, else the --deployment record's), valid for 120 s, so that the record names the key's account.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+from pathlib import Path
 from typing import Any
 
+from loraledger.node.chain.keys import PASSWORD_ENV
 from loraledger.node.errors import ConfigError
 
 DEFAULT_SERVER = "127.0.0.1:50051"
@@ -54,6 +61,17 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     gen.add_argument("--top-p", type=float, default=None)
     gen.add_argument("--seed", type=int, default=None, help="same seed, same text")
     gen.add_argument("--timeout", type=float, default=120.0, help="deadline in seconds (default: %(default)s)")
+    gen.add_argument("--key-file", help=f"sign the request with this keystore's account (password in "
+                                        f"${PASSWORD_ENV} or --password-file); the record then names it")
+    gen.add_argument("--password-file", help="file whose first line is the keystore password")
+    gen.add_argument("--chain-id", type=int, help="chain id the node settles on (default: --deployment's)")
+    gen.add_argument("--operator", help="the node operator's address (default: --deployment's operator)")
+    gen.add_argument("--deployment", help="deployment.json giving the chain id and operator to sign for")
+    gen.add_argument("--api-key", default=os.environ.get("LORALEDGER_API_KEY", ""),
+                     help="API key of the node (default: $LORALEDGER_API_KEY)")
+    gen.add_argument("--tls-ca", help="CA certificate (PEM) of a node serving TLS")
+    gen.add_argument("--tls-cert", help="client certificate (PEM) for a node that requires one (mTLS)")
+    gen.add_argument("--tls-key", help="the client certificate's private key (PEM)")
     gen.set_defaults(handler=_generate)
 
 
@@ -107,6 +125,25 @@ def parse_adapter(spec: str) -> tuple[str, float]:
         raise ConfigError(f"--adapter {spec!r}: weight {weight!r} is not a number") from e
 
 
+def signing_target(chain_id: int | None, operator: str | None, deployment: str | None) -> tuple[int, str]:
+    """(chain id, operator address) a request is signed for: the options, else the deployment record's;
+    ConfigError naming what is missing."""
+    from loraledger.node.types import as_address
+
+    if (chain_id is None or operator is None) and deployment is not None:
+        from loraledger.node.chain.devnet_setup import read_deployment
+
+        dep = read_deployment(deployment)
+        chain_id = dep.chain_id if chain_id is None else chain_id
+        operator = dep.operator if operator is None else operator
+    if chain_id is None or operator is None:
+        missing = " and ".join(n for n, v in (("--chain-id", chain_id), ("--operator", operator)) if v is None)
+        hint = " (the deployment record names no operator)" if deployment is not None else ""
+        raise ConfigError(f"signing a request (--key-file) needs the node's chain id and operator: pass {missing} "
+                          f"or --deployment deployment.json{hint}")
+    return int(chain_id), as_address(operator)
+
+
 def _generate(args: argparse.Namespace) -> int:
     import grpc
 
@@ -126,12 +163,20 @@ def _generate(args: argparse.Namespace) -> int:
         request.chat.messages.append(pb.ChatMessage(role="user", content=args.prompt))
     else:
         request.prompt = args.prompt
-    with grpc.insecure_channel(args.server) as channel:
+    if args.key_file is not None:
+        from loraledger.node.chain.keys import load_account
+        from loraledger.node.serving.signing import sign_proto_request
+
+        chain_id, operator = signing_target(args.chain_id, args.operator, args.deployment)
+        account = load_account(key_file=args.key_file, password_file=args.password_file)
+        sign_proto_request(request, account, chain_id=chain_id, operator=operator)
+    metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+    with _channel(args) as channel:
         stub = pb_grpc.InferenceStub(channel)
         try:
             if args.stream:
                 final = None
-                for msg in stub.GenerateStream(request, timeout=args.timeout):
+                for msg in stub.GenerateStream(request, timeout=args.timeout, metadata=metadata):
                     if msg.HasField("delta"):
                         sys.stdout.write(msg.delta.text)
                         sys.stdout.flush()
@@ -139,7 +184,7 @@ def _generate(args: argparse.Namespace) -> int:
                         final = msg.final
                 print()
             else:
-                final = stub.Generate(request, timeout=args.timeout)
+                final = stub.Generate(request, timeout=args.timeout, metadata=metadata)
                 print(final.text)
         except grpc.RpcError as e:
             print(f"loraledger generate: {e.code().name}: {e.details()}", file=sys.stderr)
@@ -150,6 +195,19 @@ def _generate(args: argparse.Namespace) -> int:
     if final is not None:
         _print_final(final)
     return 0
+
+
+def _channel(args: argparse.Namespace) -> Any:
+    """A plaintext channel, or TLS when --tls-ca is given (with a client certificate when --tls-cert is)."""
+    import grpc
+
+    if not args.tls_ca:
+        return grpc.insecure_channel(args.server)
+    def read(path: str | None) -> bytes | None:
+        return Path(path).read_bytes() if path else None
+
+    creds = grpc.ssl_channel_credentials(read(args.tls_ca), read(args.tls_key), read(args.tls_cert))
+    return grpc.secure_channel(args.server, creds)
 
 
 def _print_final(final: Any) -> None:

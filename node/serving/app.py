@@ -35,12 +35,14 @@ from loraledger.inference.loader import load_model
 from loraledger.inference.lora.adapter import BaseDims
 from loraledger.inference.lora.layers import apply_lora
 from loraledger.inference.lora.store import AdapterStore
+from loraledger.node.chain.access import AdapterAccess
 from loraledger.node.config import NodeConfig
-from loraledger.node.errors import ConfigError, NotFoundError
+from loraledger.node.errors import ConfigError, NotFoundError, PermissionDeniedError
 from loraledger.node.ledger.epochs import export_epoch
 from loraledger.node.ledger.record_log import RecordLog, open_record_log
+from loraledger.node.serving.auth import Authorizer, KeyStore
 from loraledger.node.serving.catalog import StoreCatalog
-from loraledger.node.serving.generation import GenerationService
+from loraledger.node.serving.generation import AdapterAccessCheck, GenerationService
 from loraledger.node.serving.http_api import HttpNode, HttpServer, create_app
 from loraledger.node.serving.metrics import NodeCollector, NodeMetrics, SettlementView
 from loraledger.node.serving.queries import LogQueries
@@ -51,6 +53,7 @@ from loraledger.node.serving.servicers import (
     InferenceServicer,
 )
 from loraledger.node.serving.settlement_loop import SettlementLoop
+from loraledger.node.serving.signing import SignatureVerifier
 from loraledger.node.serving.token_attribution import SpanStore, TokenAttribution, spans_path
 
 log = logging.getLogger(__name__)
@@ -117,6 +120,7 @@ class ChainHandles:
     contracts: Any  # loraledger.node.chain.bindings.Contracts bound to the operator key (or a throwaway one)
     can_sign: bool  # an operator key was configured (settlement needs one)
     reader: Any = None  # the same contracts over their own connection, for the request path's reads
+    deployment_block: int = 0  # the block the contracts were deployed at (where event scans start)
 
     @property
     def reads(self) -> Any:
@@ -154,7 +158,8 @@ def connect_chain(cfg: NodeConfig) -> ChainHandles | None:
                     cfg.chain.key_env)
         account, can_sign = Account.create(), False
     reader = Contracts.at(ChainClient(web3_for(rpc), Account.create()), dep.addresses)
-    return ChainHandles(Contracts.at(ChainClient(w3, account), dep.addresses), can_sign, reader)
+    return ChainHandles(Contracts.at(ChainClient(w3, account), dep.addresses), can_sign, reader,
+                        int(dep.block_number))
 
 
 # ---- settlement --------------------------------------------------------------------------------------------
@@ -182,11 +187,15 @@ class NodeApp:
         self.http_node: HttpNode | None = None
         self.http_port: int | None = None
         self._metrics_server: Any = None
+        self.access: AdapterAccess | None = None
 
     async def start(self) -> int:
         """Load the model, start the engine, open the record log, start settlement and the server; returns the
         bound port. Health turns SERVING at the end."""
         cfg = self.config
+        authorizer = Authorizer(cfg.auth.mode, KeyStore(cfg.auth.keys_file))
+        authorizer.check_startup({"server.listen": cfg.server.listen, "http.listen": cfg.http.listen,
+                                  "metrics.listen": cfg.metrics.listen})  # before anything loads
         engine, store = await asyncio.to_thread(build_engine, cfg)
         self.engine, self.store = engine, store
         chain = await asyncio.to_thread(connect_chain, cfg)
@@ -198,21 +207,32 @@ class NodeApp:
         catalog = StoreCatalog(store, cfg, chain.reads if chain else None, self.attribution)
         sink = LedgerRecordSink(self.records, catalog, attribution=self.attribution, spans=self.spans)
         self.metrics = NodeMetrics()
-        self.generation = GenerationService(engine, catalog=catalog, records=sink, max_queue=cfg.server.max_queue,
-                                            default_max_tokens=cfg.model.default_max_tokens, metrics=self.metrics)
-        inference = InferenceServicer(self.generation)
         operator = str(chain.contracts.ledger.client.address) if chain and chain.can_sign else ""
-        attribution = AttributionServicer(LogQueries(self.records, operator, self.spans))
+        signatures = None
+        if chain is not None and operator:
+            signatures = SignatureVerifier(int(chain.reads.ledger.client.chain_id), operator,
+                                           cfg.auth.signature_ttl_seconds)
+        self.access = AdapterAccess(chain.reads.adapters, chain.deployment_block) if chain is not None else None
+        if self.access is not None:
+            self.access.start()
+        self.generation = GenerationService(
+            engine, catalog=catalog, records=sink, max_queue=cfg.server.max_queue,
+            default_max_tokens=cfg.model.default_max_tokens, metrics=self.metrics, authorizer=authorizer,
+            access=self._access_check(catalog), signatures=signatures)
+        inference = InferenceServicer(self.generation, admin_needs_client_cert=bool(cfg.tls.client_ca_file))
+        attribution = AttributionServicer(LogQueries(self.records, operator, self.spans), authorizer)
         self.metrics.attach(NodeCollector(engine, self.generation, store, SettlementView(
             self.records, chain.reads if chain and chain.can_sign else None, operator)))
         engine.start()
-        self.server = NodeServer(cfg.server, inference, attribution)
+        self.server = NodeServer(cfg.server, inference, attribution, cfg.tls)
         self.port = await self.server.start()
         if cfg.http.listen:
             base_hash = await asyncio.to_thread(base_model_hash, Path(cfg.model.dir))  # cached beside the model
             self.http_node = HttpNode(self.generation, cfg.model.served_name, str(base_hash), operator,
-                                      self.metrics, self._export_epoch, cfg.http.max_body_bytes)
-            self.http = HttpServer(create_app(self.http_node), cfg.http.listen, cfg.server.grace_seconds)
+                                      self.metrics, self._export_epoch, cfg.http.max_body_bytes,
+                                      metrics_keyed=cfg.auth.metrics == "keyed")
+            self.http = HttpServer(create_app(self.http_node), cfg.http.listen, cfg.server.grace_seconds,
+                                   cfg.tls)
             self.http_port = await self.http.start()
         elif cfg.metrics.listen:
             host, _, port = cfg.metrics.listen.rpartition(":")
@@ -230,6 +250,23 @@ class NodeApp:
         log.info("node ready on port %d%s (model %s, device %s)", self.port,
                  f", HTTP port {self.http_port}" if self.http_port else "", cfg.model.dir, engine.device)
         return self.port
+
+    def _access_check(self, catalog: StoreCatalog) -> AdapterAccessCheck | None:
+        """The request path's check of on-chain adapter access, answered from the access cache (no RPC)."""
+        access = self.access
+        if access is None:
+            return None
+
+        def check(keys: list[str], account: str) -> None:
+            for key in keys:
+                adapter_id = catalog.terms(key).onchain_id
+                if adapter_id is not None and not access.allowed(adapter_id, account):
+                    who = account or "an unsigned client"
+                    raise PermissionDeniedError(
+                        f"adapter {adapter_id} is not open to {who}: its owner allows only listed accounts; sign "
+                        "the request with an allowed account (EIP-712) or use a key bound to one")
+
+        return check
 
     def _export_epoch(self, n: int, path: Path) -> None:
         """The epoch's export file, as `loraledger epoch export` writes it (NotFoundError before it is built)."""
@@ -262,6 +299,9 @@ class NodeApp:
         if self.settlement is not None:
             await asyncio.to_thread(self.settlement.stop)
             self.settlement = None
+        if self.access is not None:
+            await asyncio.to_thread(self.access.stop)
+            self.access = None
         if self.records is not None:
             await asyncio.to_thread(self.records.close)
             self.records = None

@@ -14,6 +14,7 @@ path): served, but no record is kept (a record names on-chain adapters only).
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,7 +26,7 @@ from loraledger.inference.identity import weights_hash
 from loraledger.inference.lora.adapter import read_adapter_config
 from loraledger.inference.lora.store import AdapterStore
 from loraledger.node.config import NodeConfig
-from loraledger.node.errors import ConfigError
+from loraledger.node.errors import ConfigError, PermissionDeniedError
 from loraledger.node.ledger.rewards import lineage_tokens
 from loraledger.node.ledger.terms import RewardsError
 from loraledger.node.serving.token_attribution import TokenAttribution
@@ -80,6 +81,7 @@ class StoreCatalog:
         self.deployment = cfg.chain.deployment
         self.contracts = contracts
         self.attribution = attribution
+        self.roots = tuple(Path(r) for r in (cfg.adapters.roots or [cfg.adapters.dir]))
         self._lock = threading.Lock()
         self._terms: dict[str, ServedAdapter] = {}
         for alias, path in cfg.adapters.aliases.items():
@@ -149,13 +151,25 @@ class StoreCatalog:
             datanet_ids=tuple(DatanetId(int(d)) for d in info.datanet_ids), owner=str(info.owner), lineage=tokens, index_dirs=index_dirs,
         )
 
+    def confined(self, path: str) -> Path:
+        """`path` (a LoadAdapter request's) when it lies below one of the adapter roots once `..` and symlinks
+        are resolved, else PermissionDeniedError: a client never names a folder outside them."""
+        real = Path(os.path.realpath(path))
+        for root in self.roots:
+            if real.is_relative_to(os.path.realpath(root)):
+                return real
+        raise PermissionDeniedError(
+            f"LoadAdapter path {path!r} resolves to {real}, outside the adapter roots "
+            f"{[str(r) for r in self.roots]}; copy the adapter below one of them (adapters.roots)")
+
     def load(self, name: str, path: str, expected_weights_hash: str) -> AdapterDescription:
+        source_path = self.confined(path) if path else None
         with self._lock:
             if name.isdigit():
-                terms = self._onchain(int(name), Path(path) if path else None)
+                terms = self._onchain(int(name), source_path)
             else:
                 known = self._terms.get(name)
-                source = Path(path) if path else (known.path if known is not None else None)
+                source = source_path if source_path is not None else (known.path if known is not None else None)
                 if source is None:
                     raise InvalidRequestError(f"LoadAdapter {name!r}: give `path`, the adapter directory to load")
                 terms = ServedAdapter(key=name, path=source, alias=name,

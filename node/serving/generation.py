@@ -35,7 +35,7 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -44,8 +44,10 @@ from loraledger.inference.engine import Engine
 from loraledger.inference.errors import CapacityError, EngineError, InvalidRequestError
 from loraledger.inference.requests import GenerationRequest, GenerationResult, RequestHandle, TokenDelta
 from loraledger.inference.sequence import SamplingParams
-from loraledger.node.errors import NodeError, UnavailableError
+from loraledger.node.errors import AuthenticationError, NodeError, UnavailableError
 from loraledger.node.logs import set_request_id
+from loraledger.node.serving.auth import OPEN, Authorizer, Principal
+from loraledger.node.serving.signing import SignatureVerifier
 from loraledger.node.serving.views import (
     AdapterCatalog,
     AttributionSummary,
@@ -57,6 +59,9 @@ from loraledger.node.serving.views import (
 
 if TYPE_CHECKING:
     from loraledger.node.serving.metrics import NodeMetrics
+
+AdapterAccessCheck = Callable[[list[str], str], None]
+"""access(store keys, client account): raises PermissionDeniedError naming the first adapter `account` may not use."""
 
 log = logging.getLogger(__name__)
 request_log = logging.getLogger("loraledger.requests")
@@ -107,6 +112,7 @@ class CallLog:
     first_token_at: float | None = None
     last_token_at: float | None = None
     inter_token: list[float] = field(default_factory=list)
+    principal: Principal = OPEN
 
     def tokens_arrived(self, n: int) -> None:
         """`n` tokens reached the request's stream now: time to first token, then the mean gap per token."""
@@ -181,6 +187,9 @@ class GenerationService:
         max_queue: int = 256,
         default_max_tokens: int = 64,
         metrics: NodeMetrics | None = None,
+        authorizer: Authorizer | None = None,
+        access: AdapterAccessCheck | None = None,
+        signatures: SignatureVerifier | None = None,
     ) -> None:
         if max_queue < 1:
             raise ValueError(f"max_queue must be >= 1, got {max_queue}")
@@ -190,6 +199,9 @@ class GenerationService:
         self.max_queue = max_queue
         self.default_max_tokens = default_max_tokens
         self.metrics = metrics
+        self.authorizer = authorizer if authorizer is not None else Authorizer("none", None)
+        self.access = access
+        self.signatures = signatures
         self.accepting = True
         self._inflight = 0
         self._commits: set[asyncio.Future[AttributionSummary | None]] = set()
@@ -214,9 +226,11 @@ class GenerationService:
 
     async def prepare(self, prompt: str | list[int], adapters: AdapterMix | Iterable[tuple[str, float]],
                       params: SamplingParams, client_id: str, priority: int = 0,
-                      call: CallLog | None = None) -> GenerationRequest:
-        """The engine request: the mix checked once (`AdapterMix`) and its names resolved to store keys through
-        the catalog (on-chain ids verified against the registry on first use)."""
+                      call: CallLog | None = None, account: str = "") -> GenerationRequest:
+        """The engine request: the mix checked once (`AdapterMix`), its names resolved to store keys through
+        the catalog (on-chain ids verified against the registry on first use), and each adapter's access
+        checked for `account` (the verified client account, "" for none; PermissionDeniedError names a denied
+        adapter)."""
         set_request_id(client_id)
         if call is not None:
             call.request_id = client_id
@@ -224,8 +238,13 @@ class GenerationService:
         if call is not None:
             call.adapters = list(mix.pairs)
         if mix:
-            keys = await asyncio.to_thread(lambda: [self.catalog.resolve(k) for k in mix.keys])
-            mix = mix.rekeyed(keys)
+            def resolve_and_check() -> list[str]:  # a worker thread: a first use may read the chain
+                keys = [self.catalog.resolve(k) for k in mix.keys]
+                if self.access is not None:
+                    self.access(keys, account)
+                return keys
+
+            mix = mix.rekeyed(await asyncio.to_thread(resolve_and_check))
         if call is not None:
             call.resolved = True
         if isinstance(prompt, str) and not prompt:
@@ -267,6 +286,26 @@ class GenerationService:
         self._commits.add(fut)
         fut.add_done_callback(self._commits.discard)
         return await asyncio.shield(fut)
+
+    def client_account(self, principal: Principal, digest: Callable[[], str], account: str = "",
+                       signature: str = "", deadline: int = 0) -> str:
+        """The request's client account: the signer of a verified EIP-712 signature over the request's hash
+        (`digest()`, `signing.request_hash` of what the client sent), else the account bound to its API key,
+        else "" (an account claimed without a signature is refused rather than believed)."""
+        if signature:
+            if self.signatures is None:
+                raise AuthenticationError("this node takes no signed requests (it has no operator key and chain "
+                                          "deployment to name in the signature); send the request unsigned")
+            return str(self.signatures.verify(digest(), account, int(deadline), signature))
+        if account and account.lower() != principal.account.lower():
+            raise AuthenticationError("client_account is taken only from a signature: sign the request (EIP-712, "
+                                      "`loraledger generate --key-file`) or use an API key bound to the account")
+        return principal.account
+
+    def end(self, call: CallLog) -> None:
+        """A request ended: its log line and metrics, and its tokens charged to its key's rate limit."""
+        call.emit(self.metrics)
+        self.authorizer.spent(call.principal, call.prompt_tokens + call.completion_tokens)
 
     def _record_abandoned(self, handle: RequestHandle, gen: GenerationRequest, account: str,
                           loop: asyncio.AbstractEventLoop) -> None:

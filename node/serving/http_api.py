@@ -35,6 +35,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import tempfile
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, MutableMapping
@@ -51,7 +52,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from loraledger.inference.errors import EngineError, InvalidRequestError
 from loraledger.inference.requests import TokenDelta
 from loraledger.inference.sequence import SamplingParams
+from loraledger.node.config import TlsConfig
 from loraledger.node.errors import NodeError
+from loraledger.node.serving.auth import Principal, bearer_token
 from loraledger.node.serving.generation import (
     CallLog,
     Finished,
@@ -60,6 +63,7 @@ from loraledger.node.serving.generation import (
     new_request_id,
 )
 from loraledger.node.serving.metrics import CONTENT_TYPE, NodeMetrics
+from loraledger.node.serving.signing import request_hash
 from loraledger.node.serving.status import api_status
 from loraledger.node.serving.views import AdapterDescription, AttributionSummary
 
@@ -76,6 +80,13 @@ class AdapterWeight(BaseModel):
     model_config = ConfigDict(extra="forbid")
     adapter: str
     weight: float = 0.0
+
+
+class SignedBy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    account: str
+    deadline: int
+    signature: str
 
 
 class StreamOptions(BaseModel):
@@ -100,6 +111,7 @@ class _Common(BaseModel):
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     adapters: list[AdapterWeight] | None = None  # loraledger extension: a per-request mix
+    loraledger_signature: SignedBy | None = None  # loraledger extension: an EIP-712 signature (signing.py)
 
 
 class CompletionBody(_Common):
@@ -130,9 +142,10 @@ class ApiError(Exception):
     """An error answered as is: HTTP status, OpenAI error type, the parameter at fault."""
 
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None) -> None:
+                 code: str | None = None, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.retry_after = retry_after
 
 
 def error_response(status: int, message: str, type_: str, param: str | None = None, code: str | None = None,
@@ -146,11 +159,12 @@ def _as_api_error(e: BaseException, param: str | None = None) -> ApiError:
     if status.http >= 500 and not isinstance(e, NodeError | EngineError):
         log.error("internal error serving an HTTP request: %s", e, exc_info=e)
     return ApiError(status.http, str(e) or type(e).__name__, status.openai_type, param,
-                    status.grpc.name.lower())
+                    status.grpc.name.lower(), getattr(e, "retry_after", None))
 
 
 def _error_of(e: ApiError) -> JSONResponse:
-    headers = {"Retry-After": str(RETRY_AFTER_SECONDS)} if e.status == 429 else None
+    wait = RETRY_AFTER_SECONDS if e.retry_after is None else max(1, math.ceil(e.retry_after))
+    headers = {"Retry-After": str(wait)} if e.status == 429 else None
     return error_response(e.status, e.message, e.type, e.param, e.code, headers)
 
 
@@ -219,6 +233,7 @@ class HttpNode:
     export_epoch: Callable[[int, Path], None] | None = None  # writes the epoch's export file (NotFoundError)
     max_body_bytes: int = 1024 * 1024
     serving: bool = False
+    metrics_keyed: bool = False  # /metrics needs a valid key (any scope) when keys are in force
 
 
 class _BodyLimit:
@@ -280,15 +295,21 @@ def create_app(node: HttpNode) -> Any:
         ok = node.serving and service.accepting
         return JSONResponse({"status": "serving" if ok else "not_serving"}, status_code=200 if ok else 503)
 
+    def caller(request: Request, scope: str) -> Principal:
+        return service.authorizer.authorize(bearer_token(request.headers.get("authorization")), scope)
+
     @app.get("/metrics")
-    async def metrics() -> Response:
+    async def metrics(request: Request) -> Response:
+        if node.metrics_keyed:
+            caller(request, "infer")
         if node.metrics is None:
             raise ApiError(404, "metrics are not enabled on this node", "not_found_error")
         body = await asyncio.to_thread(node.metrics.exposition)
         return Response(body, media_type=CONTENT_TYPE)
 
     @app.get("/v1/models")
-    async def models() -> JSONResponse:
+    async def models(request: Request) -> JSONResponse:
+        caller(request, "infer")
         adapters: list[AdapterDescription] = await asyncio.to_thread(service.catalog.list)
         now = int(time.time())
         data = [{"id": node.model_name, "object": "model", "created": now,
@@ -305,7 +326,8 @@ def create_app(node: HttpNode) -> Any:
         return JSONResponse({"object": "list", "data": data})
 
     @app.get("/v1/epochs/{epoch}/export")
-    async def epoch_export(epoch: int) -> Response:
+    async def epoch_export(epoch: int, request: Request) -> Response:
+        caller(request, "infer")
         if node.export_epoch is None:
             raise ApiError(404, "this node keeps no record log to export from", "not_found_error")
         with tempfile.TemporaryDirectory() as tmp:
@@ -319,11 +341,14 @@ def create_app(node: HttpNode) -> Any:
         if body.echo or body.suffix or (body.best_of is not None and body.best_of != body.n):
             raise ApiError(400, "echo, suffix and best_of are not supported by this node; omit them",
                            param="echo" if body.echo else "suffix" if body.suffix else "best_of")
+        principal = caller(request, "infer")
         prompt = _completion_prompt(body.prompt)
-        return await _serve(node, request, body, "completion", prompt, body.max_tokens, body.logprobs)
+        return await _serve(node, request, principal, body, "completion", prompt, prompt, body.max_tokens,
+                            body.logprobs)
 
     @app.post("/v1/chat/completions")
     async def chat(body: ChatBody, request: Request) -> Response:
+        principal = caller(request, "infer")
         messages = [(m.role, _content_text(m.content, i)) for i, m in enumerate(body.messages)]
         try:
             prompt = chat_prompt(service.engine, messages)
@@ -331,7 +356,7 @@ def create_app(node: HttpNode) -> Any:
             raise ApiError(400, str(e), param="messages") from e
         top = (body.top_logprobs or 0) if body.logprobs else None
         max_tokens = body.max_completion_tokens or body.max_tokens
-        return await _serve(node, request, body, "chat", prompt, max_tokens, top)
+        return await _serve(node, request, principal, body, "chat", messages, prompt, max_tokens, top)
 
     return _BodyLimit(app, node.max_body_bytes)
 
@@ -371,21 +396,28 @@ def _mix(node: HttpNode, body: _Common) -> list[tuple[str, float]]:
     return [(body.model, 1.0)]
 
 
-async def _serve(node: HttpNode, request: Request, body: _Common, kind: Literal["completion", "chat"],
+async def _serve(node: HttpNode, request: Request, principal: Principal, body: _Common,
+                 kind: Literal["completion", "chat"], raw_input: str | list[int] | list[tuple[str, str]],
                  prompt: str | list[int], max_tokens: int | None, logprobs: int | None) -> Response:
+    """Admit and prepare one engine request per choice; answer as a stream or at once. `raw_input` is what the
+    client sent (the prompt, or the chat messages): a signature covers it, not its rendering."""
     service = node.service
     base_id = new_request_id()
     method = "completions" if kind == "completion" else "chat.completions"
     pairs = _mix(node, body)
     slots, choices, gens, calls = [], [], [], []
     try:
+        signed = body.loraledger_signature
+        account = service.client_account(
+            principal, lambda: request_hash(raw_input, pairs, max_tokens=max_tokens or 0),
+            signed.account if signed else "", signed.signature if signed else "", signed.deadline if signed else 0)
         for i in range(body.n):
-            call = CallLog(method, api="http")
+            call = CallLog(method, api="http", principal=principal)
             calls.append(call)
-            slots.append(service.admit(body.user or ""))
+            slots.append(service.admit(account))
             client_id = base_id if body.n == 1 else f"{base_id}-{i}"
             params = _sampling(body, max_tokens, logprobs, service.default_max_tokens, i)
-            gens.append(await service.prepare(prompt, pairs, params, client_id, 0, call))
+            gens.append(await service.prepare(prompt, pairs, params, client_id, 0, call, account))
             choices.append(_Choice(i, client_id, call))
     except (ApiError, EngineError, NodeError) as e:
         err = e if isinstance(e, ApiError) else _as_api_error(e, "model" if api_status(e).http == 404 else None)
@@ -393,7 +425,7 @@ async def _serve(node: HttpNode, request: Request, body: _Common, kind: Literal[
             slot.release()
         for c in calls:
             c.status = err.code or str(err.status)
-            c.emit(service.metrics)
+            service.end(c)
         raise err from e
     created = int(time.time())
     answer = _Answer(node, kind, body.model, base_id, created, logprobs)
@@ -490,7 +522,7 @@ async def _run_choice(service: GenerationService, slot: Any, gen: Any, choice: _
         raise
     finally:
         slot.release()
-        choice.call.emit(service.metrics)
+        service.end(choice.call)
     assert done is not None, "the engine ended a request without a result"
     return done
 
@@ -597,11 +629,14 @@ class _Server(uvicorn.Server):
 class HttpServer:
     """The API on `listen` (HOST:PORT; port 0 picks a free one), in the running event loop."""
 
-    def __init__(self, app: Any, listen: str, grace_seconds: float = 10.0) -> None:
+    def __init__(self, app: Any, listen: str, grace_seconds: float = 10.0, tls: TlsConfig | None = None) -> None:
         host, _, port = listen.rpartition(":")
+        ssl: dict[str, Any] = {}
+        if tls is not None and tls.cert_file:
+            ssl = {"ssl_certfile": tls.cert_file, "ssl_keyfile": tls.key_file}
         self.config = uvicorn.Config(app, host=host, port=int(port), log_config=None, access_log=False,
                                      lifespan="off", timeout_graceful_shutdown=max(1, int(grace_seconds)),
-                                     loop="none", http="httptools")
+                                     loop="none", http="httptools", **ssl)
         self.server = _Server(self.config)
         self._task: asyncio.Task[None] | None = None
         self.port: int | None = None

@@ -7,6 +7,10 @@
                                          # `grace_seconds` to finish, the rest are cancelled (their engine
                                          # requests freed), pending records flushed
 
+With `[tls]` the port speaks TLS only. With `tls.client_ca_file` it is mutual TLS: every client presents a
+certificate from that CA (grpcio can require client certificates per port, not per call; the servicer also
+checks the verified peer identity on the admin calls). The HTTP API, which has no admin calls, stays server TLS.
+
 Message size limits (both directions) come from `server.max_message_bytes`: a larger request is refused by gRPC
 itself with RESOURCE_EXHAUSTED before any handler runs. Health answers for the overall server ("") and for each
 service by its full name, so load balancers can probe either.
@@ -15,12 +19,13 @@ service by its full name, so load balancers can probe either.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraledger.node.config import ServerConfig
+from loraledger.node.config import ServerConfig, TlsConfig
 from loraledger.node.serving.servicers import AttributionServicer, InferenceServicer
 from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
 from loraledger.proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
@@ -39,8 +44,10 @@ class NodeServer:
         config: ServerConfig,
         inference: InferenceServicer,
         attribution: AttributionServicer | None = None,
+        tls: TlsConfig | None = None,
     ) -> None:
         self.config = config
+        self.tls = tls
         self.inference = inference
         self.attribution = attribution
         self.health = health.aio.HealthServicer()
@@ -65,7 +72,14 @@ class NodeServer:
         names = [*self.services, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                  reflection.SERVICE_NAME]
         reflection.enable_server_reflection(names, server)
-        port = server.add_insecure_port(self.config.listen)
+        if self.tls is not None and self.tls.cert_file:
+            ca = Path(self.tls.client_ca_file).read_bytes() if self.tls.client_ca_file else None
+            creds = grpc.ssl_server_credentials(
+                [(Path(self.tls.key_file).read_bytes(), Path(self.tls.cert_file).read_bytes())],
+                root_certificates=ca, require_client_auth=ca is not None)
+            port = server.add_secure_port(self.config.listen, creds)
+        else:
+            port = server.add_insecure_port(self.config.listen)
         if port == 0:
             raise OSError(f"cannot listen on {self.config.listen}: the address is in use or not local; "
                           "set server.listen (or --listen) to a free HOST:PORT")

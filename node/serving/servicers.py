@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 from collections.abc import AsyncIterator, Sequence
 
 import grpc
@@ -24,7 +25,8 @@ from loraledger.inference.engine import Engine
 from loraledger.inference.errors import EngineError, InvalidRequestError
 from loraledger.inference.requests import TokenDelta
 from loraledger.inference.sequence import SamplingParams
-from loraledger.node.errors import NodeError, NotFoundError
+from loraledger.node.errors import NodeError, NotFoundError, PermissionDeniedError
+from loraledger.node.serving.auth import Authorizer, Principal, RateLimitedError, bearer_token
 from loraledger.node.serving.generation import (
     CallLog,
     Finished,
@@ -33,6 +35,7 @@ from loraledger.node.serving.generation import (
     new_request_id,
     request_id_bytes32,
 )
+from loraledger.node.serving.signing import proto_request_hash
 from loraledger.node.serving.status import status_for
 from loraledger.node.serving.views import (
     AdapterDescription,
@@ -117,9 +120,23 @@ async def _abort(context: grpc.aio.ServicerContext, error: BaseException, call: 
     code = status_for(error)
     if call is not None:
         call.status = code.name
+    if isinstance(error, RateLimitedError):
+        context.set_trailing_metadata((("retry-after", str(math.ceil(error.retry_after))),))
     if code is grpc.StatusCode.INTERNAL:
         log.error("internal error serving %s: %s", call.method if call else "call", error, exc_info=error)
     await context.abort(code, str(error) or type(error).__name__)
+
+
+def authorize(authorizer: Authorizer, context: grpc.aio.ServicerContext, scope: str,
+              client_cert: bool = False) -> Principal:
+    """The caller of this RPC, from its `authorization: Bearer KEY` metadata (see `auth.py`); with
+    `client_cert`, a TLS client certificate verified against tls.client_ca_file is required too (mTLS)."""
+    metadata = {k.lower(): v for k, v in (context.invocation_metadata() or ())}
+    principal = authorizer.authorize(bearer_token(str(metadata.get("authorization", "")) or None), scope)
+    if client_cert and not context.peer_identities():
+        raise PermissionDeniedError(f"{scope} calls need a TLS client certificate signed by the node's "
+                                    "tls.client_ca_file (mTLS)")
+    return principal
 
 
 # ---- Inference ---------------------------------------------------------------------------------------------
@@ -129,10 +146,11 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     """Generate / GenerateStream / LoadAdapter / UnloadAdapter / ListAdapters: the gRPC face of a
     `GenerationService` (shared with the HTTP API)."""
 
-    def __init__(self, service: GenerationService) -> None:
+    def __init__(self, service: GenerationService, admin_needs_client_cert: bool = False) -> None:
         self.service = service
         self.engine = service.engine
         self.catalog = self.service.catalog
+        self.admin_needs_client_cert = admin_needs_client_cert
 
     @property
     def inflight(self) -> int:
@@ -149,14 +167,19 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
         The admission is released when the RPC ends for any reason (client cancel, deadline, shutdown), even
         before this generator is finalised: the engine drops the sequence and frees its KV blocks at once."""
-        slot = self.service.admit(request.client_account)
+        call.principal = authorize(self.service.authorizer, context, "infer")
+        pairs = [(r.adapter, r.weight) for r in request.adapters]
+        account = self.service.client_account(call.principal, lambda: proto_request_hash(request),
+                                              request.client_account, request.client_signature,
+                                              request.signature_deadline)
+        slot = self.service.admit(account)
         context.add_done_callback(lambda _ctx: slot.release())
         try:
             client_id = request.request_id or new_request_id()
             gen = await self.service.prepare(
-                prompt_from_proto(request, self.engine), [(r.adapter, r.weight) for r in request.adapters],
+                prompt_from_proto(request, self.engine), pairs,
                 sampling_from_proto(request.sampling, self.service.default_max_tokens), client_id,
-                int(request.priority), call)
+                int(request.priority), call, account)
             async for item in self.service.run(slot, gen, call):
                 if isinstance(item, list):
                     yield item
@@ -184,7 +207,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             call.status = "CANCELLED"
             raise
         finally:
-            call.emit(self.service.metrics)
+            self.service.end(call)
         assert final is not None, "the engine ended a request without a result"
         final.logprobs.extend(logprobs)
         return final
@@ -210,13 +233,14 @@ class InferenceServicer(pb_grpc.InferenceServicer):
             call.status = "CANCELLED"
             raise
         finally:
-            call.emit(self.service.metrics)
+            self.service.end(call)
 
     async def LoadAdapter(self, request: pb.LoadAdapterRequest, context: grpc.aio.ServicerContext
                           ) -> pb.LoadAdapterResponse:
-        if not request.adapter:
-            await _abort(context, InvalidRequestError("LoadAdapter needs `adapter` (an on-chain id or an alias)"))
         try:
+            authorize(self.service.authorizer, context, "admin", self.admin_needs_client_cert)
+            if not request.adapter:
+                raise InvalidRequestError("LoadAdapter needs `adapter` (an on-chain id or an alias)")
             info = await asyncio.to_thread(self.catalog.load, request.adapter, request.path,
                                            request.expected_weights_hash)
         except (EngineError, NodeError) as e:
@@ -226,6 +250,7 @@ class InferenceServicer(pb_grpc.InferenceServicer):
     async def UnloadAdapter(self, request: pb.UnloadAdapterRequest, context: grpc.aio.ServicerContext
                             ) -> pb.UnloadAdapterResponse:
         try:
+            authorize(self.service.authorizer, context, "admin", self.admin_needs_client_cert)
             unloaded = await asyncio.to_thread(self.catalog.unload, request.adapter)
         except (EngineError, NodeError) as e:
             await _abort(context, e)
@@ -233,6 +258,10 @@ class InferenceServicer(pb_grpc.InferenceServicer):
 
     async def ListAdapters(self, request: pb.ListAdaptersRequest, context: grpc.aio.ServicerContext
                            ) -> pb.ListAdaptersResponse:
+        try:
+            authorize(self.service.authorizer, context, "infer")
+        except (EngineError, NodeError) as e:
+            await _abort(context, e)
         adapters = await asyncio.to_thread(self.catalog.list)
         return pb.ListAdaptersResponse(adapters=[adapter_to_proto(a) for a in adapters])
 
@@ -252,11 +281,19 @@ def _response(done: Finished, client_id: str) -> pb.GenerateResponse:
 class AttributionServicer(pb_grpc.AttributionServicer):
     """GetRecord / GetRewardProof / ListEpochs over an `AttributionQueries` (the record log and its trees)."""
 
-    def __init__(self, queries: AttributionQueries) -> None:
+    def __init__(self, queries: AttributionQueries, authorizer: Authorizer | None = None) -> None:
         self.queries = queries
+        self.authorizer = authorizer if authorizer is not None else Authorizer("none", None)
+
+    async def _authorize(self, context: grpc.aio.ServicerContext) -> None:
+        try:
+            authorize(self.authorizer, context, "infer")
+        except NodeError as e:
+            await _abort(context, e)
 
     async def GetRecord(self, request: pb.GetRecordRequest, context: grpc.aio.ServicerContext
                         ) -> pb.GetRecordResponse:
+        await self._authorize(context)
         if not request.request_id:
             await _abort(context, InvalidRequestError("GetRecord needs the request_id of a finished request"))
         rid = request_id_bytes32(request.request_id)
@@ -272,6 +309,7 @@ class AttributionServicer(pb_grpc.AttributionServicer):
 
     async def GetRewardProof(self, request: pb.GetRewardProofRequest, context: grpc.aio.ServicerContext
                              ) -> pb.GetRewardProofResponse:
+        await self._authorize(context)
         try:
             view = await asyncio.to_thread(self.queries.reward_proof, request.account)
             if view is None:
@@ -286,6 +324,7 @@ class AttributionServicer(pb_grpc.AttributionServicer):
 
     async def ListEpochs(self, request: pb.ListEpochsRequest, context: grpc.aio.ServicerContext
                          ) -> pb.ListEpochsResponse:
+        await self._authorize(context)
         try:
             epochs = await asyncio.to_thread(self.queries.epochs, int(request.limit))
         except (EngineError, NodeError) as e:

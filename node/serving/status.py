@@ -2,11 +2,13 @@
 type, from the same table.
 
     error                                         gRPC                  HTTP  OpenAI error type
+    no key, unknown or revoked key, bad signature UNAUTHENTICATED       401   authentication_error
+    wrong scope, denied adapter, path not allowed PERMISSION_DENIED     403   permission_denied_error
     unknown adapter / record / account            NOT_FOUND             404   not_found_error
     weights hash or base model mismatch,          FAILED_PRECONDITION   422   invalid_request_error
       malformed adapter file, model load
     bad request (weights, sampling, prompt size)  INVALID_ARGUMENT      400   invalid_request_error
-    queue full                                    RESOURCE_EXHAUSTED    429   rate_limit_error (+ Retry-After)
+    queue full, a key over its rate limit         RESOURCE_EXHAUSTED    429   rate_limit_error (+ Retry-After)
     chain unreachable, shutting down              UNAVAILABLE           503   service_unavailable
     anything else                                 INTERNAL              500   server_error (logged with traceback)
 """
@@ -27,11 +29,13 @@ from loraledger.inference.errors import (
     ModelLoadError,
 )
 from loraledger.node.errors import (
+    AuthenticationError,
     ChainError,
     ConfigError,
     LineageMismatchError,
     NodeError,
     NotFoundError,
+    PermissionDeniedError,
     UnavailableError,
 )
 
@@ -51,6 +55,8 @@ _INVALID = ApiStatus(grpc.StatusCode.INVALID_ARGUMENT, 400, "invalid_request_err
 _INTERNAL = ApiStatus(grpc.StatusCode.INTERNAL, 500, "server_error")
 
 _TABLE: tuple[tuple[type[BaseException], ApiStatus], ...] = (
+    (AuthenticationError, ApiStatus(grpc.StatusCode.UNAUTHENTICATED, 401, "authentication_error")),
+    (PermissionDeniedError, ApiStatus(grpc.StatusCode.PERMISSION_DENIED, 403, "permission_denied_error")),
     (AdapterNotFoundError, _NOT_FOUND),
     (NotFoundError, _NOT_FOUND),
     (AdapterMismatchError, _PRECONDITION),

@@ -59,6 +59,7 @@ def node(tiny_model_dir: Path, random_adapter: Callable[..., Path], tmp_path_fac
     cfg.model.max_tokens_per_step = 1024
     cfg.adapters.slots = 4
     cfg.adapters.max_rank = 8
+    cfg.adapters.roots = [str(tmp_path_factory.getbasetemp())]  # LoadAdapter reads the tests' own folders
     cfg.adapters.aliases = {"a": str(random_adapter(tiny_model_dir, tmp / "a", seed=1)),
                             "b": str(random_adapter(tiny_model_dir, tmp / "b", seed=2, r=8))}
     cfg.chain.deployment = str(tmp / "no-deployment.json")
