@@ -78,6 +78,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     cl.add_argument("--epoch-file", help="exported epoch file holding the proof (default: the local record log)")
     cl.add_argument("--server", help="fetch the proof from the node at HOST:PORT (gRPC GetRewardProof)")
     cl.add_argument("--timeout", type=float, default=30.0, help="gRPC deadline in seconds with --server")
+    cl.add_argument("--api-key", default=os.environ.get("LORALEDGER_API_KEY", ""),
+                    help="the node's API key with --server (default: $LORALEDGER_API_KEY)")
     cl.add_argument("--account", help="account to claim for (default: the key's own address)")
     common(cl)
     cl.set_defaults(handler=_claim)
@@ -226,7 +228,7 @@ def _claim(args: argparse.Namespace) -> int:
     if args.epoch_file and args.server:
         raise ConfigError("give --server or --epoch-file, not both")
     if args.server:
-        proof = proof_from_node(args.server, account, args.timeout)
+        proof = proof_from_node(args.server, account, args.timeout, args.api_key)
     elif args.epoch_file:
         proof = proof_from_epoch_file(args.epoch_file, account)
     else:
@@ -243,7 +245,7 @@ def _claim(args: argparse.Namespace) -> int:
     return 0
 
 
-def proof_from_node(server: str, account: str, timeout: float = 30.0) -> RewardProofData:
+def proof_from_node(server: str, account: str, timeout: float = 30.0, api_key: str = "") -> RewardProofData:
     """The latest cumulative amount and proof of `account` from the node at `server` (gRPC GetRewardProof).
     Not trusted: `claim` checks it against the operator's root on chain before sending anything."""
     import grpc
@@ -253,8 +255,9 @@ def proof_from_node(server: str, account: str, timeout: float = 30.0) -> RewardP
 
     with grpc.insecure_channel(server) as channel:
         try:
-            r = pb_grpc.AttributionStub(channel).GetRewardProof(pb.GetRewardProofRequest(account=account),
-                                                                timeout=timeout)
+            r = pb_grpc.AttributionStub(channel).GetRewardProof(
+                pb.GetRewardProofRequest(account=account), timeout=timeout,
+                metadata=[("authorization", f"Bearer {api_key}")] if api_key else None)
         except grpc.RpcError as e:
             raise ConfigError(f"node {server} gave no proof for {account}: {e.code().name}: {e.details()}") from e
     try:

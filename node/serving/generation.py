@@ -1,10 +1,13 @@
 """The request path both APIs share: admission, validation into one engine request, streaming, records.
 
-    service = GenerationService(engine, catalog=..., records=..., max_queue=256)
+    service = GenerationService(engine, catalog=..., records=..., max_queue=256, authorizer=..., access=...)
+    principal = service.authorizer.authorize(bearer, "infer")        # the API key (auth.py)
+    account = service.client_account(principal, digest, claimed, signature, deadline)   # signed or key-bound
     slot = service.admit(account)                        # CapacityError when max_queue requests are held
-    gen = await service.prepare(prompt, mix_pairs, params, client_id, priority)
-    async for item in service.run(slot, gen, client_id, call):   # list[TokenDelta] ... then one Finished
+    gen = await service.prepare(prompt, pairs, params, client_id, priority, call, account)  # + access check
+    async for item in service.run(slot, gen, call):      # list[TokenDelta] ... then one Finished
         ...
+    service.end(call)                                    # log line, metrics, tokens charged to the key
     slot.release()                                       # always (idempotent): frees the queue place and, if the
                                                          # request did not finish, cancels it in the engine
 
