@@ -13,7 +13,7 @@ Greedy decoding; request i uses adapter i % (A + 1) (0 = the base model). Every 
 and in either mode, must equal the engine's own output for that request (checked; a mismatch fails the run).
 Writes JSON with the machine described to benchmarks/results/http_<device>.json.
 
-    python scripts/bench_http.py                    # CPU, tiny model, 64 requests x 32 tokens, 3 rounds
+    python scripts/bench_http.py                    # CPU, 4 layers hidden 256, 64 requests x 64 tokens, 5 rounds
 """
 
 from __future__ import annotations
@@ -123,11 +123,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--client", nargs=3, metavar=("API", "MODE", "ADDR"), help=argparse.SUPPRESS)
     parser.add_argument("--requests", type=int, default=64)
-    parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--adapters", type=int, default=4, help="random adapters served by alias (default 4)")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--hidden", type=int, default=64)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--layers", type=int, default=4)
+    parser.add_argument("--hidden", type=int, default=256)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/http_<device>.json)")
     args = parser.parse_args()

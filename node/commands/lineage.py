@@ -9,6 +9,8 @@
     loraledger train --base MODEL_DIR --datanet MANIFEST_DIR ... --method lora|qlora --out ADAPTER_DIR
     loraledger adapter register ADAPTER_DIR --fee-per-token X
     loraledger adapter verify ADAPTER_DIR --id N --base MODEL_DIR
+    loraledger adapter reproduce ID [--base MODEL_DIR] [--datanet MANIFEST_DIR ...] [--lineage PATH] [--json]
+        exit 0 reproduced, 1 differs, 3 cannot reproduce here (other stack), 2 could not run
 
 Chain access: `--deployment PATH` (deployment.json from `devnet up` or `deploy`; RPC URL from its record
 unless `--rpc-url`). Keys (loraledger.node.chain.keys): `--key-file` keystore (password from $LORALEDGER_KEY_PASSWORD or
@@ -147,6 +149,8 @@ def _add_train(subparsers: Parsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's; recorded in the config)")
     p.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="output adapter folder")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -169,6 +173,26 @@ def _add_adapter(subparsers: Parsers) -> None:
     ver.add_argument("--base", required=True, metavar="MODEL_DIR", help="the base checkpoint it will run on")
     _chain_args(ver)
     ver.set_defaults(handler=_adapter_verify)
+    rep = sub.add_parser(
+        "reproduce",
+        help="retrain a registered adapter from its recorded config and data; exit 0 reproduced, 1 differs, "
+        "3 cannot reproduce here",
+    )
+    rep.add_argument("adapter_id", type=int, metavar="ID", help="on-chain adapter id")
+    rep.add_argument("--base", metavar="MODEL_DIR", help="base checkpoint (default: the lineage's)")
+    rep.add_argument(
+        "--datanet",
+        action="append",
+        metavar="MANIFEST_DIR",
+        help="a datanet of the adapter (default: the lineage's)",
+    )
+    rep.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    rep.add_argument(
+        "--lineage", metavar="PATH", help="lineage.json or its folder (default: at the registered file: URI)"
+    )
+    rep.add_argument("--json", action="store_true", help="print the verdict as JSON")
+    _chain_args(rep)
+    rep.set_defaults(handler=_adapter_reproduce)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -291,6 +315,8 @@ def _train(args: argparse.Namespace) -> int:
         args.out,
         args.max_seq_len,
         args.batch_size,
+        device=args.device,
+        threads=args.threads,
         overwrite=args.force,
         progress=not args.no_progress,
     )
@@ -340,3 +366,25 @@ def _adapter_verify(args: argparse.Namespace) -> int:
         )
     )
     return 0
+
+
+def _adapter_reproduce(args: argparse.Namespace) -> int:
+    from loraledger.node.errors import NodeError
+    from loraledger.node.lineage.reproduce import reproduce_adapter
+
+    try:
+        r = reproduce_adapter(
+            args.adapter_id,
+            _contracts(args),
+            base_dir=args.base,
+            manifest_dirs=args.datanet,
+            lineage_path=args.lineage,
+            device=args.device,
+        )
+    except (NodeError, OSError) as e:
+        print(
+            json.dumps({"adapter_id": args.adapter_id, "error": str(e)}) if args.json else f"cannot run: {e}"
+        )
+        return 2
+    print(json.dumps(r.to_dict(), indent=2) if args.json else r.describe())
+    return r.exit_code

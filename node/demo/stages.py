@@ -6,6 +6,8 @@
     datanet       build (weights in tokens of the tiny tokenizer), suffix-array index, register  STATE/datanet/
     train         two LoRA adapters and one QLoRA adapter on the datanet                      STATE/adapters/<name>/
     register      AdapterRegistry.registerAdapter (fee per token) from account 5, the adapter owner
+    reproduce     `loraledger adapter reproduce` of the smallest adapter: retrained from its registered data and
+                  config, weights hash and tokens compared with the chain and its lineage; prints the verdict
     node          `loraledger node run --config STATE/node.toml`, detached; waits for health SERVING
     requests      one streamed gRPC request per adapter, one merging all three
     settle        the pending records -> one epoch on the AttributionLedger (loraledger.node.ledger.settler.Settler)
@@ -375,7 +377,7 @@ def _trained_as_planned(ctx: DemoContext, plan: AdapterPlan, path: Path) -> str 
     from loraledger.inference.errors import EngineError
     from loraledger.inference.identity import base_model_hash, weights_hash
     from loraledger.node.errors import ConfigError
-    from loraledger.node.lineage.training import load_lineage, parse_targets
+    from loraledger.node.lineage.training import TRAINING_FORMAT, load_lineage, parse_targets
 
     try:
         lin = load_lineage(path)
@@ -383,7 +385,7 @@ def _trained_as_planned(ctx: DemoContext, plan: AdapterPlan, path: Path) -> str 
     except (ConfigError, EngineError, OSError):
         return None
     cfg = lin.get("training_config", {})
-    wanted = {"method": plan.method, "rank": plan.rank, "alpha": plan.alpha, "targets": parse_targets(plan.targets),
+    wanted = {"format": TRAINING_FORMAT, "method": plan.method, "rank": plan.rank, "alpha": plan.alpha, "targets": parse_targets(plan.targets),
               "epochs": 1, "lr": plan.lr, "seed": plan.seed, "max_seq_len": ctx.sizes.max_seq_len,
               "batch_size": ctx.sizes.batch_size, "base_model_hash": str(base_model_hash(ctx.model_dir))}
     if any(cfg.get(k) != v for k, v in wanted.items()):
@@ -471,6 +473,21 @@ def stage_register(ctx: DemoContext) -> str:
             notes.append(f"{a.plan.name} = #{a.adapter_id} (registered)")
         ctx.changed = True
     return "; ".join(notes)
+
+
+def stage_reproduce(ctx: DemoContext) -> str:
+    """Reproduce the adapter with the smallest weights file from the chain's registration (verdict printed);
+    DemoError when it differs (on the machine that trained it, it must reproduce)."""
+    from loraledger.inference.identity import ADAPTER_WEIGHTS_FILE
+    from loraledger.node.lineage.reproduce import DIFFERS, reproduce_adapter
+
+    a = min(ctx.adapters, key=lambda x: (x.path / ADAPTER_WEIGHTS_FILE).stat().st_size)
+    assert a.adapter_id is not None
+    r = reproduce_adapter(a.adapter_id, ctx.contracts_as(DEV_ADAPTER_OWNER), base_dir=ctx.model_dir,
+                          manifest_dirs=[ctx.datanet_dir], work_dir=ctx.state)
+    if r.verdict == DIFFERS:
+        raise DemoError(f"{a.plan.name}: {r.describe()}")
+    return f"{a.plan.name} " + r.describe().replace("\n", ";")
 
 
 # ------------------------------------------------------------------------------------------------- node
@@ -705,6 +722,7 @@ STAGES: tuple[tuple[str, Callable[[DemoContext], str]], ...] = (
     ("datanet", stage_datanet),
     ("train", stage_train),
     ("register", stage_register),
+    ("reproduce", stage_reproduce),
     ("node", stage_node),
     ("requests", stage_requests),
     ("settle", stage_settle),

@@ -8,9 +8,20 @@
         for batch of batch_size in order: AdamW step on mean token cross-entropy (right-padded, masked)
 
 The base is loaded in float32 ("lora") or 4-bit nf4 through bitsandbytes ("qlora", float32 compute; runs on
-CPU). LoRA A is initialised from `torch.manual_seed(seed)`, B at zero, dropout 0, and
-`torch.use_deterministic_algorithms(True)` is on during the run, so on one CPU machine the same inputs and
-seed give the same weights, hence the same weights hash.
+CPU). LoRA A is initialised from `torch.manual_seed(seed)`, B at zero, dropout 0. During the run (set at train
+time, restored after):
+
+    torch.use_deterministic_algorithms(True); torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision("highest")                          # no TF32 on CUDA
+    cuda only: CUBLAS_WORKSPACE_CONFIG=":4096:8" unless already set; eager attention (not SDPA's kernels)
+
+Determinism. On CPU the same inputs, seed, thread count, library versions and CPU capability (AVX2 / AVX512
+kernels) give the same weights bit for bit, hence the same weights hash (tested). On CUDA the same holds on the
+same GPU class (compute capability), CUDA / cuDNN and library versions, with one caveat torch states itself:
+CUBLAS_WORKSPACE_CONFIG only takes effect if no cuBLAS handle was created earlier in the process (train in a
+fresh process). Not deterministic across: CPU vs CUDA, GPU classes, library versions, thread counts; the data
+order is device-independent (a CPU generator). Everything on that list is in the training config (below), so
+its hash, on chain, changes when any of it changes.
 
 Output directory (written to a temp sibling and renamed at the end):
 
@@ -47,7 +58,7 @@ log = logging.getLogger(__name__)
 LINEAGE_FILE = "lineage.json"
 LOSS_PLOT_FILE = "loss.png"
 LINEAGE_VERSION = 1
-TRAINING_FORMAT = "loraledger.training.v1"
+TRAINING_FORMAT = "loraledger.training.v2"
 METHODS = ("lora", "qlora")
 IGNORE_INDEX = -100
 
@@ -64,6 +75,11 @@ TARGET_ALIASES: dict[str, str] = {
 
 _ADAM_BETAS = (0.9, 0.999)
 _ADAM_EPS = 1e-8
+CUBLAS_WORKSPACE = ":4096:8"  # what torch asks for deterministic cuBLAS
+DATA_ORDER_RULE = (
+    "credited records of each datanet in manifest order; each epoch e visits them in "
+    "torch.randperm(n, generator=torch.Generator('cpu').manual_seed(seed * 1000 + e))"
+)
 
 
 class TrainingError(NodeError, RuntimeError):
@@ -208,13 +224,14 @@ def collate(batch: Sequence[Example], pad: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _load_base(base_dir: Path, method: str) -> torch.nn.Module:
-    """The base model on CPU: float32, or nf4 via bitsandbytes (float32 compute) prepared for k-bit
-    training."""
+def _load_base(base_dir: Path, method: str, device: str) -> torch.nn.Module:
+    """The base model: float32 on CPU (moved to `device` after peft wraps it), or nf4 via bitsandbytes
+    (float32 compute) on `device`, prepared for k-bit training."""
     from transformers import AutoModelForCausalLM
 
+    attn = _attention(device)
     if method == "lora":
-        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation=attn)
     try:
         import bitsandbytes  # noqa: F401 - fail early with the fix when the quant extra is missing
         from transformers import BitsAndBytesConfig
@@ -229,7 +246,11 @@ def _load_base(base_dir: Path, method: str) -> torch.nn.Module:
         bnb_4bit_use_double_quant=False,
     )
     model = AutoModelForCausalLM.from_pretrained(
-        base_dir, quantization_config=quant, device_map={"": "cpu"}, dtype=torch.float32
+        base_dir,
+        quantization_config=quant,
+        device_map={"": device},
+        dtype=torch.float32,
+        attn_implementation=attn,
     )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
 
@@ -248,11 +269,73 @@ def library_versions(method: str) -> dict[str, str]:
     return out
 
 
+def _attention(device: str) -> str:
+    """Attention implementation: SDPA on CPU (deterministic there), eager on CUDA (SDPA's flash / efficient
+    backward kernels are not)."""
+    return "sdpa" if device == "cpu" else "eager"
+
+
+def check_device(device: str) -> str:
+    """ "cpu" or "cuda" / "cuda:N", usable here; ConfigError otherwise."""
+    if device == "cpu":
+        return device
+    if device == "cuda" or (device.startswith("cuda:") and device[5:].isdigit()):
+        if not torch.cuda.is_available():
+            raise ConfigError(f"device {device!r} asked, but torch sees no CUDA device here")
+        return device
+    raise ConfigError(f"device must be cpu, cuda or cuda:N, got {device!r}")
+
+
+def device_class(device: str) -> dict[str, Any]:
+    """What of the hardware shapes the weights: CPU architecture and kernel capability (AVX2 / AVX512 ...), or the
+    GPU's name, compute capability and the CUDA / cuDNN versions torch runs."""
+    if device == "cpu":
+        return {
+            "type": "cpu",
+            "arch": platform.machine(),
+            "capability": torch.backends.cpu.get_cpu_capability(),
+        }
+    major, minor = torch.cuda.get_device_capability(device)
+    return {
+        "type": "cuda",
+        "name": torch.cuda.get_device_name(device),
+        "capability": f"{major}.{minor}",
+        "cuda": torch.version.cuda,
+        "cudnn": torch.backends.cudnn.version(),
+    }
+
+
+def determinism_settings(device: str, threads: int) -> dict[str, Any]:
+    """The settings `train_adapter` runs under (module docstring)."""
+    return {
+        "deterministic_algorithms": True,
+        "torch_threads": threads,
+        "dtype": "float32",
+        "float32_matmul_precision": "highest",
+        "attention": _attention(device),
+        "cublas_workspace_config": CUBLAS_WORKSPACE if device != "cpu" else None,
+    }
+
+
+def run_environment(method: str, device: str, threads: int) -> dict[str, Any]:
+    """The software stack, device class and determinism settings of a run: the part of the training config a
+    reproducer cannot choose, only match."""
+    return {
+        "software": library_versions(method),
+        "device": device_class(device),
+        "determinism": determinism_settings(device, threads),
+    }
+
+
 def training_config(
-    args: TrainingArgs, base_hash: str, manifests: Sequence[DatanetManifest], tokenizer_sha256: str
+    args: TrainingArgs,
+    base_hash: str,
+    manifests: Sequence[DatanetManifest],
+    tokenizer_sha256: str,
+    environment: dict[str, Any],
 ) -> dict[str, Any]:
     """The dict whose canonical-JSON sha256 is the training config hash: every input that shapes the
-    weights."""
+    weights, and the stack they were shaped on (`run_environment`)."""
     return {
         "format": TRAINING_FORMAT,
         "method": args.method,
@@ -273,6 +356,10 @@ def training_config(
         "base_model_hash": base_hash,
         "tokenizer_sha256": tokenizer_sha256,
         "datanets": [{"name": m.name, "root": m.root} for m in manifests],
+        "data_order": {"rule": DATA_ORDER_RULE, "seed": args.seed},
+        "software": environment["software"],
+        "device": environment["device"],
+        "determinism": environment["determinism"],
     }
 
 
@@ -310,7 +397,7 @@ def _check_lora_b(adapter_dir: Path) -> None:
 
 
 def _run(
-    model: torch.nn.Module, examples: list[Example], args: TrainingArgs, pad: int, progress: bool
+    model: torch.nn.Module, examples: list[Example], args: TrainingArgs, pad: int, device: str, progress: bool
 ) -> list[float]:
     """The optimisation loop (module docstring); returns the loss of every step."""
     from tqdm import tqdm
@@ -328,9 +415,8 @@ def _run(
             gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
             order = torch.randperm(len(examples), generator=gen).tolist()
             for s in range(steps_per_epoch):
-                batch = collate(
-                    [examples[j] for j in order[s * args.batch_size : (s + 1) * args.batch_size]], pad
-                )
+                rows = [examples[j] for j in order[s * args.batch_size : (s + 1) * args.batch_size]]
+                batch = {k: v.to(device) for k, v in collate(rows, pad).items()}
                 out = model(**batch)
                 loss = out.loss
                 if not torch.isfinite(loss):
@@ -360,15 +446,18 @@ def train_adapter(
     max_seq_len: int = 256,
     batch_size: int = 4,
     *,
+    device: str = "cpu",
+    threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
 ) -> TrainingResult:
     """Train a LoRA (or QLoRA) adapter of `base_dir` on the datanets at `manifests`; write it with its
     lineage.
 
-    Each manifest is verified (file hashes, signatures, root) before use. Raises ConfigError for bad
-    arguments, DatanetError for a bad datanet, TrainingError when training yields nothing usable. See the
-    module docstring.
+    `device`: "cpu", "cuda" or "cuda:N"; `threads`: torch intra-op threads for the run (default: torch's
+    current number); both are recorded in the training config. Each manifest is verified (file hashes,
+    signatures, root) before use. Raises ConfigError for bad arguments, DatanetError for a bad datanet,
+    TrainingError when training yields nothing usable. See the module docstring.
     """
     from peft import LoraConfig, get_peft_model
 
@@ -385,6 +474,10 @@ def train_adapter(
         max_seq_len,
         batch_size,
     )
+    device = check_device(device)
+    threads = torch.get_num_threads() if threads is None else threads
+    if not isinstance(threads, int) or threads <= 0:
+        raise ConfigError(f"threads must be a positive integer, got {threads!r}")
     base = Path(base_dir)
     out = Path(out_dir)
     if out.exists() and not overwrite:
@@ -412,14 +505,23 @@ def train_adapter(
     if not examples:
         raise TrainingError("no trainable example in the datanets (every prompt fills max_seq_len?)")
     base_hash = base_model_hash(base)
-    cfg = training_config(args, base_hash, loaded, counter.sha256)
+    cfg = training_config(
+        args, base_hash, loaded, counter.sha256, run_environment(args.method, device, threads)
+    )
 
     det_before = torch.are_deterministic_algorithms_enabled()
     rng_before = torch.random.get_rng_state()
+    threads_before = torch.get_num_threads()
+    precision_before = torch.get_float32_matmul_precision()
+    cublas_before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    if device != "cpu" and cublas_before is None:
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE
     torch.use_deterministic_algorithms(True)
+    torch.set_num_threads(threads)
+    torch.set_float32_matmul_precision("highest")
     try:
         torch.manual_seed(args.seed)
-        model = _load_base(base, args.method)
+        model = _load_base(base, args.method, device)
         # peft annotates lora_alpha as int but computes scaling = alpha / r, which a float serves as well
         lora = LoraConfig(
             r=args.rank,
@@ -434,10 +536,16 @@ def train_adapter(
             peft_model = get_peft_model(model, lora)
         except ValueError as e:
             raise ConfigError(f"LoRA targets {list(args.targets)} do not fit {base}: {e}") from e
-        losses = _run(peft_model, examples, args, pad, progress)
+        if args.method == "lora":
+            peft_model.to(device)
+        losses = _run(peft_model, examples, args, pad, device, progress)
     finally:
         torch.use_deterministic_algorithms(det_before)
         torch.random.set_rng_state(rng_before)
+        torch.set_num_threads(threads_before)
+        torch.set_float32_matmul_precision(precision_before)
+        if device != "cpu" and cublas_before is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
@@ -495,7 +603,9 @@ def lineage_record(
      datanets: [{name, root, datanet_id|null, chain_id|null, registry|null, manifest_dir, tokens_used,
                  contributors: {address: tokens}}],
      lineage_weights: [{contributor, tokens}]   # sorted by address, summed over datanets
-     total_tokens, examples, steps, seed, final_loss, losses, library_versions, registration: null}
+     total_tokens, examples, steps, seed, final_loss, losses,
+     library_versions,                           # = training_config.software
+     registration: null}
     """
     per_datanet: list[dict[str, int]] = [defaultdict(int) for _ in manifests]  # type: ignore[misc]
     for e in examples:
@@ -536,19 +646,15 @@ def lineage_record(
         "seed": args.seed,
         "final_loss": losses[-1],
         "losses": list(losses),
-        "library_versions": library_versions(args.method),
-        "runtime": {
-            "device": "cpu",
-            "torch_threads": torch.get_num_threads(),
-            "deterministic_algorithms": True,
-        },
+        "library_versions": config["software"],
         "registration": None,
     }
 
 
 def load_lineage(adapter_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read `adapter_dir/lineage.json`; ConfigError naming the fix when it is missing or not JSON."""
-    path = Path(adapter_dir) / LINEAGE_FILE
+    """Read `adapter_dir/lineage.json` (or `adapter_dir` itself when it is a file); ConfigError naming the fix
+    when it is missing or not JSON."""
+    path = Path(adapter_dir) if Path(adapter_dir).is_file() else Path(adapter_dir) / LINEAGE_FILE
     if not path.is_file():
         raise ConfigError(f"{adapter_dir}: no {LINEAGE_FILE}; it is written by `loraledger train`")
     try:

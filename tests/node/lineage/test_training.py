@@ -171,3 +171,38 @@ def test_bad_arguments_are_refused(tmp_path: Path, base_dir: Path, datanet_dir: 
     with pytest.raises(ConfigError, match="already exists"):
         train_adapter(base_dir, [datanet_dir], "lora", 4, 8, "q", 1, 1e-3, 0, tmp_path / "exists")
     assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_is_deterministic_and_recorded(
+    tmp_path: Path, base_dir: Path, datanet_dir: Path
+) -> None:
+    runs = [
+        train_adapter(
+            base_dir,
+            [datanet_dir],
+            "lora",
+            4,
+            8,
+            "q,v",
+            1,
+            1e-2,
+            0,
+            tmp_path / f"g{i}",
+            64,
+            2,
+            device="cuda",
+            progress=False,
+        )
+        for i in range(2)
+    ]
+    assert runs[0].weights_hash == runs[1].weights_hash
+    cfg = runs[0].lineage["training_config"]
+    assert cfg["device"]["type"] == "cuda" and cfg["device"]["capability"]
+    assert (
+        cfg["determinism"]["cublas_workspace_config"] == ":4096:8"
+        and cfg["determinism"]["attention"] == "eager"
+    )
+    cpu = _train(base_dir, datanet_dir, tmp_path / "cpu", epochs=1)
+    assert cpu.lineage["training_config_hash"] != runs[0].lineage["training_config_hash"]
