@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from bench_grpc import workload, write_adapter  # scripts/bench_grpc.py, beside this script
+from bench_grpc import serving_node, workload  # scripts/bench_grpc.py, beside this script
 from benchlib import machine_info
 
 from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
@@ -76,30 +76,17 @@ def main() -> int:
                                              args.max_tokens))))
         return 0
 
-    from loraledger.inference.tiny import init_tiny
-    from loraledger.node.config import NodeConfig, ServerConfig
-    from loraledger.node.serving.app import build_engine
+    from loraledger.node.config import ServerConfig
     from loraledger.node.serving.auth import Authorizer, KeyStore
-    from loraledger.node.serving.catalog import StoreCatalog
     from loraledger.node.serving.generation import GenerationService
     from loraledger.node.serving.server import NodeServer
     from loraledger.node.serving.servicers import InferenceServicer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-auth-"))
     heads = max(2, args.hidden // 16)
-    model_dir = init_tiny(tmp / "model", layers=args.layers, hidden=args.hidden, heads=heads,
-                          kv_heads=max(1, heads // 2), intermediate=2 * args.hidden)
-    cfg = NodeConfig()
-    cfg.model.dir, cfg.model.device = str(model_dir), args.device
-    cfg.model.max_num_seqs, cfg.model.max_tokens_per_step = args.streams, 4096
-    cfg.adapters.slots, cfg.adapters.max_rank = max(1, args.adapters), 8
-    cfg.adapters.aliases = {f"ad{i}": str(write_adapter(model_dir, tmp / f"ad{i}", seed=i))
-                            for i in range(1, args.adapters + 1)}
-    engine, store = build_engine(cfg.validate())
-    engine.start()
+    engine, catalog = serving_node(tmp, args.layers, args.hidden, args.device, args.streams, args.adapters)
     keys = KeyStore(tmp / "keys.json")
     secret, _ = keys.create("bench", "infer", rpm=10**9, tpm=10**12)
-    catalog = StoreCatalog(store, cfg)
     servers = {
         "open": NodeServer(ServerConfig(listen="127.0.0.1:0"), InferenceServicer(GenerationService(
             engine, catalog=catalog, max_queue=4 * args.streams, authorizer=Authorizer("none", None)))),

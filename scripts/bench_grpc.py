@@ -92,6 +92,28 @@ def write_adapter(model_dir: Path, out_dir: Path, seed: int, r: int = 8) -> Path
     return out_dir
 
 
+def serving_node(tmp: Path, layers: int, hidden: int, device: str, requests: int, adapters: int) -> tuple[Any, Any]:
+    """(engine started, adapter catalog): a tiny random Llama of `layers` x `hidden` on `device`, sized for
+    `requests` concurrent sequences, with `adapters` random adapters served by alias (ad1 .. adN)."""
+    from loraledger.inference.tiny import init_tiny
+    from loraledger.node.config import NodeConfig
+    from loraledger.node.serving.app import build_engine
+    from loraledger.node.serving.catalog import StoreCatalog
+
+    heads = max(2, hidden // 16)
+    model_dir = init_tiny(tmp / "model", layers=layers, hidden=hidden, heads=heads, kv_heads=max(1, heads // 2),
+                          intermediate=2 * hidden)
+    cfg = NodeConfig()
+    cfg.model.dir, cfg.model.device = str(model_dir), device
+    cfg.model.max_num_seqs, cfg.model.max_tokens_per_step = requests, 4096
+    cfg.adapters.slots, cfg.adapters.max_rank = max(1, adapters), 8
+    cfg.adapters.aliases = {f"ad{i}": str(write_adapter(model_dir, tmp / f"ad{i}", seed=i))
+                            for i in range(1, adapters + 1)}
+    engine, store = build_engine(cfg.validate())
+    engine.start()
+    return engine, StoreCatalog(store, cfg)
+
+
 async def _direct(engine: Any, n: int, adapters: int, max_tokens: int) -> dict[str, Any]:
     from loraledger.inference.requests import GenerationRequest, GenerationResult
     from loraledger.inference.sequence import SamplingParams
@@ -127,27 +149,15 @@ def main() -> int:
         print(json.dumps(asyncio.run(_client(args.client, args.streams, args.adapters, args.max_tokens))))
         return 0
 
-    from loraledger.inference.tiny import init_tiny
-    from loraledger.node.config import NodeConfig, ServerConfig
-    from loraledger.node.serving.app import build_engine
-    from loraledger.node.serving.catalog import StoreCatalog
+    from loraledger.node.config import ServerConfig
     from loraledger.node.serving.generation import GenerationService
     from loraledger.node.serving.server import NodeServer
     from loraledger.node.serving.servicers import InferenceServicer
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-grpc-"))
     heads = max(2, args.hidden // 16)
-    model_dir = init_tiny(tmp / "model", layers=args.layers, hidden=args.hidden, heads=heads,
-                          kv_heads=max(1, heads // 2), intermediate=2 * args.hidden)
-    cfg = NodeConfig()
-    cfg.model.dir, cfg.model.device = str(model_dir), args.device
-    cfg.model.max_num_seqs, cfg.model.max_tokens_per_step = args.streams, 4096
-    cfg.adapters.slots, cfg.adapters.max_rank = max(1, args.adapters), 8
-    cfg.adapters.aliases = {f"ad{i}": str(write_adapter(model_dir, tmp / f"ad{i}", seed=i))
-                            for i in range(1, args.adapters + 1)}
-    engine, store = build_engine(cfg.validate())
-    engine.start()
-    servicer = InferenceServicer(GenerationService(engine, catalog=StoreCatalog(store, cfg), max_queue=4 * args.streams,
+    engine, catalog = serving_node(tmp, args.layers, args.hidden, args.device, args.streams, args.adapters)
+    servicer = InferenceServicer(GenerationService(engine, catalog=catalog, max_queue=4 * args.streams,
                                                    default_max_tokens=args.max_tokens))
     server = NodeServer(ServerConfig(listen="127.0.0.1:0"), servicer)
     loop = asyncio.new_event_loop()

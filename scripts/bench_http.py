@@ -32,7 +32,7 @@ from typing import Any
 
 import grpc
 import httpx
-from bench_grpc import workload, write_adapter  # scripts/bench_grpc.py, beside this script
+from bench_grpc import serving_node, workload  # scripts/bench_grpc.py, beside this script
 from benchlib import machine_info
 
 from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
@@ -137,10 +137,7 @@ def main() -> int:
         print(json.dumps(asyncio.run(run(addr, args.requests, args.adapters, args.max_tokens, mode == "stream"))))
         return 0
 
-    from loraledger.inference.tiny import init_tiny
-    from loraledger.node.config import NodeConfig, ServerConfig
-    from loraledger.node.serving.app import build_engine
-    from loraledger.node.serving.catalog import StoreCatalog
+    from loraledger.node.config import ServerConfig
     from loraledger.node.serving.generation import GenerationService
     from loraledger.node.serving.http_api import HttpNode, HttpServer, create_app
     from loraledger.node.serving.server import NodeServer
@@ -148,17 +145,8 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="bench-http-"))
     heads = max(2, args.hidden // 16)
-    model_dir = init_tiny(tmp / "model", layers=args.layers, hidden=args.hidden, heads=heads,
-                          kv_heads=max(1, heads // 2), intermediate=2 * args.hidden)
-    cfg = NodeConfig()
-    cfg.model.dir, cfg.model.device = str(model_dir), args.device
-    cfg.model.max_num_seqs, cfg.model.max_tokens_per_step = args.requests, 4096
-    cfg.adapters.slots, cfg.adapters.max_rank = max(1, args.adapters), 8
-    cfg.adapters.aliases = {f"ad{i}": str(write_adapter(model_dir, tmp / f"ad{i}", seed=i))
-                            for i in range(1, args.adapters + 1)}
-    engine, store = build_engine(cfg.validate())
-    engine.start()
-    service = GenerationService(engine, catalog=StoreCatalog(store, cfg), max_queue=4 * args.requests,
+    engine, catalog = serving_node(tmp, args.layers, args.hidden, args.device, args.requests, args.adapters)
+    service = GenerationService(engine, catalog=catalog, max_queue=4 * args.requests,
                                 default_max_tokens=args.max_tokens)
     grpc_server = NodeServer(ServerConfig(listen="127.0.0.1:0"), InferenceServicer(service))
     http_node = HttpNode(service, BASE, serving=True)

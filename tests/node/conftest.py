@@ -287,3 +287,23 @@ def start_node(args: list[str], env: dict[str, str] | None = None, timeout: floa
 def node_runner() -> Callable[..., NodeProcess]:
     """`start_node(args, env=None, timeout=180)`: a `loraledger node run` subprocess, serving."""
     return start_node
+
+
+@pytest.fixture(scope="session")
+def start_app() -> Callable[..., Any]:
+    """`start_app(loop, cfg, operator_key) -> (app, grpc port)`: a NodeApp started on `loop` (a LoopThread) with
+    the operator key in the env var `cfg.chain.key_env` only while it starts (stop it with `loop.run(app.stop())`)."""
+    import os
+
+    from loraledger.node.serving.app import NodeApp
+
+    def start(loop: Any, cfg: Any, operator_key: str) -> tuple[Any, int]:
+        app = NodeApp(cfg)
+        os.environ[cfg.chain.key_env] = operator_key
+        try:
+            port = loop.run(app.start())
+        finally:
+            del os.environ[cfg.chain.key_env]
+        return app, int(port)
+
+    return start

@@ -13,7 +13,7 @@ import os
 import shutil
 import struct
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
@@ -77,14 +77,9 @@ def node_config(world: Any, model_dir: Path, tmp: Path, **sections: dict[str, An
 
 @pytest.fixture(scope="module")
 def served(chain_world: Any, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
-           server_loop: Any) -> Iterator[Served]:
+           server_loop: Any, start_app: Callable[..., Any]) -> Iterator[Served]:
     cfg = node_config(chain_world, tiny_model_dir, tmp_path_factory.mktemp("e2e-node"))
-    app = NodeApp(cfg)
-    os.environ[KEY_ENV] = chain_world.operator_key()
-    try:
-        port = server_loop.run(app.start())
-    finally:
-        del os.environ[KEY_ENV]
+    app, port = start_app(server_loop, cfg, chain_world.operator_key())
     yield Served(app, f"127.0.0.1:{port}", chain_world)
     server_loop.run(app.stop(1.0))
 

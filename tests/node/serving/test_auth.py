@@ -70,7 +70,8 @@ def _meta(key: str | None) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def secured(chain_world: Any, tiny_model_dir: Path, random_adapter: Callable[..., Path],
-            tmp_path_factory: pytest.TempPathFactory, server_loop: Any) -> Iterator[Secured]:
+            tmp_path_factory: pytest.TempPathFactory, server_loop: Any,
+            start_app: Callable[..., Any]) -> Iterator[Secured]:
     tmp = tmp_path_factory.mktemp("auth-node")
     ca, client_ca = trustme.CA(), trustme.CA()
     server_cert = ca.issue_cert("127.0.0.1", "localhost")
@@ -96,12 +97,7 @@ def secured(chain_world: Any, tiny_model_dir: Path, random_adapter: Callable[...
         "records": {"path": str(tmp / "records.sqlite")},
         "settlement": {"enabled": False},
     }, environ={})
-    app = NodeApp(cfg)
-    os.environ[KEY_ENV] = chain_world.operator_key()
-    try:
-        port = server_loop.run(app.start())
-    finally:
-        del os.environ[KEY_ENV]
+    app, port = start_app(server_loop, cfg, chain_world.operator_key())
     yield Secured(app, f"127.0.0.1:{port}", f"https://127.0.0.1:{app.http_port}", chain_world, store, keys, ca,
                   client_ca.issue_cert("loraledger-admin"), root, int(chain_world.w3.eth.chain_id),
                   chain_world.operator.address)
@@ -291,5 +287,5 @@ def test_a_public_address_without_keys_refuses_to_start(tmp_path: Path) -> None:
     env = {**os.environ, "LORALEDGER_AUTH_KEYS_FILE": str(tmp_path / "no-keys.json")}
     proc = subprocess.run([sys.executable, "-m", "loraledger.node.cli", "node", "run", "--listen", "0.0.0.0:0",
                            "--http-listen", "", "--model", str(tmp_path / "no-model")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=120)
+                          capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1 and "without authentication" in proc.stderr, proc.stderr[-2000:]

@@ -10,7 +10,6 @@ import asyncio
 import io
 import json
 import logging
-import os
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -50,7 +49,8 @@ class Http:
 
 @pytest.fixture(scope="module")
 def http(chain_world: Any, tiny_model_dir: Path, random_adapter: Callable[..., Path],
-         tmp_path_factory: pytest.TempPathFactory, server_loop: Any) -> Iterator[Http]:
+         tmp_path_factory: pytest.TempPathFactory, server_loop: Any,
+         start_app: Callable[..., Any]) -> Iterator[Http]:
     tmp = tmp_path_factory.mktemp("http-node")
     alias_dir = random_adapter(tiny_model_dir, tmp / "local-adapter", seed=41)
     cfg = load_config(None, {
@@ -62,12 +62,7 @@ def http(chain_world: Any, tiny_model_dir: Path, random_adapter: Callable[..., P
         "records": {"path": str(tmp / "records.sqlite")},
         "settlement": {"enabled": False},
     }, environ={})
-    app = NodeApp(cfg)
-    os.environ[KEY_ENV] = chain_world.operator_key()
-    try:
-        port = server_loop.run(app.start())
-    finally:
-        del os.environ[KEY_ENV]
+    app, port = start_app(server_loop, cfg, chain_world.operator_key())
     yield Http(app, f"http://127.0.0.1:{app.http_port}", f"127.0.0.1:{port}", chain_world,
                cfg.model.served_name)
     server_loop.run(app.stop(1.0))
