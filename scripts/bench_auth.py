@@ -24,38 +24,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import grpc
-from bench_grpc import serving_node, workload  # scripts/bench_grpc.py, beside this script
+from bench_grpc import serving_node, stream_client  # scripts/bench_grpc.py, beside this script
 from benchlib import machine_info
 
-from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
-from loraledger.proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-async def _client(address: str, key: str, n: int, adapters: int, max_tokens: int) -> dict[str, Any]:
-    metadata = [("authorization", f"Bearer {key}")] if key else []
-
-    async def one(stub: pb_grpc.InferenceStub, prompt: str, adapter: str) -> int:
-        req = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(max_tokens=max_tokens))
-        if adapter:
-            req.adapters.append(pb.AdapterRef(adapter=adapter, weight=1.0))
-        async for msg in stub.GenerateStream(req, metadata=metadata, timeout=600):
-            if msg.HasField("final"):
-                return int(msg.final.usage.completion_tokens)
-        raise RuntimeError("stream ended without a final message")
-
-    async with grpc.aio.insecure_channel(address) as ch:
-        stub = pb_grpc.InferenceStub(ch)
-        await one(stub, "warm up", "")
-        t0 = time.perf_counter()
-        tokens = await asyncio.gather(*(one(stub, p, a) for p, a in workload(n, adapters)))
-        return {"seconds": time.perf_counter() - t0, "tokens": sum(tokens)}
 
 
 def main() -> int:
@@ -72,8 +48,8 @@ def main() -> int:
     args = parser.parse_args()
     if args.client:
         addr, key = args.client
-        print(json.dumps(asyncio.run(_client(addr, "" if key == "-" else key, args.streams, args.adapters,
-                                             args.max_tokens))))
+        print(json.dumps(asyncio.run(stream_client(addr, args.streams, args.adapters, args.max_tokens,
+                                                   "" if key == "-" else key))))
         return 0
 
     from loraledger.node.config import ServerConfig

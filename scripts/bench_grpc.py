@@ -49,12 +49,15 @@ def workload(n: int, adapters: int) -> list[tuple[str, str]]:
 # ---- client (runs in its own process) ------------------------------------------------------------------------
 
 
-async def _client(address: str, n: int, adapters: int, max_tokens: int) -> dict[str, Any]:
+async def stream_client(address: str, n: int, adapters: int, max_tokens: int, api_key: str = "") -> dict[str, Any]:
+    """The client side (its own process): n concurrent GenerateStream calls; tokens and wall time."""
+    metadata = [("authorization", f"Bearer {api_key}")] if api_key else None
+
     async def one(stub: pb_grpc.InferenceStub, prompt: str, adapter: str) -> int:
         req = pb.GenerateRequest(prompt=prompt, sampling=pb.SamplingParams(max_tokens=max_tokens))
         if adapter:
             req.adapters.append(pb.AdapterRef(adapter=adapter, weight=1.0))
-        async for msg in stub.GenerateStream(req, timeout=600):
+        async for msg in stub.GenerateStream(req, timeout=600, metadata=metadata):
             if msg.HasField("final"):
                 return int(msg.final.usage.completion_tokens)
         raise RuntimeError("stream ended without a final message")
@@ -146,7 +149,7 @@ def main() -> int:
     parser.add_argument("--out", default=None, help="JSON path (default benchmarks/results/grpc_<device>.json)")
     args = parser.parse_args()
     if args.client:
-        print(json.dumps(asyncio.run(_client(args.client, args.streams, args.adapters, args.max_tokens))))
+        print(json.dumps(asyncio.run(stream_client(args.client, args.streams, args.adapters, args.max_tokens))))
         return 0
 
     from loraledger.node.config import ServerConfig
