@@ -41,7 +41,7 @@ from typing import Any, Self
 from loraledger.node.errors import NodeError
 from loraledger.node.ledger.epochs import BUILT, CONFIRMED, OPEN, SUBMITTED, EpochRow
 from loraledger.node.ledger.records import AttributionRecord
-from loraledger.node.types import Address, Bytes32, TxHash, Wei
+from loraledger.node.types import AdapterId, Address, Bytes32, TxHash, Wei
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,7 @@ def _row_record(row: Sequence[Any]) -> AttributionRecord:
     (epoch, request_id, adapter_ids, weights, prompt, completion, fee, output_hash, attribution, contributors) = row
     return AttributionRecord(
         epoch=int(epoch or 0), request_id=Bytes32(request_id),
-        adapter_ids=tuple(int(i) for i in json.loads(adapter_ids)), weights_bps=tuple(json.loads(weights)),
+        adapter_ids=tuple(AdapterId(int(i)) for i in json.loads(adapter_ids)), weights_bps=tuple(json.loads(weights)),
         prompt_tokens=int(prompt), completion_tokens=int(completion), fee=Wei(int(fee)),
         output_hash=Bytes32(output_hash), attribution_hash=Bytes32(attribution),
         contributors=tuple((Address(a), int(w)) for a, w in json.loads(contributors)),

@@ -300,7 +300,7 @@ class AttributionRecord:
             return cls(
                 epoch=int(d["epoch"]),
                 request_id=as_bytes32(d["requestId"]),
-                adapter_ids=tuple(int(i) for i in d["adapterIds"]),
+                adapter_ids=tuple(AdapterId(int(i)) for i in d["adapterIds"]),
                 weights_bps=tuple(int(w) for w in d["weightsBps"]),
                 prompt_tokens=int(d["promptTokens"]),
                 completion_tokens=int(d["completionTokens"]),

@@ -55,7 +55,7 @@ from loraledger.node.ledger.record_log import RecordLog
 from loraledger.node.ledger.records import AttributionRecord, records_tree
 from loraledger.node.ledger.rewards import add_cumulative, epoch_amounts, rewards_tree
 from loraledger.node.ledger.terms import AdapterTerms, ContributorStatus, EpochTerms, Shares, terms_to_json
-from loraledger.node.types import Address, Bytes32, TxHash, Wei, as_address, bytes32_to_bytes
+from loraledger.node.types import AdapterId, Address, Bytes32, TxHash, Wei, as_address, bytes32_to_bytes
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class Settler:
         c = self.contracts
         block = int(self.client.read(lambda: self.w3.eth.block_number, "eth_blockNumber"))
         s = c.ledger.shares()
-        adapters: dict[int, AdapterTerms] = {}
+        adapters: dict[AdapterId, AdapterTerms] = {}
         for i in sorted({i for r in records for i in r.adapter_ids}):
             info = c.adapters.get_adapter(i)
             adapters[i] = AdapterTerms(info.owner, int(info.fee_per_token))

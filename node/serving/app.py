@@ -211,7 +211,7 @@ class NodeApp:
         signatures = None
         if chain is not None and operator:
             signatures = SignatureVerifier(int(chain.reads.ledger.client.chain_id), operator,
-                                           cfg.auth.signature_ttl_seconds)
+                                           int(cfg.auth.signature_ttl_seconds))
         self.access = AdapterAccess(chain.reads.adapters, chain.deployment_block) if chain is not None else None
         if self.access is not None:
             self.access.start()

@@ -542,9 +542,9 @@ async def _unary(service: GenerationService, request: Request, answer: _Answer, 
                                                is not None else None))
              for s, g, c in zip(slots, gens, choices, strict=True)]
     watcher = asyncio.ensure_future(_watch_disconnect(request))
-    done_all = asyncio.gather(*tasks)
+    done_all: asyncio.Future[list[Finished]] = asyncio.gather(*tasks)
     try:
-        await asyncio.wait([done_all, watcher], return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait([done_all, watcher], return_when=asyncio.FIRST_COMPLETED)  # type: ignore[type-var]
         if not done_all.done():  # the client left: the engine requests are cancelled in `finally`
             return Response(status_code=499)
         results = done_all.result()
