@@ -70,6 +70,9 @@ from loraledger.node.serving.views import AdapterDescription, AttributionSummary
 log = logging.getLogger(__name__)
 
 RETRY_AFTER_SECONDS = 1
+# the status name a request's log line and metrics use, the same over both APIs
+_GRPC_NAME_OF_HTTP = {400: "INVALID_ARGUMENT", 401: "UNAUTHENTICATED", 403: "PERMISSION_DENIED", 404: "NOT_FOUND",
+                      413: "RESOURCE_EXHAUSTED", 429: "RESOURCE_EXHAUSTED", 503: "UNAVAILABLE"}
 MAX_CHOICES = 16
 
 
@@ -424,7 +427,7 @@ async def _serve(node: HttpNode, request: Request, principal: Principal, body: _
         for slot in slots:
             slot.release()
         for c in calls:
-            c.status = err.code or str(err.status)
+            c.status = (err.code or _GRPC_NAME_OF_HTTP.get(err.status, "INTERNAL")).upper()  # as gRPC names it
             service.end(c)
         raise err from e
     created = int(time.time())
