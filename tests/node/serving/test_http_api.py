@@ -320,15 +320,21 @@ def test_metrics_move_with_traffic(http: Http) -> None:
 
 def test_json_logs_carry_the_request_id() -> None:
     stream = io.StringIO()
+    root = logging.getLogger()
+    saved = (list(root.handlers), root.level)
     setup_logging("json")
-    handler = logging.getLogger().handlers[0]
+    handler = root.handlers[0]
     handler.stream = stream  # type: ignore[attr-defined]
     try:
         with request_context("0xabc"):
             logging.getLogger("loraledger.test").info("inside %s", "a request")
         logging.getLogger("loraledger.test").warning("outside")
-    finally:
-        setup_logging("text")
+    finally:  # the session's own handlers back (a handler on a closed capture stream would fail later lines)
+        for h in list(root.handlers):
+            root.removeHandler(h)
+        for h in saved[0]:
+            root.addHandler(h)
+        root.setLevel(saved[1])
     first, second = (json.loads(line) for line in stream.getvalue().splitlines())
     assert first["message"] == "inside a request" and first["request_id"] == "0xabc"
     assert first["level"] == "INFO" and first["logger"] == "loraledger.test" and "ts" in first
