@@ -125,7 +125,7 @@ def rpc_call(rpc_url: str, method: str, params: list[object] | None = None, time
     return reply["result"]
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie; reaps it when it is our own exited child."""
     try:
         done, _ = os.waitpid(pid, os.WNOHANG)
@@ -367,7 +367,7 @@ class Anvil:
 
     def is_running(self) -> bool:
         """True while the anvil process is alive (not necessarily answering)."""
-        return self.pid is not None and _pid_alive(self.pid)
+        return self.pid is not None and pid_alive(self.pid)
 
     def is_answering(self) -> bool:
         """True when the RPC answers `eth_chainId` with this devnet's chain id."""
@@ -410,10 +410,10 @@ class Anvil:
             while time.monotonic() < deadline:
                 if self._proc is not None and self._proc.poll() is not None:
                     return
-                if self._proc is None and not _pid_alive(pid):
+                if self._proc is None and not pid_alive(pid):
                     return
                 time.sleep(0.05)
-        if _pid_alive(pid):
+        if pid_alive(pid):
             raise DevnetError(f"anvil pid {pid} did not stop after SIGTERM and SIGKILL")
 
     def log_tail(self, lines: int = 20) -> str:

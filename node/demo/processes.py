@@ -15,30 +15,11 @@ import sys
 import time
 from pathlib import Path
 
+from loraledger.node.chain.devnet import pid_alive
 from loraledger.node.chain.keys import ANVIL_DEV_KEYS, DEV_OPERATOR
 from loraledger.node.errors import NodeError
 
 NODE_CONFIG, NODE_PID, NODE_LOG = "node.toml", "node.pid", "node.log"  # in the state dir
-
-
-def pid_alive(pid: int) -> bool:
-    """True while `pid` runs (not a zombie); reaps it when it is an exited child of ours."""
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
-    except ChildProcessError:
-        pass
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    stat = Path(f"/proc/{pid}/stat")
-    try:
-        return stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True
 
 
 def running_node_pid(state_dir: Path) -> int | None:

@@ -97,6 +97,7 @@ class KeyStore:
         self._lock = threading.Lock()
         self._sig: tuple[int, int, int] | None = None
         self._keys: dict[str, ApiKey] = {}  # sha256 -> key
+        self._active = 0
 
     # ---- reading -------------------------------------------------------------------------------------------
     def _signature(self) -> tuple[int, int, int] | None:
@@ -116,21 +117,30 @@ class KeyStore:
             raise ConfigError(f"keys file {self.path} is unreadable or malformed ({e}); fix it or create keys "
                               "with `loraledger apikey create`") from e
 
-    def keys(self) -> list[ApiKey]:
-        """Every key in the file, revoked ones included, re-read when the file changed."""
+    def refresh(self) -> None:
+        """Re-read the file when it changed since the last read (one stat when it did not)."""
         sig = self._signature()
         with self._lock:
             if sig != self._sig:
                 self._keys = {k.sha256: k for k in self._read()}
+                self._active = sum(1 for k in self._keys.values() if k.revoked_at is None)
                 self._sig = sig
+
+    def keys(self) -> list[ApiKey]:
+        """Every key in the file, revoked ones included."""
+        self.refresh()
+        with self._lock:
             return list(self._keys.values())
 
-    def active_count(self) -> int:
-        return sum(1 for k in self.keys() if k.revoked_at is None)
+    def active_count(self, refresh: bool = True) -> int:
+        if refresh:
+            self.refresh()
+        return self._active
 
-    def lookup(self, presented: str) -> ApiKey:
+    def lookup(self, presented: str, refresh: bool = True) -> ApiKey:
         """The key `presented` (the bearer token), or AuthenticationError saying why it is refused."""
-        self.keys()  # re-read if changed
+        if refresh:
+            self.refresh()
         with self._lock:
             key = self._keys.get(key_hash(presented))
         if key is None:
@@ -255,9 +265,11 @@ class Authorizer:
 
     @property
     def enforcing(self) -> bool:
+        """Whether keys are required now (re-reads a changed keys file)."""
         if self.mode == "none" or self.keys is None:
             return False
-        return self.mode == "keys" or self.keys.active_count() > 0
+        active = self.keys.active_count()  # refreshes the file in every mode but "none"
+        return self.mode == "keys" or active > 0
 
     def check_startup(self, listens: dict[str, str]) -> None:
         """Refuse to start a node that would serve a non-loopback address with no keys in force."""
@@ -277,13 +289,13 @@ class Authorizer:
     def authorize(self, bearer: str | None, scope: str) -> Principal:
         """The caller of one request needing `scope`: OPEN when no keys are in force, else its key (rate
         limited), or AuthenticationError / PermissionDeniedError / RateLimitedError."""
-        if not self.enforcing:
+        if not self.enforcing:  # the keys file was checked for changes here, once per call
             return OPEN
         assert self.keys is not None
         if not bearer:
             raise AuthenticationError("this node requires an API key: send `Authorization: Bearer KEY` (HTTP "
                                       "header, or gRPC metadata `authorization`)")
-        key = self.keys.lookup(bearer)
+        key = self.keys.lookup(bearer, refresh=False)
         if not key.allows(scope):
             raise PermissionDeniedError(f"the API key {key.name!r} has scope {key.scope!r}; this call needs "
                                         f"{scope!r}")

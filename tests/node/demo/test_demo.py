@@ -16,10 +16,10 @@ from web3 import Web3
 
 from loraledger.node.chain.bindings import Contracts
 from loraledger.node.chain.client import ChainClient
-from loraledger.node.chain.devnet import free_port
+from loraledger.node.chain.devnet import free_port, pid_alive
 from loraledger.node.chain.keys import DEV_CONTRIBUTORS, DEV_OPERATOR, dev_account
 from loraledger.node.cli import main
-from loraledger.node.demo.processes import NODE_PID, pid_alive
+from loraledger.node.demo.processes import NODE_PID
 from loraledger.node.demo.stages import DEV_ADAPTER_OWNER, PLANS, STAGES
 
 REPO = Path(__file__).resolve().parents[3]

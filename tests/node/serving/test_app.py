@@ -7,11 +7,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -68,36 +65,19 @@ async def _until_not_serving(address: str, timeout: float = 30.0) -> None:
 
 
 @pytest.fixture
-def node_process(tiny_model_dir: Path, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
+def node_process(tiny_model_dir: Path, tmp_path: Path, node_runner: Callable[..., Any]
+                 ) -> Iterator[tuple[subprocess.Popen[str], str, list[str]]]:
     """`loraledger node run` on a free port; yields (process, address, stdout lines so far)."""
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "loraledger.node.cli", "node", "run", "--model", str(tiny_model_dir), "--device", "cpu",
-           "--listen", "127.0.0.1:0", "--records", str(tmp_path / "records.sqlite"), "--grace", "30",
-           "--deployment", str(tmp_path / "no-deployment.json")]
-    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    lines: list[str] = []
-    address: list[str] = []
-    ready = threading.Event()
-
-    def pump() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if "loraledger node: serving on " in line:
-                address.append(line.rsplit(" ", 1)[-1].strip())
-                ready.set()
-        ready.set()
-
-    reader = threading.Thread(target=pump, daemon=True)
-    reader.start()
+    node = node_runner(["--model", str(tiny_model_dir), "--device", "cpu", "--listen", "127.0.0.1:0",
+                        "--records", str(tmp_path / "records.sqlite"), "--grace", "30",
+                        "--deployment", str(tmp_path / "no-deployment.json")], timeout=STARTUP_TIMEOUT)
     try:
-        assert ready.wait(STARTUP_TIMEOUT) and address, "node did not start:\n" + "\n".join(lines[-30:])
-        yield proc, address[0], lines
+        yield node.proc, node.address, node.lines
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        reader.join(10)
+        if node.proc.poll() is None:
+            node.proc.kill()
+            node.proc.wait(10)
+        node.reader.join(10)
 
 
 @pytest.mark.slow

@@ -289,3 +289,16 @@ def test_a_public_address_without_keys_refuses_to_start(tmp_path: Path) -> None:
                            "--http-listen", "", "--model", str(tmp_path / "no-model")], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=120, check=False)
     assert proc.returncode == 1 and "without authentication" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_keys_mode_sees_a_revocation_on_the_next_call(tmp_path: Path) -> None:
+    """In mode "keys" too (where keys are in force whatever the file holds) the file is re-read per call."""
+    from loraledger.node.errors import AuthenticationError
+
+    store = KeyStore(tmp_path / "keys.json")
+    secret, _ = store.create("k", "infer")
+    authorizer = Authorizer("keys", KeyStore(tmp_path / "keys.json"))
+    assert authorizer.authorize(secret, "infer").key is not None
+    store.revoke("k")
+    with pytest.raises(AuthenticationError, match="revoked"):
+        authorizer.authorize(secret, "infer")
