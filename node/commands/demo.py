@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import argparse
 
-from loraledger.node.demo.stages import FULL, SMALL, report, run_demo, stop_demo
+from loraledger.node.demo.report import report
+from loraledger.node.demo.stages import FULL, SMALL, run_demo, stop_demo
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
