@@ -118,11 +118,12 @@ class CallLog:
     principal: Principal = OPEN
 
     def tokens_arrived(self, n: int) -> None:
-        """`n` tokens reached the request's stream now: time to first token, then the mean gap per token."""
+        """`n` tokens reached the request's stream now: time to first token, then one gap per later token (the
+        mean gap over the batch; tokens that came in the first batch with the first token came after 0 s)."""
         now = time.monotonic()
         if self.first_token_at is None:
             self.first_token_at = now
-            n -= 1
+            self.inter_token.extend([0.0] * (n - 1))
         elif self.last_token_at is not None and n > 0:
             self.inter_token.extend([(now - self.last_token_at) / n] * n)
         self.last_token_at = now

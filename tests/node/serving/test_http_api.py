@@ -341,3 +341,15 @@ def test_json_logs_carry_the_request_id() -> None:
     assert second["level"] == "WARNING" and "request_id" not in second
     with pytest.raises(ValueError, match="json"):
         setup_logging("xml")
+
+
+def test_inter_token_gaps_count_every_token_after_the_first() -> None:
+    """However the engine's wake-ups batch the tokens, a request of n tokens leaves n - 1 gaps."""
+    from loraledger.node.serving.generation import CallLog
+
+    for batches in ([1, 1, 1, 1, 1], [2, 3], [5], [3, 1, 1]):
+        call = CallLog("test")
+        for n in batches:
+            call.tokens_arrived(n)
+        assert len(call.inter_token) == sum(batches) - 1, batches
+        assert call.first_token_at is not None and all(g >= 0 for g in call.inter_token)
