@@ -13,6 +13,13 @@ import {IDatanetRegistry} from "./interfaces/IDatanetRegistry.sol";
 ///         may be used by the accounts on its allowlist only. The allowlist is kept while the adapter is public and
 ///         applies again when it turns private. The allowlist is not enumerable on chain: it is the replay of the
 ///         `AdapterAllowlistChanged` events of the id (`node/chain/access.py`).
+///
+///         Registration is commit-reveal, bound to the sender, so it cannot be front-run: the owner first commits
+///         `adapterCommitment(owner, weightsHash, trainingConfigHash, salt)`, then, in a later block and within
+///         `COMMIT_TTL`, registers with the salt. A registration copied from the mempool and sent from another
+///         account finds no commitment under that account and reverts; copying the commitment too does not help,
+///         since the commitment binds the sender. Committing needs the weights hash and the secret salt, which
+///         the mempool shows only in the reveal, after the owner's own commitment is already on chain.
 contract AdapterRegistry is IAdapterRegistry {
     /// @notice The datanet registry adapters' datanet ids refer to.
     IDatanetRegistry public immutable datanetRegistry;
@@ -22,6 +29,10 @@ contract AdapterRegistry is IAdapterRegistry {
     uint256 private _adapterCount;
     mapping(uint256 id => bool) private _private;
     mapping(uint256 id => mapping(address account => bool)) private _allowed;
+    mapping(bytes32 commitment => uint256 committedAt) private _commits; // block.number << 64 | block.timestamp
+
+    /// @notice Seconds a commitment stays usable.
+    uint64 public constant COMMIT_TTL = 1 days;
 
     /// @notice Creates the registry bound to `datanetRegistry_`.
     /// @dev Requirements: `datanetRegistry_` is a contract (`AdapterInvalidDatanetRegistry`).
@@ -31,10 +42,38 @@ contract AdapterRegistry is IAdapterRegistry {
         datanetRegistry = IDatanetRegistry(datanetRegistry_);
     }
 
-    /// @notice Registers an adapter owned by the caller.
-    /// @dev Requirements: no hash is zero (`AdapterZeroHash(field)`); `datanetIds` is not empty
-    ///      (`AdapterNoDatanets`), has no repeats (`AdapterDuplicateDatanet`) and names existing datanets only
-    ///      (`AdapterUnknownDatanet`); `weightsHash` is not registered yet (`AdapterDuplicateWeightsHash`).
+    /// @notice Commits the caller to registering an adapter (step 1 of 2); see the contract's notes.
+    /// @dev Requirements: `commitment` is not zero (`AdapterZeroHash`) and not already pending
+    ///      (`AdapterAlreadyCommitted`). Events: `AdapterCommitted(commitment, caller)`.
+    /// @param commitment `adapterCommitment(caller, weightsHash, trainingConfigHash, salt)`.
+    function commitAdapter(bytes32 commitment) external {
+        if (commitment == bytes32(0)) revert AdapterZeroHash("commitment");
+        uint256 at = _commits[commitment];
+        if (at != 0 && block.timestamp < uint64(at) + COMMIT_TTL) revert AdapterAlreadyCommitted(commitment);
+        _commits[commitment] = (block.number << 64) | block.timestamp;
+        emit AdapterCommitted(commitment, msg.sender);
+    }
+
+    /// @notice The commitment `owner` makes before registering the adapter with these hashes.
+    /// @param owner The registering account.
+    /// @param weightsHash sha256 over the adapter's canonical tensors.
+    /// @param trainingConfigHash sha256 of the canonical training-config JSON.
+    /// @param salt A secret random value, revealed at registration.
+    /// @return commitment keccak256(abi.encode(owner, weightsHash, trainingConfigHash, salt)).
+    function adapterCommitment(address owner, bytes32 weightsHash, bytes32 trainingConfigHash, bytes32 salt)
+        public
+        pure
+        returns (bytes32 commitment)
+    {
+        return keccak256(abi.encode(owner, weightsHash, trainingConfigHash, salt));
+    }
+
+    /// @notice Registers an adapter owned by the caller (step 2 of 2, revealing the commitment's salt).
+    /// @dev Requirements: the caller's commitment to these hashes and `salt` exists, was made in an earlier block
+    ///      and within `COMMIT_TTL` (`AdapterNotCommitted`, `AdapterCommitTooNew`); no hash is zero
+    ///      (`AdapterZeroHash(field)`); `datanetIds` is not empty (`AdapterNoDatanets`), has no repeats
+    ///      (`AdapterDuplicateDatanet`) and names existing datanets only (`AdapterUnknownDatanet`); `weightsHash`
+    ///      is not registered yet (`AdapterDuplicateWeightsHash`). The commitment is used up.
     ///      Events: `AdapterRegistered(id, caller, weightsHash, ...)`.
     /// @param weightsHash sha256 over the adapter's canonical tensors.
     /// @param baseModelHash Canonical hash of the base checkpoint.
@@ -42,6 +81,7 @@ contract AdapterRegistry is IAdapterRegistry {
     /// @param datanetIds The datanets it was trained on.
     /// @param feePerToken Reward-token units charged per prompt+completion token.
     /// @param uri Where the weights are served.
+    /// @param salt The salt of the caller's commitment.
     /// @return id The new adapter's id (1, 2, ...).
     function registerAdapter(
         bytes32 weightsHash,
@@ -49,8 +89,10 @@ contract AdapterRegistry is IAdapterRegistry {
         bytes32 trainingConfigHash,
         uint256[] calldata datanetIds,
         uint256 feePerToken,
-        string calldata uri
+        string calldata uri,
+        bytes32 salt
     ) external returns (uint256 id) {
+        _useCommitment(adapterCommitment(msg.sender, weightsHash, trainingConfigHash, salt));
         if (weightsHash == bytes32(0)) revert AdapterZeroHash("weightsHash");
         if (baseModelHash == bytes32(0)) revert AdapterZeroHash("baseModelHash");
         if (trainingConfigHash == bytes32(0)) revert AdapterZeroHash("trainingConfigHash");
@@ -167,6 +209,14 @@ contract AdapterRegistry is IAdapterRegistry {
     function _ownedAdapter(uint256 id) private view returns (Adapter storage a) {
         a = _adapter(id);
         if (a.owner != msg.sender) revert AdapterNotOwner(id, msg.sender);
+    }
+
+    /// @dev Consumes `commitment`: it must exist, be from an earlier block and younger than `COMMIT_TTL`.
+    function _useCommitment(bytes32 commitment) private {
+        uint256 at = _commits[commitment];
+        if (at == 0 || block.timestamp >= uint64(at) + COMMIT_TTL) revert AdapterNotCommitted(commitment);
+        if (block.number <= at >> 64) revert AdapterCommitTooNew(commitment);
+        delete _commits[commitment];
     }
 
     /// @dev Reverts unless `ids` is non-empty, repeat-free and names existing datanets (O(n^2), lists are short).

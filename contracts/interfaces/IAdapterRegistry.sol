@@ -28,6 +28,8 @@ interface IAdapterRegistry {
         uint256 feePerToken,
         string uri
     );
+    /// @notice `committer` committed to registering an adapter (`commitment` hides its weights hash).
+    event AdapterCommitted(bytes32 indexed commitment, address indexed committer);
     /// @notice Adapter `id` was deprecated by its owner.
     event AdapterDeprecated(uint256 indexed id, address indexed owner);
     /// @notice Adapter `id` became usable by anyone (`isPublic`) or by its allowlisted accounts only.
@@ -47,6 +49,13 @@ interface IAdapterRegistry {
     error AdapterDuplicateDatanet(uint256 datanetId);
     /// @notice `weightsHash` is already registered as adapter `existingId`.
     error AdapterDuplicateWeightsHash(bytes32 weightsHash, uint256 existingId);
+    /// @notice No live commitment `commitment` exists for this sender and these hashes (never made, made by another
+    ///         account, used, or older than `COMMIT_TTL`): call `commitAdapter` first.
+    error AdapterNotCommitted(bytes32 commitment);
+    /// @notice Commitment `commitment` was made in this block: reveal it in a later block.
+    error AdapterCommitTooNew(bytes32 commitment);
+    /// @notice Commitment `commitment` is already pending.
+    error AdapterAlreadyCommitted(bytes32 commitment);
     /// @notice No adapter has id `id`.
     error AdapterUnknown(uint256 id);
     /// @notice `caller` is not the owner of adapter `id`.

@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from eth_abi import encode
 from eth_utils import event_abi_to_log_topic, keccak
 from web3.contract import Contract
 from web3.contract.contract import ContractFunction
@@ -265,6 +266,43 @@ AccessEvent = AccessChanged | AllowlistChanged
 class AdapterRegistryClient(BoundContract):
     NAME = "AdapterRegistry"
 
+    @staticmethod
+    def commitment(owner: Address | str, weights_hash: Bytes32 | str, training_config_hash: Bytes32 | str,
+                   salt: bytes) -> bytes:
+        """`adapterCommitment(owner, weightsHash, trainingConfigHash, salt)`, computed locally:
+        keccak256(abi.encode(owner, weightsHash, trainingConfigHash, salt))."""
+
+        return bytes(keccak(encode(["address", "bytes32", "bytes32", "bytes32"],
+                                   [as_address(owner), bytes32_to_bytes(weights_hash),
+                                    bytes32_to_bytes(training_config_hash), salt])))
+
+    def commit_adapter(self, commitment: bytes) -> TxResult:
+        """Step 1 of registration: commit (the reveal must land in a later block)."""
+        return self._write("commitAdapter", commitment)
+
+    def register_adapter_tx(
+        self,
+        weights_hash: Bytes32 | str,
+        base_model_hash: Bytes32 | str,
+        training_config_hash: Bytes32 | str,
+        datanet_ids: Sequence[int],
+        fee_per_token: int,
+        uri: str,
+        salt: bytes | None = None,
+    ) -> TxResult:
+        """Register an adapter owned by the bound account, commit-reveal: with no `salt`, commit a fresh random one
+        and wait for its receipt first (the reveal then lands in a later block); with a `salt`, reveal a
+        commitment made earlier. Returns the reveal's result."""
+        if salt is None:
+            import secrets
+
+            salt = secrets.token_bytes(32)
+            self.commit_adapter(self.commitment(self.client.address, weights_hash, training_config_hash, salt))
+        return self._write(
+            "registerAdapter", bytes32_to_bytes(weights_hash), bytes32_to_bytes(base_model_hash),
+            bytes32_to_bytes(training_config_hash), [int(i) for i in datanet_ids], int(fee_per_token), uri, salt,
+        )
+
     def register_adapter(
         self,
         weights_hash: Bytes32 | str,
@@ -273,12 +311,11 @@ class AdapterRegistryClient(BoundContract):
         datanet_ids: Sequence[int],
         fee_per_token: int,
         uri: str,
+        salt: bytes | None = None,
     ) -> AdapterId:
-        """Register an adapter; returns its id from the `AdapterRegistered` event."""
-        res = self._write(
-            "registerAdapter", bytes32_to_bytes(weights_hash), bytes32_to_bytes(base_model_hash),
-            bytes32_to_bytes(training_config_hash), [int(i) for i in datanet_ids], int(fee_per_token), uri,
-        )
+        """`register_adapter_tx`, returning the new id from the `AdapterRegistered` event."""
+        res = self.register_adapter_tx(weights_hash, base_model_hash, training_config_hash, datanet_ids,
+                                       fee_per_token, uri, salt)
         return AdapterId(int(self._event_arg(res, "AdapterRegistered", "id")))
 
     def deprecate(self, adapter_id: int) -> TxResult:
@@ -353,10 +390,12 @@ class AdapterRegistryClient(BoundContract):
 class EpochInfo:
     records_root: Bytes32
     rewards_root: Bytes32
+    export_hash: Bytes32
     cumulative_total: Wei
     record_count: int
     submitted_at: int
     previous_live: int
+    depth: int
     revoked: bool
 
 
@@ -382,21 +421,29 @@ class LedgerClient(BoundContract):
     # operator
     def submit_epoch(
         self, epoch: int, records_root: Bytes32 | str, record_count: int, rewards_root: Bytes32 | str,
-        cumulative_total: int,
+        export_hash: Bytes32 | str, cumulative_total: int,
     ) -> TxResult:
         """Submit the bound account's epoch `epoch` (it must hold OPERATOR_ROLE and have approved the token)."""
         return self._write("submitEpoch", int(epoch), bytes32_to_bytes(records_root), int(record_count),
-                           bytes32_to_bytes(rewards_root), int(cumulative_total))
+                           bytes32_to_bytes(rewards_root), bytes32_to_bytes(export_hash), int(cumulative_total))
+
+    def refund_credit(self) -> TxResult:
+        """Take back the bound operator's credit left by revoked epochs (none of its epochs may be pending)."""
+        return self._write("refundCredit")
 
     # claims
-    def claim(self, operator: Address | str, account: Address | str, cumulative_amount: int,
+    def advance(self, operator: Address | str, epoch: int) -> TxResult:
+        return self._write("advance", as_address(operator), int(epoch))
+
+    def claim(self, operator: Address | str, epoch: int, account: Address | str, cumulative_amount: int,
               proof: Sequence[Bytes32 | str | bytes]) -> TxResult:
-        return self._write("claim", as_address(operator), as_address(account), int(cumulative_amount),
+        """Claim against `epoch`'s rewards root (the effective epoch, or a later one in effect)."""
+        return self._write("claim", as_address(operator), int(epoch), as_address(account), int(cumulative_amount),
                            _proof_bytes(proof))
 
-    def claim_many(self, operator: Address | str, accounts: Sequence[Address | str],
+    def claim_many(self, operator: Address | str, epoch: int, accounts: Sequence[Address | str],
                    cumulative_amounts: Sequence[int], proofs: Sequence[Sequence[Bytes32 | str | bytes]]) -> TxResult:
-        return self._write("claimMany", as_address(operator), [as_address(a) for a in accounts],
+        return self._write("claimMany", as_address(operator), int(epoch), [as_address(a) for a in accounts],
                            [int(x) for x in cumulative_amounts], [_proof_bytes(p) for p in proofs])
 
     # admin, guardian, pauser
@@ -415,13 +462,34 @@ class LedgerClient(BoundContract):
     def grant_operator(self, account: Address | str) -> TxResult:
         return self.grant_role(OPERATOR_ROLE, account)
 
+    def sweep(self, to: Address | str) -> TxResult:
+        return self._write("sweep", as_address(to))
+
     # views
     def epoch(self, operator: Address | str, epoch: int) -> EpochInfo:
         e = self._read("getEpoch", as_address(operator), int(epoch))
-        return EpochInfo(_hex32(e[0]), _hex32(e[1]), Wei(int(e[2])), int(e[3]), int(e[4]), int(e[5]), bool(e[6]))
+        return EpochInfo(_hex32(e[0]), _hex32(e[1]), _hex32(e[2]), Wei(int(e[3])), int(e[4]), int(e[5]), int(e[6]),
+                         int(e[7]), bool(e[8]))
 
     def last_epoch(self, operator: Address | str) -> int:
         return int(self._read("lastEpoch", as_address(operator)))
+
+    def live_tip(self, operator: Address | str) -> int:
+        """The operator's latest live (not revoked) epoch: the one its next epoch builds on."""
+        return int(self._read("liveTip", as_address(operator)))
+
+    def effective_epoch(self, operator: Address | str) -> int:
+        """The epoch claims are checked against now (the stored pointer; `root_in_effect` may be later)."""
+        return int(self._read("effectiveEpoch", as_address(operator)))
+
+    def is_revoked(self, operator: Address | str, epoch: int) -> bool:
+        return bool(self._read("isRevoked", as_address(operator), int(epoch)))
+
+    def refunded_total(self, operator: Address | str) -> Wei:
+        return Wei(int(self._read("refundedTotal", as_address(operator))))
+
+    def owed_total(self) -> Wei:
+        return Wei(int(self._read("owedTotal")))
 
     def effective_at(self, operator: Address | str, epoch: int) -> int:
         return int(self._read("effectiveAt", as_address(operator), int(epoch)))
@@ -443,10 +511,16 @@ class LedgerClient(BoundContract):
         s = self._read("shares")
         return Shares(int(s[0]), int(s[1]), int(s[2]))
 
-    def verify_record(self, operator: Address | str, epoch: int, leaf: Bytes32 | str | bytes,
+    def verify_record(self, operator: Address | str, epoch: int, record: Any,
                       proof: Sequence[Bytes32 | str | bytes]) -> bool:
-        leaf_b = leaf if isinstance(leaf, bytes) else bytes32_to_bytes(leaf)
-        return bool(self._read("verifyRecord", as_address(operator), int(epoch), leaf_b, _proof_bytes(proof)))
+        """Whether `record` (an AttributionRecord: the ledger hashes its fields itself) is under `epoch`'s
+        records root."""
+        return bool(self._read("verifyRecord", as_address(operator), int(epoch), record.ledger_tuple(),
+                               _proof_bytes(proof)))
+
+    def record_leaf(self, operator: Address | str, epoch: int, record: Any) -> Bytes32:
+        """The ledger's leaf of `record` in `operator`'s `epoch` (domain-separated by chain, ledger, operator)."""
+        return _hex32(self._read("recordLeaf", as_address(operator), int(epoch), record.ledger_tuple()))
 
     def reward_token(self) -> Address:
         return Address(self._read("rewardToken"))

@@ -245,7 +245,10 @@ class ChainClient:
             tx["gas"] = gas
         elif "gas" not in tx:
             try:
-                estimate = self.read(lambda: self.w3.eth.estimate_gas(tx), f"estimate gas for {what}")  # type: ignore[arg-type]
+                # against the pending block: a call that needs a later block than the last one mined (a
+                # commit-reveal's reveal) estimates as it will run
+                estimate = self.read(lambda: self.w3.eth.estimate_gas(tx, "pending"),  # type: ignore[arg-type]
+                                     f"estimate gas for {what}")
             except ContractLogicError as e:
                 raise self._revert_error(what, e.data, e) from e
             tx["gas"] = int(estimate * self.fees.gas_multiplier) + self.fees.gas_margin

@@ -6,6 +6,10 @@ States, in order (kept in the record log's `epochs` table; the settler drives th
     built      terms snapshotted, amounts, cumulative balances, records root, rewards root
     submitted  the submitEpoch transaction signed and stored before broadcast
     confirmed  the ledger holds the epoch's roots
+    revoked    a guardian revoked it on chain (or an epoch below it): its records are quarantined, not paid,
+               and its balances no longer count; later epochs build on the last live one
+    resettled  a revoked epoch whose records the operator reviewed and put back to pending
+               (`loraledger epoch resettle N`): the next epoch includes them
 
 Read side, which anyone holding the log can run:
 
@@ -27,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 from loraledger.node.errors import NodeError
 from loraledger.node.ledger.merkle import RECORD_LEAF_ENCODING, REWARD_LEAF_ENCODING, StandardMerkleTree
-from loraledger.node.ledger.records import AttributionRecord, attribution_hash, records_tree
+from loraledger.node.ledger.records import AttributionRecord, RecordDomain, attribution_hash, records_tree
 from loraledger.node.ledger.rewards import rewards_tree
 from loraledger.node.types import Address, Bytes32, TxHash, Wei, as_address
 
@@ -36,6 +40,7 @@ if TYPE_CHECKING:  # the log stores epochs (and imports this module); the functi
 
 # The states of an epoch, in order (see the module docstring); kept in the record log's `epochs` table.
 OPEN, BUILT, SUBMITTED, CONFIRMED = "open", "built", "submitted", "confirmed"
+REVOKED, RESETTLED = "revoked", "resettled"
 
 
 EPOCH_FILE_FORMAT = "loraledger-epoch-v1"
@@ -59,6 +64,7 @@ class EpochTrees:
     rewards_tree: StandardMerkleTree
     amounts: dict[Address, Wei]
     operator: Address
+    domain: RecordDomain
 
 
 def rebuild_epoch(log_: RecordLog, n: int) -> EpochTrees:
@@ -70,6 +76,8 @@ def rebuild_epoch(log_: RecordLog, n: int) -> EpochTrees:
     row = log_.epoch(n)
     if row is None:
         raise SettlementError(f"epoch {n} is not in the record log")
+    if row.state == RESETTLED:
+        raise SettlementError(f"epoch {n} was revoked and its records resettled into later epochs")
     if row.state == OPEN or row.records_root is None or row.rewards_root is None or row.terms is None:
         raise SettlementError(f"epoch {n} is {row.state}: it has no trees yet (run `loraledger epoch settle`)")
     records = log_.records_of_epoch(n)
@@ -79,7 +87,10 @@ def rebuild_epoch(log_: RecordLog, n: int) -> EpochTrees:
                           f"(first: {bad[0]}); the log was altered")
     if len(records) != row.record_count:
         raise TamperError(f"epoch {n}: the log holds {len(records)} records, {row.record_count} were settled")
-    rtree = records_tree(records)
+    from loraledger.node.ledger.terms import domain_of_terms
+
+    domain = domain_of_terms(row.terms)
+    rtree = records_tree(records, domain)
     if rtree.root_hex != row.records_root:
         raise TamperError(f"epoch {n}: records rebuilt from the log give root {rtree.root_hex}, but the epoch was "
                           f"settled with {row.records_root}: a record was altered after settlement")
@@ -89,7 +100,7 @@ def rebuild_epoch(log_: RecordLog, n: int) -> EpochTrees:
     if wtree.root_hex != row.rewards_root:
         raise TamperError(f"epoch {n}: balances in the log give rewards root {wtree.root_hex}, but the epoch was "
                           f"settled with {row.rewards_root}: a balance was altered")
-    return EpochTrees(row, records, rtree, wtree, log_.amounts_of_epoch(n), operator)
+    return EpochTrees(row, records, rtree, wtree, log_.amounts_of_epoch(n), operator, domain)
 
 
 def export_epoch(log_: RecordLog, n: int, path: str | Path, *, ledger: str | None = None,
@@ -103,14 +114,15 @@ def export_epoch(log_: RecordLog, n: int, path: str | Path, *, ledger: str | Non
     """
     t = rebuild_epoch(log_, n)
     row = t.row
-    records = [{"record": r.to_json(), "leaf": "0x" + r.leaf_hash().hex(), "proof": t.records_tree.get_proof_hex(i)}
+    records = [{"record": r.to_json(), "leaf": "0x" + r.leaf_hash(t.domain).hex(),
+                "proof": t.records_tree.get_proof_hex(i)}
                for i, r in enumerate(t.records)]
     rewards = [{"account": v[0], "cumulativeAmount": str(v[1]), "epochAmount": str(int(t.amounts.get(v[0], 0))),
                 "proof": t.rewards_tree.get_proof_hex(i)} for i, v in enumerate(t.rewards_tree.values)]
     doc = {
         "format": EPOCH_FILE_FORMAT,
-        "chainId": chain_id,
-        "ledger": ledger,
+        "chainId": t.domain.chain_id if chain_id is None else chain_id,
+        "ledger": t.domain.ledger if ledger is None else ledger,
         "operator": t.operator,
         "epoch": n,
         "state": row.state,
@@ -205,7 +217,8 @@ class EpochProofs:
             return None
         t = self.trees(rec.epoch)
         i = next(k for k, r in enumerate(t.records) if r.request_id == rec.request_id)
-        return RecordProofData(rec, rec.epoch, Bytes32("0x" + rec.leaf_hash().hex()), Bytes32(t.records_tree.root_hex),
+        return RecordProofData(rec, rec.epoch, Bytes32("0x" + rec.leaf_hash(t.domain).hex()),
+                               Bytes32(t.records_tree.root_hex),
                                [Bytes32(p) for p in t.records_tree.get_proof_hex(i)])
 
 

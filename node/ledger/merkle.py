@@ -47,9 +47,9 @@ REWARD_LEAF_ENCODING: tuple[str, ...] = ("address", "uint256")
 CONTRIBUTION_LEAF_ENCODING: tuple[str, ...] = ("address", "bytes32", "uint256")
 """DatanetRegistry contributions: (contributor, contributionHash, weight)."""
 RECORD_LEAF_ENCODING: tuple[str, ...] = (
-    "uint64", "bytes32", "uint256[]", "uint16[]", "uint32", "uint32", "uint256", "bytes32", "bytes32",
+    "uint256", "address", "address", "uint64", "bytes32", "uint256[]", "uint16[]", "uint32", "uint32", "uint256", "bytes32", "bytes32",
 )
-"""AttributionLedger records: (epoch, requestId, adapterIds, weightsBps, promptTokens, completionTokens, fee,
+"""AttributionLedger records: (chainId, ledger, operator, epoch, requestId, adapterIds, weightsBps, promptTokens, completionTokens, fee,
 outputHash, attributionHash)."""
 
 

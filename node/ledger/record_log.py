@@ -32,14 +32,14 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Self
 
 from loraledger.node.errors import NodeError
-from loraledger.node.ledger.epochs import BUILT, CONFIRMED, OPEN, SUBMITTED, EpochRow
+from loraledger.node.ledger.epochs import BUILT, CONFIRMED, OPEN, RESETTLED, REVOKED, SUBMITTED, EpochRow
 from loraledger.node.ledger.records import AttributionRecord
 from loraledger.node.types import AdapterId, Address, Bytes32, TxHash, Wei
 
@@ -229,6 +229,9 @@ class RecordLog:
         self._ctl_lock = threading.RLock()
         self._queue: queue.Queue[_Item | None] = queue.Queue()
         self._closed = False
+        # fence(conn): run first in every epoch-state transaction (close, mark_*); raising aborts it. A fleet's
+        # settler sets it to check that it still holds the settler role (loraledger.node.serving.settler_role).
+        self.fence: Callable[[Any], None] | None = None
         self.commits = 0  # group commits done by the writer (records / commits = mean batch size)
         self._writer_conn = backend.connect()
         self._writer = threading.Thread(target=self._write_loop, name="record-log-writer", daemon=True)
@@ -396,6 +399,8 @@ class RecordLog:
             else:
                 self._backend.begin_write(conn)
             try:
+                if self.fence is not None:
+                    self.fence(conn)
                 yield conn
             except BaseException:
                 self._rollback(conn)
@@ -483,9 +488,9 @@ class RecordLog:
         return _epoch_row(rows[0]) if rows else None
 
     def unfinished(self) -> list[EpochRow]:
-        """Epochs not yet confirmed, oldest first."""
-        rows = self._q(f"SELECT {', '.join(_EPOCH_COLUMNS)} FROM epochs WHERE state <> ? ORDER BY epoch",
-                       (CONFIRMED,))
+        """Epochs on their way to confirmed (open, built or submitted), oldest first."""
+        rows = self._q(f"SELECT {', '.join(_EPOCH_COLUMNS)} FROM epochs WHERE state IN (?, ?, ?) ORDER BY epoch",
+                       (OPEN, BUILT, SUBMITTED))
         return [_epoch_row(r) for r in rows]
 
     def _transition(self, conn: Any, n: int, expect: Sequence[str], sets: Mapping[str, Any]) -> None:
@@ -541,6 +546,62 @@ class RecordLog:
             self._transition(conn, n, (BUILT, SUBMITTED), {
                 "state": BUILT, "tx_hash": None, "tx_nonce": None, "raw_tx": None, "last_error": error[:2000]})
 
+    def mark_revoked(self, n: int, reason: str) -> None:
+        """any state -> revoked: the chain revoked epoch `n`. Its records stay assigned to it (quarantined: not
+        paid, not pending) and its balances stop counting towards later epochs' cumulative amounts."""
+        with self._tx() as conn:
+            self._transition(conn, n, (OPEN, BUILT, SUBMITTED, CONFIRMED), {"state": REVOKED,
+                                                                            "last_error": reason[:2000]})
+
+    def add_foreign_revoked(self, n: int, reason: str) -> None:
+        """Record that the chain's epoch `n`, which this log never built, is revoked: an empty revoked row keeps
+        the log's epoch numbers in step with the chain's."""
+        with self._tx(exclusive=True) as conn:
+            sql = self._backend.sql
+            if conn.execute(sql("SELECT 1 FROM epochs WHERE epoch = ?"), (n,)).fetchone() is not None:
+                raise RecordLogError(f"epoch {n} is already in the log")
+            conn.execute(sql("INSERT INTO epochs (epoch, state, closed_at, record_count, fees_total, last_error) "
+                             "VALUES (?, ?, ?, 0, '0', ?)"), (n, REVOKED, time.time(), reason[:2000]))
+
+    def renumber(self, old: int, new: int) -> None:
+        """Move an open or built epoch `old` (never sent) to number `new` > every epoch in the log, back to open:
+        its records follow it, its roots and balances are dropped (its leaves name the epoch: it is rebuilt)."""
+        with self._tx(exclusive=True) as conn:
+            sql = self._backend.sql
+            top = int(conn.execute(sql("SELECT MAX(epoch) FROM epochs")).fetchone()[0] or 0)
+            if new <= top:
+                raise RecordLogError(f"cannot renumber epoch {old} to {new}: the log already has epoch {top}")
+            self._transition(conn, old, (OPEN, BUILT), {"state": OPEN})
+            conn.execute(sql("DELETE FROM balances WHERE epoch = ?"), (old,))
+            conn.execute(sql("UPDATE records SET epoch = ? WHERE epoch = ?"), (new, old))
+            conn.execute(sql("UPDATE epochs SET epoch = ?, records_root = NULL, rewards_root = NULL, "
+                             "cumulative_total = NULL, terms = NULL, last_error = NULL WHERE epoch = ?"), (new, old))
+
+    def reopen(self, n: int) -> None:
+        """built -> open, dropping roots and balances: the epoch is rebuilt (its base changed under it)."""
+        with self._tx() as conn:
+            self._transition(conn, n, (BUILT,), {"state": OPEN, "records_root": None, "rewards_root": None,
+                                                 "cumulative_total": None, "terms": None})
+            conn.execute(self._backend.sql("DELETE FROM balances WHERE epoch = ?"), (n,))
+
+    def epochs_after(self, n: int) -> list[EpochRow]:
+        """Epochs numbered above `n`, oldest first."""
+        rows = self._q(f"SELECT {', '.join(_EPOCH_COLUMNS)} FROM epochs WHERE epoch > ? ORDER BY epoch", (n,))
+        return [_epoch_row(r) for r in rows]
+
+    def resettle(self, n: int) -> int:
+        """revoked -> resettled: put epoch `n`'s quarantined records back to pending (the next epoch takes them).
+        Returns how many records were released."""
+        with self._tx(exclusive=True) as conn:
+            self._transition(conn, n, (REVOKED,), {"state": RESETTLED})
+            cur = conn.execute(self._backend.sql("UPDATE records SET epoch = NULL WHERE epoch = ?"), (n,))
+            return int(cur.rowcount)
+
+    def quarantined(self) -> list[EpochRow]:
+        """Revoked epochs whose records are held back (not yet resettled), oldest first."""
+        rows = self._q(f"SELECT {', '.join(_EPOCH_COLUMNS)} FROM epochs WHERE state = ? ORDER BY epoch", (REVOKED,))
+        return [_epoch_row(r) for r in rows]
+
     # ------------------------------------------------------------------ balances
 
     def amounts_of_epoch(self, n: int) -> dict[Address, Wei]:
@@ -548,9 +609,12 @@ class RecordLog:
         return {Address(a): Wei(int(v)) for a, v in self._q("SELECT account, amount FROM balances WHERE epoch = ?", (n,))}
 
     def cumulative_balances(self, upto_epoch: int) -> dict[Address, Wei]:
-        """Every account's cumulative amount as of epoch `upto_epoch` (its latest row at or before it)."""
+        """Every account's cumulative amount as of epoch `upto_epoch` (its latest row at or before it), counting
+        live epochs only: a revoked epoch's balances never carry into later ones."""
         out: dict[Address, Wei] = {}
-        for a, c in self._q("SELECT account, cumulative FROM balances WHERE epoch <= ? ORDER BY epoch", (upto_epoch,)):
+        for a, c in self._q("SELECT account, cumulative FROM balances WHERE epoch <= ? AND epoch NOT IN "
+                            "(SELECT epoch FROM epochs WHERE state IN (?, ?)) ORDER BY epoch",
+                            (upto_epoch, REVOKED, RESETTLED)):
             out[Address(a)] = Wei(int(c))
         return out
 

@@ -3,16 +3,24 @@
     record = AttributionRecord.create(request_id=..., adapter_ids=[3, 7], weights_bps=[7000, 3000],
                                       prompt_tokens=12, completion_tokens=40, fee=fee,
                                       output_hash=sha256(output), contributors=[(addr, weight), ...])
-    leaf = record.with_epoch(5).leaf_hash()      # what the records tree and `AttributionLedger.verifyRecord` use
+    domain = RecordDomain(chain_id, ledger_address, operator)
+    leaf = record.with_epoch(5).leaf_hash(domain)  # what the records tree and `AttributionLedger.recordLeaf` give
 
-The on-chain record is the ABI tuple of docs/ARCHITECTURE.md ("Attribution record and reward math"):
+The on-chain record is the ABI tuple of docs/ARCHITECTURE.md ("Attribution record and reward math"), prefixed by
+its domain (the chain, the ledger and the operator whose stream it belongs to):
 
-    (uint64 epoch, bytes32 requestId, uint256[] adapterIds, uint16[] weightsBps, uint32 promptTokens,
+    (uint256 chainId, address ledger, address operator,
+     uint64 epoch, bytes32 requestId, uint256[] adapterIds, uint16[] weightsBps, uint32 promptTokens,
      uint32 completionTokens, uint256 fee, bytes32 outputHash, bytes32 attributionHash)
 
 and its Merkle leaf is OpenZeppelin StandardMerkleTree's, hashed twice so a leaf can never pose as a node:
 
-    leaf = keccak256(bytes.concat(keccak256(abi.encode(epoch, requestId, ..., attributionHash))))
+    leaf = keccak256(bytes.concat(keccak256(abi.encode(chainId, ledger, operator, epoch, ..., attributionHash))))
+
+The ledger computes this leaf itself from the record's fields (`verifyRecord` takes the fields, never a leaf), so
+a root or an inner node cannot pass as a record, and a record of one operator, ledger or chain proves nothing
+under another. Before it is settled a record is named by `content_hash()`, the same hashing over the fields
+without the domain (epoch 0).
 
 `attributionHash` commits to the full contributor list the node serves beside the record:
 
@@ -69,6 +77,43 @@ Contributor = tuple[Address, int]
 
 def _word(n: int) -> bytes:
     return n.to_bytes(32, "big")
+
+
+@dataclass(frozen=True)
+class RecordDomain:
+    """Whose stream a record's leaf belongs to: the chain, the AttributionLedger and the operator."""
+
+    chain_id: int
+    ledger: Address
+    operator: Address
+
+    def __post_init__(self) -> None:
+        if not 0 < self.chain_id < _U256:
+            raise RecordError(f"chain id {self.chain_id} must be in 1..2**256-1")
+        object.__setattr__(self, "ledger", as_address(self.ledger))
+        object.__setattr__(self, "operator", as_address(self.operator))
+
+    @property
+    def prefix(self) -> bytes:
+        """abi.encode(chainId, ledger, operator): the first three words of every leaf of this domain."""
+        return (_word(self.chain_id) + bytes(12) + bytes.fromhex(self.ledger[2:])
+                + bytes(12) + bytes.fromhex(self.operator[2:]))
+
+    def values(self) -> list[Any]:
+        return [self.chain_id, self.ledger, self.operator]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"chainId": self.chain_id, "ledger": self.ledger, "operator": self.operator}
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> RecordDomain:
+        try:
+            return cls(int(d["chainId"]), as_address(str(d["ledger"])), as_address(str(d["operator"])))
+        except (KeyError, TypeError, ValueError) as e:
+            raise RecordError(f"malformed record domain ({e!r}): {json.dumps(dict(d))[:200]}") from e
+
+
+_DOMAIN_SHIFT = 96  # the domain's three words ahead of the record's: every dynamic offset moves by this
 
 
 @lru_cache(maxsize=64)
@@ -239,20 +284,35 @@ class AttributionRecord:
         """promptTokens + completionTokens."""
         return self.prompt_tokens + self.completion_tokens
 
-    def leaf_values(self) -> list[Any]:
+    def leaf_values(self, domain: RecordDomain) -> list[Any]:
         """The leaf tuple as ABI values (bytes32 as hex strings), in `RECORD_LEAF_TYPES` order."""
-        return [self.epoch, self.request_id, list(self.adapter_ids), list(self.weights_bps), self.prompt_tokens,
-                self.completion_tokens, int(self.fee), self.output_hash, self.attribution_hash]
+        return [*domain.values(), self.epoch, self.request_id, list(self.adapter_ids), list(self.weights_bps),
+                self.prompt_tokens, self.completion_tokens, int(self.fee), self.output_hash, self.attribution_hash]
 
-    def abi_encode(self) -> bytes:
-        """abi.encode(epoch, requestId, adapterIds, weightsBps, promptTokens, completionTokens, fee, outputHash,
-        attributionHash), written directly (9 head words, then the two arrays) because it runs per record.
+    def ledger_tuple(self) -> tuple[Any, ...]:
+        """The record as `AttributionLedger.Record` (requestId, adapterIds, weightsBps, promptTokens,
+        completionTokens, fee, outputHash, attributionHash), for web3 calls."""
+        return (bytes.fromhex(self.request_id[2:]), [int(i) for i in self.adapter_ids], list(self.weights_bps),
+                self.prompt_tokens, self.completion_tokens, int(self.fee), bytes.fromhex(self.output_hash[2:]),
+                bytes.fromhex(self.attribution_hash[2:]))
 
-        head = [epoch, requestId, off(adapterIds)=288, off(weightsBps)=288+32*(1+n), prompt, completion, fee,
-                outputHash, attributionHash]; tail = [n, ids...] + [n, weights...]
+    def abi_encode(self, domain: RecordDomain | None = None) -> bytes:
+        """abi.encode(chainId, ledger, operator, epoch, requestId, adapterIds, weightsBps, promptTokens,
+        completionTokens, fee, outputHash, attributionHash) for `domain`; without a domain, the same encoding
+        of the nine record fields alone (what `content_hash` hashes).
+
+        Written directly because it runs per record: domain.prefix (3 words), then
+        head = [epoch, requestId, off(adapterIds)=s+288, off(weightsBps)=s+288+32*(1+n), prompt, completion, fee,
+                outputHash, attributionHash]; tail = [n, ids...] + [n, weights...]   (s = 96 with a domain, else 0)
         One `struct.pack` per record (`_record_layout(n)`); its range checks (uint64/uint32/uint16) and
         `int.to_bytes` (uint256) reject out-of-range fields, as RecordError.
         """
+        if domain is None:
+            return self._encode_fields(0)
+        return domain.prefix + self._encode_fields(_DOMAIN_SHIFT)
+
+    def _encode_fields(self, shift: int) -> bytes:
+        """The nine record fields' ABI encoding with dynamic offsets counted from `shift` bytes before it."""
         ids = self.adapter_ids
         weights = self.weights_bps
         n = len(ids)
@@ -264,16 +324,21 @@ class AttributionRecord:
                                  f"be one weight per adapter ({n} ids, {len(weights)} weights)")
             if n == 1:
                 return _ONE_ADAPTER_LAYOUT.pack(
-                    self.epoch, request_id, 288, 352, self.prompt_tokens, self.completion_tokens,
+                    self.epoch, request_id, shift + 288, shift + 352, self.prompt_tokens, self.completion_tokens,
                     self.fee.to_bytes(32, "big"), hashes, 1, ids[0].to_bytes(32, "big"), 1, weights[0])
             return _record_layout(n).pack(
-                self.epoch, request_id, 288, 320 + 32 * n, self.prompt_tokens, self.completion_tokens,
+                self.epoch, request_id, shift + 288, shift + 320 + 32 * n, self.prompt_tokens, self.completion_tokens,
                 self.fee.to_bytes(32, "big"), hashes, n, *[i.to_bytes(32, "big") for i in ids], n, *weights)
         except (struct.error, OverflowError, ValueError, TypeError, AttributeError) as e:
             raise RecordError(f"record {self.request_id} cannot be ABI-encoded: {e} (check its field ranges)") from e
 
-    def leaf_hash(self) -> bytes:
-        """keccak256(bytes.concat(keccak256(abi_encode()))): the StandardMerkleTree leaf (32 bytes)."""
+    def leaf_hash(self, domain: RecordDomain) -> bytes:
+        """keccak256(bytes.concat(keccak256(abi_encode(domain)))): the StandardMerkleTree leaf (32 bytes)."""
+        return keccak256(keccak256(self.abi_encode(domain)))
+
+    def content_hash(self) -> bytes:
+        """keccak256(bytes.concat(keccak256(abi_encode()))): the record's name before it has a domain and epoch
+        (what a response reports as its record hash)."""
         return keccak256(keccak256(self.abi_encode()))
 
     # ----- serialisation (log rows, epoch files)
@@ -313,17 +378,17 @@ class AttributionRecord:
             raise RecordError(f"malformed record JSON ({e!r}): {json.dumps(d)[:200]}") from e
 
 
-def records_tree(records: Sequence[AttributionRecord]) -> StandardMerkleTree:
-    """The StandardMerkleTree over `records` (leaf encoding `RECORD_LEAF_TYPES`), the same tree as
-    `StandardMerkleTree.of([r.leaf_values() for r in records], RECORD_LEAF_TYPES)`, with the leaves encoded by
-    the fast `abi_encode` (the generic encoder goes through eth_abi for the dynamic arrays):
+def records_tree(records: Sequence[AttributionRecord], domain: RecordDomain) -> StandardMerkleTree:
+    """The StandardMerkleTree over `records` in `domain` (leaf encoding `RECORD_LEAF_TYPES`), the same tree as
+    `StandardMerkleTree.of([r.leaf_values(domain) for r in records], RECORD_LEAF_TYPES)`, with the leaves encoded
+    by the fast `abi_encode` (the generic encoder goes through eth_abi for the dynamic arrays):
 
-    leaves = [keccak256(keccak256(r.abi_encode())) for r in records]        # hashed in bulk, C-level loop
-    tree   = StandardMerkleTree.from_leaf_hashes(leaves, [r.leaf_values() for r in records], RECORD_LEAF_TYPES)
+    leaves = [keccak256(keccak256(r.abi_encode(domain))) for r in records]  # hashed in bulk, C-level loop
+    tree   = StandardMerkleTree.from_leaf_hashes(leaves, [r.leaf_values(domain) ...], RECORD_LEAF_TYPES)
     """
     if not records:
         raise RecordError("an epoch's records tree needs at least one record")
     with gc_paused():
-        leaves = leaf_hashes_of_encoded(map(AttributionRecord.abi_encode, records))  # streamed: no list of encodings
-        values = [r.leaf_values() for r in records]
+        leaves = leaf_hashes_of_encoded(r.abi_encode(domain) for r in records)  # streamed: no list of encodings
+        values = [r.leaf_values(domain) for r in records]
     return StandardMerkleTree.from_leaf_hashes(leaves, values, RECORD_LEAF_TYPES)

@@ -23,6 +23,15 @@ Crash safety and idempotence (every step re-reads the log and the chain):
   A transaction is never re-sent with a new nonce while the old one can still land.
 - a receipt that disappears (reorg) before `confirmations` blocks is treated like a lost transaction.
 - reverted: the epoch goes back to built with `last_error` and SettlementError stops the caller; records stay.
+
+Revocations (every `resume` first compares the chain's live tip with the log, two reads in the common case):
+- an epoch of ours revoked on chain (directly, or because an epoch below it was) goes to `revoked`: its records
+  are quarantined (not paid, not pending) and its balances stop counting, so the next epoch builds on the last
+  live cumulative state; a built epoch not yet sent goes back to open to be rebuilt on that state;
+  `loraledger epoch resettle N` releases a revoked epoch's records into the next epoch once reviewed.
+- an epoch on chain that this log did not build: if the guardian revoked it, the log records it as revoked and
+  renumbers its own epoch after it; otherwise ForeignEpochError says what the chain holds and refuses to submit
+  on top of it (module `ForeignEpochError` names the ways out).
 """
 
 from __future__ import annotations
@@ -46,13 +55,15 @@ from loraledger.node.ledger.epochs import (
     BUILT,
     CONFIRMED,
     OPEN,
+    REVOKED,
     SUBMITTED,
     EpochProofs,
     EpochRow,
     SettlementError,
 )
+from loraledger.node.ledger.export import export_sha256
 from loraledger.node.ledger.record_log import RecordLog
-from loraledger.node.ledger.records import AttributionRecord, records_tree
+from loraledger.node.ledger.records import AttributionRecord, RecordDomain, records_tree
 from loraledger.node.ledger.rewards import add_cumulative, epoch_amounts, rewards_tree
 from loraledger.node.ledger.terms import AdapterTerms, ContributorStatus, EpochTerms, Shares, terms_to_json
 from loraledger.node.types import AdapterId, Address, Bytes32, TxHash, Wei, as_address, bytes32_to_bytes
@@ -107,6 +118,10 @@ class EpochOutcome:
     block_number: int | None
 
 
+class ForeignEpochError(SettlementError):
+    """The ledger holds an epoch of this operator that this log did not build; the node will not submit on top."""
+
+
 StepHook = Callable[[str, int], None]
 """Called as hook(step, epoch) after: "closed", "built", "approved", "signed", "sent", "confirmed"."""
 
@@ -155,6 +170,7 @@ class Settler:
         self.options = options or SettlementOptions()
         self.on_step = on_step
         self.proofs = EpochProofs(log_)
+        self.domain = RecordDomain(self.client.chain_id, contracts.ledger.address, self.operator)
 
     # ----- public
 
@@ -177,8 +193,33 @@ class Settler:
         return done
 
     def resume(self) -> list[EpochOutcome]:
-        """Finish every epoch the log has not confirmed, oldest first."""
+        """Take in the chain's revocations, then finish every epoch the log has not confirmed, oldest first."""
+        self.sync_revocations()
         return [self.process(row.epoch) for row in self.log.unfinished()]
+
+    def sync_revocations(self) -> list[int]:
+        """Mark the log's sent epochs that the chain revoked as `revoked` (quarantining their records) and reopen a
+        built epoch that would have built on them. Returns the epochs newly marked."""
+        ledger = self.contracts.ledger
+        tip = ledger.live_tip(self.operator)
+        sent = [r for r in self.log.epochs_after(tip) if r.state in (SUBMITTED, CONFIRMED)]
+        if not sent:
+            return []
+        chain_last = ledger.last_epoch(self.operator)
+        newly: list[int] = []
+        for row in sent:
+            if row.epoch <= chain_last and ledger.is_revoked(self.operator, row.epoch):
+                if row.state == SUBMITTED:  # ours landed and was revoked: the stored transaction is done
+                    self.log.mark_confirmed(row.epoch, block_number=int(self.w3.eth.block_number))
+                self.log.mark_revoked(row.epoch, f"revoked on chain (live tip is epoch {tip}); records quarantined")
+                newly.append(row.epoch)
+        if newly:
+            log.warning("epochs %s revoked on chain: their records are quarantined (review them, then "
+                        "`loraledger epoch resettle N`); the next epoch builds on epoch %d", newly, tip)
+            for row in self.log.unfinished():
+                if row.state == BUILT and row.epoch > newly[0]:
+                    self.log.reopen(row.epoch)
+        return newly
 
     def settle(self) -> EpochOutcome | None:
         """Finish unfinished epochs, then close everything pending (up to max_epoch_records) into a new epoch and
@@ -197,7 +238,8 @@ class Settler:
             stop.wait(interval)
 
     def process(self, n: int) -> EpochOutcome:
-        """Drive epoch `n` to confirmed from whatever state the log holds."""
+        """Drive epoch `n` to confirmed from whatever state the log holds (it may be renumbered on the way, when
+        the chain holds revoked epochs this log did not build)."""
         resends = 0
         while True:
             row = self._row(n)
@@ -207,7 +249,7 @@ class Settler:
                 if resends > self.options.max_resends:
                     raise SettlementError(f"epoch {n}: sent {resends} times without landing; giving up for now")
                 resends += 1
-                self._submit(row)
+                n = self._submit(row)
             elif row.state == SUBMITTED:
                 self._reconcile(row)
             else:
@@ -255,38 +297,66 @@ class Settler:
         records = self.log.records_of_epoch(n)
         terms, block = self.snapshot_terms(records)
         amounts = epoch_amounts(records, terms)
-        previous = self.log.cumulative_balances(n - 1) if n > 1 else {}
+        previous = self.log.cumulative_balances(n - 1) if n > 1 else {}  # live epochs only
         cumulative = add_cumulative(previous, amounts)
-        rtree = records_tree(records)
+        rtree = records_tree(records, self.domain)
         wtree = rewards_tree(cumulative, self.operator)
         total = sum(int(v) for _, v in wtree.values)
         assert total == sum(int(v) for v in previous.values()) + int(row.fees_total)
         self.log.mark_built(n, records_root=Bytes32(rtree.root_hex), rewards_root=Bytes32(wtree.root_hex),
-                            cumulative_total=total, terms=terms_to_json(terms, block), amounts=amounts,
+                            cumulative_total=total, terms=terms_to_json(terms, block, self.domain), amounts=amounts,
                             cumulative=cumulative)
         self._step("built", n)
 
     def _onchain(self, row: EpochRow) -> EpochInfo | None:
-        """The ledger's epoch `row.epoch` of this operator if it exists; SettlementError if its roots differ."""
+        """The ledger's epoch `row.epoch` of this operator if it exists; ForeignEpochError if its roots differ."""
         last = self.contracts.ledger.last_epoch(self.operator)
         if last < row.epoch:
             return None
         info = self.contracts.ledger.epoch(self.operator, row.epoch)
         if (info.records_root, info.rewards_root) != (row.records_root, row.rewards_root):
-            raise SettlementError(
-                f"epoch {row.epoch} of operator {self.operator} is on chain with roots {info.records_root} / "
-                f"{info.rewards_root}, but the log built {row.records_root} / {row.rewards_root}: another process "
-                "settles with this operator key, or the log belongs to another deployment")
+            raise self._foreign(row.epoch, last, info)
         return info
 
-    def _submit(self, row: EpochRow) -> None:
+    def _foreign(self, n: int, last: int, info: EpochInfo) -> ForeignEpochError:
+        """The error for epochs n..last on chain that this log did not build: what they are, and the ways out."""
+        ledger = self.contracts.ledger
+        effective = ledger.effective_at(self.operator, n)
+        now = int(self.w3.eth.get_block("latest")["timestamp"])
+        when = (f"takes effect at {effective} ({effective - now} s from now)" if effective > now
+                else f"in effect since {effective}")
+        return ForeignEpochError(
+            f"the ledger holds epoch {n}{f'..{last}' if last > n else ''} of operator {self.operator} that this "
+            f"log did not build: epoch {n} has records root {info.records_root} ({info.record_count} records), "
+            f"rewards root {info.rewards_root}, cumulative total {int(info.cumulative_total)}, export sha256 "
+            f"{info.export_hash}, submitted at {info.submitted_at}, {when}; this log built {n} with "
+            f"{self._row(n).records_root}. This node will not submit on top of it. Ways out: "
+            f"(1) revoke: if it is not yours and still pending, have the guardian run `loraledger epoch revoke "
+            f"--operator {self.operator} {n}`; this node then numbers its own epoch after it and goes on; "
+            f"(2) adopt: if another process of yours built it, `loraledger epoch adopt {n} --export FILE` takes its "
+            f"published export (checked against the chain's export sha256) into this log; "
+            f"(3) resettle: once an epoch of ours is revoked, `loraledger epoch resettle N` puts its records back.")
+
+    def _submit(self, row: EpochRow) -> int:
+        """Send a built epoch (or adopt it if the chain already has our roots). Returns the epoch's number, which
+        changes when the chain holds revoked epochs this log did not build (it is renumbered after them)."""
         n = row.epoch
         ledger = self.contracts.ledger
-        if self._onchain(row) is not None:
-            self.log.mark_confirmed(n, block_number=int(self.w3.eth.block_number))
-            self._step("confirmed", n)
-            return
         last = ledger.last_epoch(self.operator)
+        if last >= n:
+            info = ledger.epoch(self.operator, n)
+            if (info.records_root, info.rewards_root) == (row.records_root, row.rewards_root):
+                self.log.mark_confirmed(n, block_number=int(self.w3.eth.block_number))
+                self._step("confirmed", n)
+                return n
+            if all(ledger.is_revoked(self.operator, k) for k in range(n, last + 1)):
+                self.log.renumber(n, last + 1)  # our epoch goes after them; rebuilt (its leaves name the epoch)
+                for k in range(n, last + 1):
+                    self.log.add_foreign_revoked(k, "an epoch this log did not build, revoked on chain")
+                log.warning("epochs %d..%d on chain were not built by this log and are revoked; epoch %d is "
+                            "renumbered %d", n, last, n, last + 1)
+                return last + 1
+            raise self._foreign(n, last, info)
         if last != n - 1:
             raise SettlementError(
                 f"the ledger's last epoch for operator {self.operator} is {last}, but the log is about to submit "
@@ -299,7 +369,7 @@ class Settler:
         self._ensure_funding(n, int(row.cumulative_total))
         fn = ledger.contract.functions.submitEpoch(
             n, bytes32_to_bytes(row.records_root), row.record_count, bytes32_to_bytes(row.rewards_root),
-            int(row.cumulative_total))
+            bytes32_to_bytes(export_sha256(self.log, n)), int(row.cumulative_total))
         try:
             tx = self.client.build(fn)
         except ContractRevertError as e:
@@ -308,11 +378,13 @@ class Settler:
         with self.client.nonces.lock:
             nonce = self.client.nonces.reserve()
             self._sign_and_send(n, tx, nonce)
+        return n
 
     def _ensure_funding(self, n: int, cumulative_total: int) -> None:
         """Approve the ledger for what submitEpoch will pull (cumulativeTotal - fundedTotal), checking the balance."""
         c = self.contracts
-        need = cumulative_total - int(c.ledger.funded_total(self.operator))
+        held = int(c.ledger.funded_total(self.operator)) - int(c.ledger.refunded_total(self.operator))
+        need = cumulative_total - held
         if need <= 0:
             return
         have = int(c.token.balance_of(self.operator))

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from loraledger.node.errors import NodeError
-from loraledger.node.ledger.records import BPS
+from loraledger.node.ledger.records import BPS, RecordDomain
 from loraledger.node.types import AdapterId, Address
 
 
@@ -60,16 +60,25 @@ class EpochTerms:
     contributors: Mapping[Address, ContributorStatus]
 
 
-def terms_to_json(terms: EpochTerms, block: int) -> dict[str, Any]:
-    """The terms snapshot as stored in the log and written to epoch files."""
+def terms_to_json(terms: EpochTerms, block: int, domain: RecordDomain) -> dict[str, Any]:
+    """The terms snapshot as stored in the log and written to epoch files, with the records' domain."""
+    if domain.operator != terms.operator:
+        raise RewardsError(f"the records' domain names operator {domain.operator}, the terms {terms.operator}")
     return {
         "block": block,
+        "chainId": domain.chain_id,
+        "ledger": domain.ledger,
         "operator": terms.operator,
         "shares": [terms.shares.data_bps, terms.shares.adapter_owner_bps, terms.shares.operator_bps],
         "adapters": {str(i): {"owner": t.owner, "feePerToken": str(t.fee_per_token)}
                      for i, t in sorted(terms.adapters.items())},
         "contributors": {a: {"payout": s.payout, "active": s.active} for a, s in sorted(terms.contributors.items())},
     }
+
+
+def domain_of_terms(terms: Mapping[str, Any]) -> RecordDomain:
+    """The records' domain stored with an epoch's terms snapshot."""
+    return RecordDomain.from_json(terms)
 
 
 class RewardsError(NodeError, ValueError):

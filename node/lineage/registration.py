@@ -1,8 +1,9 @@
 """Adapter lineage on chain: register a trained adapter, and check an adapter against its registration.
 
     reg = register_adapter(adapter_dir, contracts, fee_per_token=3)
-        # AdapterRegistry.registerAdapter(weightsHash, baseHash, trainingConfigHash, datanetIds, fee, uri)
-        # -> reg.adapter_id, also written into adapter_dir/lineage.json
+        # AdapterRegistry.commitAdapter(commitment), then in a later block
+        # AdapterRegistry.registerAdapter(weightsHash, baseHash, trainingConfigHash, datanetIds, fee, uri, salt)
+        # -> reg.adapter_id and reg.owner, also written into adapter_dir/lineage.json
     info = verify_adapter_against_chain(adapter_dir, adapter_id, contracts, base_model_dir)
         # what the node calls before serving adapter `adapter_id` from `adapter_dir` on `base_model_dir`
 
@@ -13,6 +14,16 @@ Verification, all differences collected and named in one error:
     base_model_hash(base_model_dir)  == chain.baseModelHash            # trained on another base
     DatanetRegistry.exists(d) for d in chain.datanetIds                # lineage points at real datanets
     not chain.deprecated                                               # unless allow_deprecated
+  and, when the adapter directory's lineage.json is at hand (it always is for a directory):
+    config_hash(lineage.training_config) == chain.trainingConfigHash  # the training run it claims
+    {DatanetRegistry root of d for d in chain.datanetIds} == {lineage.datanets[].root}
+    chain.owner == lineage.registration.owner                          # when lineage.json records a registration
+    chain.owner == expected_owner                                      # when the caller names one (adoption)
+
+The owner check is what keeps a squatter's registration of the same weights (a copy of the file, registered
+first from another account) from being served and paid: the registry's commit-reveal already stops a
+registration copied from the mempool, and the node still adopts an id only if its owner, datanets and training
+config are the ones the adapter's own lineage names.
 
 `contracts` is a `loraledger.node.chain.bindings.Contracts` (any object with `.adapters` / `.datanets` clients fits).
 """
@@ -87,10 +98,12 @@ class AdapterRegistration:
     fee_per_token: int
     uri: str
     datanet_ids: tuple[DatanetId, ...]
+    owner: Address
 
     def to_dict(self) -> dict[str, Any]:
         return {
             "adapter_id": self.adapter_id,
+            "owner": self.owner,
             "chain_id": self.chain_id,
             "registry": self.registry,
             "tx_hash": self.tx_hash,
@@ -174,15 +187,8 @@ def register_adapter(
     ids = _datanet_ids(lineage, contracts)
     where = uri if uri is not None else root.resolve().as_uri()
     adapters = contracts.adapters
-    fn = adapters.contract.functions.registerAdapter(
-        bytes.fromhex(wh[2:]),
-        bytes.fromhex(parse_hash(lineage["base_model_hash"])[2:]),
-        bytes.fromhex(ch[2:]),
-        [int(i) for i in ids],
-        fee,
-        where,
-    )
-    result = adapters.result(adapters.client.transact(fn))
+    result = adapters.register_adapter_tx(wh, parse_hash(lineage["base_model_hash"]), ch, [int(i) for i in ids],
+                                          fee, where)
     found = [e["args"]["id"] for e in result["events"] if e["event"] == "AdapterRegistered"]
     if len(found) != 1:
         raise LineageError(
@@ -196,6 +202,7 @@ def register_adapter(
         fee_per_token=fee,
         uri=where,
         datanet_ids=tuple(ids),
+        owner=Address(adapters.client.address),
     )
     for d, did in zip(lineage["datanets"], ids, strict=True):
         d["datanet_id"], d["chain_id"] = int(did), reg.chain_id
@@ -211,6 +218,7 @@ def verify_adapter_against_chain(
     base_model_dir: str | os.PathLike[str] | None = None,
     *,
     allow_deprecated: bool = False,
+    expected_owner: str | None = None,
 ) -> AdapterInfo:
     """Check an adapter copy against registration `adapter_id` before serving it (module docstring).
 
@@ -218,14 +226,19 @@ def verify_adapter_against_chain(
     hash comes from `base_model_dir` (cached beside the checkpoint) or else from
     `AdapterHashes.base_model_hash`. Returns the on-chain `AdapterInfo`. Raises AdapterNotRegisteredError
     (unknown id), AdapterLineageError
-    naming every field that differs, ConfigError when no base is given.
+    naming every field that differs, ConfigError when no base is given. `expected_owner`: the account the
+    caller knows owns the adapter (adopting an id found on chain); its lineage.json's registration owner is
+    checked in any case.
     """
+    lineage: dict[str, Any] | None = None
     if isinstance(adapter, AdapterHashes):
         local_weights = parse_hash(adapter.weights_hash)
         local_base = parse_hash(adapter.base_model_hash) if adapter.base_model_hash else None
     else:
         local_weights = weights_hash(adapter)
         local_base = None
+        if (Path(adapter) / "lineage.json").is_file():
+            lineage = load_lineage(Path(adapter))
     if base_model_dir is not None:
         local_base = base_model_hash(base_model_dir)
     if local_base is None:
@@ -248,6 +261,30 @@ def verify_adapter_against_chain(
             diff[f"datanet {did}"] = ("named by the adapter", "not registered")
     if info.deprecated and not allow_deprecated:
         diff["deprecated"] = (True, "serving requested")
+    if lineage is not None:
+        diff.update(_lineage_differences(info, lineage, contracts))
+    if expected_owner is not None and info.owner.lower() != expected_owner.lower():
+        diff["owner"] = (info.owner, expected_owner)
     if diff:
         raise AdapterLineageError(int(adapter_id), diff)
     return info
+
+
+def _lineage_differences(info: AdapterInfo, lineage: dict[str, Any],
+                         contracts: Contracts) -> dict[str, tuple[object, object]]:
+    """Where registration `info` disagrees with the adapter's lineage.json: training-config hash, the datanets'
+    roots, and the owner its registration recorded."""
+    diff: dict[str, tuple[object, object]] = {}
+    ch = lineage.get("training_config_hash")
+    if ch is not None and info.training_config_hash != parse_hash(str(ch)):
+        diff["trainingConfigHash"] = (info.training_config_hash, ch)
+    local_roots = sorted(str(d["root"]) for d in lineage.get("datanets", []))
+    chain_roots = sorted(contracts.datanets.get_datanet(int(d)).contributions_root
+                         for d in info.datanet_ids if contracts.datanets.exists(int(d)))
+    if local_roots and chain_roots != local_roots:
+        diff["datanets"] = (chain_roots, local_roots)
+    reg = lineage.get("registration") or {}
+    owner = reg.get("owner")
+    if owner and info.owner.lower() != str(owner).lower():
+        diff["owner"] = (info.owner, owner)
+    return diff

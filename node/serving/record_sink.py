@@ -87,7 +87,7 @@ class LedgerRecordSink:
         total = sum(w for _, w in record.contributors) or 1
         top = sorted(record.contributors, key=lambda c: -c[1])[:TOP_CONTRIBUTORS]
         return AttributionSummary(
-            record_hash="0x" + record.leaf_hash().hex(), request_id=record.request_id, adapter_ids=tuple(ids),
+            record_hash="0x" + record.content_hash().hex(), request_id=record.request_id, adapter_ids=tuple(ids),
             weights_bps=tuple(bps), datanet_ids=tuple(sorted({d for t in terms for d in t.datanet_ids})),
             fee=int(fee), attribution_hash=record.attribution_hash,
             top_contributors=tuple(ContributorShareView(a, int(w), int(w) / total) for a, w in top),

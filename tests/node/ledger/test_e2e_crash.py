@@ -18,6 +18,7 @@ import pytest
 from loraledger.node.chain.keys import dev_account
 from loraledger.node.commands.rewards import proof_from_node
 from loraledger.node.ledger.claims import claim
+from loraledger.node.serving.servicers import record_from_pb
 from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
 from loraledger.proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
 
@@ -184,7 +185,8 @@ def test_kill9_during_traffic_and_settlement(chain_world: Any, tiny_model_dir: P
         att = pb_grpc.AttributionStub(ch)
         for rid in rids:
             resp = att.GetRecord(pb.GetRecordRequest(request_id=rid), timeout=10)
-            assert resp.settled and ledger.verify_record(operator, resp.record.epoch, resp.leaf, list(resp.proof))
+            assert resp.settled and ledger.verify_record(operator, resp.record.epoch, record_from_pb(resp.record),
+                                                         list(resp.proof))
         for rid in received:
             assert att.GetRecord(pb.GetRecordRequest(request_id=rid), timeout=10).settled
 

@@ -29,6 +29,7 @@ from loraledger.node.config import NodeConfig, load_config
 from loraledger.node.ledger.claims import claim
 from loraledger.node.serving.app import NodeApp
 from loraledger.node.serving.generation import request_id_bytes32
+from loraledger.node.serving.servicers import record_from_pb
 from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
 from loraledger.proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
 
@@ -189,9 +190,12 @@ def test_200_requests_settle_and_every_account_claims(served: Served, tmp_path: 
             rec = att.GetRecord(pb.GetRecordRequest(request_id=f"e2e-{i}"), timeout=10)
             assert rec.settled and rec.operator == operator and 1 <= rec.record.epoch <= len(epochs)
             assert rec.record.attribution_hash == responses[i].attribution.attribution_hash
-            assert ledger.verify_record(operator, rec.record.epoch, rec.leaf, list(rec.proof))
-            assert not ledger.verify_record(operator, rec.record.epoch, responses[i].attribution.record_hash,
-                                            list(rec.proof)), "the settled leaf commits to its epoch"
+            settled = record_from_pb(rec.record)
+            assert ledger.verify_record(operator, rec.record.epoch, settled, list(rec.proof))
+            assert ledger.record_leaf(operator, rec.record.epoch, settled) == rec.leaf
+            assert "0x" + settled.content_hash().hex() == responses[i].attribution.record_hash
+            assert not ledger.verify_record(operator, rec.record.epoch + 1, settled, list(rec.proof)), \
+                "the settled leaf commits to its epoch"
             assert int(rec.record.fee) == fees_reported[i]
 
     # every account claims: contributor 0 through the CLI (proof from the node over gRPC), the others here

@@ -9,10 +9,12 @@ import pytest
 from eth_abi import encode
 
 from loraledger.node.ledger.merkle import StandardMerkleTree
-from loraledger.node.ledger.records import RECORD_LEAF_TYPES, AttributionRecord, RecordError, records_tree
+from loraledger.node.ledger.records import RECORD_LEAF_TYPES, AttributionRecord, RecordDomain, RecordError, records_tree
 from loraledger.node.types import Bytes32, Wei
 
 _EXTREMES = {"uint64": 2**64 - 1, "uint32": 2**32 - 1, "uint16": 2**16 - 1, "uint256": 2**256 - 1}
+
+DOMAIN = RecordDomain(31337, "0x" + "5f" * 20, "0x" + "6e" * 20)
 
 
 def _h(rng: random.Random) -> Bytes32:
@@ -35,7 +37,7 @@ def _random_record(rng: random.Random, n: int) -> AttributionRecord:
 
 
 def _eth_abi(r: AttributionRecord) -> bytes:
-    values = [bytes.fromhex(v[2:]) if isinstance(v, str) else v for v in r.leaf_values()]
+    values = [bytes.fromhex(v[2:]) if isinstance(v, str) else v for v in r.leaf_values(DOMAIN)]
     return encode(list(RECORD_LEAF_TYPES), values)
 
 
@@ -43,7 +45,7 @@ def test_encoder_equals_eth_abi_over_random_records() -> None:
     rng = random.Random(11)
     for i in range(400):
         r = _random_record(rng, n=1 + i % 6)
-        assert r.abi_encode() == _eth_abi(r), r
+        assert r.abi_encode(DOMAIN) == _eth_abi(r), r
 
 
 def test_out_of_range_fields_raise_record_errors() -> None:
@@ -65,10 +67,10 @@ def test_records_tree_equals_the_generic_tree_with_mixed_adapter_counts() -> Non
     rng = random.Random(3)
     records = [_random_record(rng, n=1 + (i * 7) % 3) for i in range(40)]
     records.append(records[4])  # the same record twice: equal leaves keep their stable order
-    fast = records_tree(records)
-    generic = StandardMerkleTree.of([r.leaf_values() for r in records], RECORD_LEAF_TYPES)
+    fast = records_tree(records, DOMAIN)
+    generic = StandardMerkleTree.of([r.leaf_values(DOMAIN) for r in records], RECORD_LEAF_TYPES)
     assert fast.root == generic.root and fast.tree == generic.tree and fast.tree_indices == generic.tree_indices
-    assert fast.values == [r.leaf_values() for r in records]
+    assert fast.values == [r.leaf_values(DOMAIN) for r in records]
     fast.validate()
     for i in (0, 17, len(records) - 1):
         assert fast.verify(i, fast.get_proof(i))
