@@ -28,6 +28,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "loraledger.node.commands.serve",
     "loraledger.node.commands.apikey",
     "loraledger.node.commands.rewards",
+    "loraledger.node.commands.epochs",  # after rewards: it adds `epoch list|revoke|resettle` there
 )
 
 

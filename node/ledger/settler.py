@@ -55,7 +55,6 @@ from loraledger.node.ledger.epochs import (
     BUILT,
     CONFIRMED,
     OPEN,
-    REVOKED,
     SUBMITTED,
     EpochProofs,
     EpochRow,

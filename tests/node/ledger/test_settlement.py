@@ -80,7 +80,12 @@ class World:
 
 @pytest.fixture(scope="module")
 def world(w3: Web3) -> World:
-    deployment = deploy_all(w3, dev_account(0), shares=SHARES)
+    return build_world(w3)
+
+
+def build_world(w3: Web3, challenge_delay: int | None = None) -> World:
+    """A fresh deployment with registered contributors, one datanet and adapters 1 and 2 (owners 1 and 2)."""
+    deployment = deploy_all(w3, dev_account(0), shares=SHARES, challenge_delay=challenge_delay)
     admin = Contracts.at(ChainClient(w3, dev_account(0)), deployment.addresses)
     contributors = [dev_account(i) for i in (3, 4, 5, 6)]
     for acct in contributors:
@@ -226,8 +231,12 @@ def test_two_epochs_claims_and_exports(world: World, tmp_path: Path) -> None:
         for r in (e1[0], e2[-1]):
             rp = settler.proofs.record_proof(r.request_id)
             assert rp is not None
-            assert admin.ledger.verify_record(operator.address, rp.epoch, rp.leaf, rp.proof)
-            assert not admin.ledger.verify_record(operator.address, rp.epoch, "0x" + "00" * 32, rp.proof)
+            assert admin.ledger.verify_record(operator.address, rp.epoch, rp.record, rp.proof)
+            assert admin.ledger.record_leaf(operator.address, rp.epoch, rp.record) == rp.leaf
+            # a record of this operator proves nothing under another operator, nor with a field changed
+            assert not admin.ledger.verify_record(admin.ledger.client.address, rp.epoch, rp.record, rp.proof)
+            forged = AttributionRecord(**{**rp.record.__dict__, "fee": rp.record.fee + 1})
+            assert not admin.ledger.verify_record(operator.address, rp.epoch, forged, rp.proof)
         rw = settler.proofs.reward_proof(c1)
         assert rw is not None and rw.epoch == 2
         assert verify(bytes.fromhex(rw.rewards_root[2:]), REWARD_LEAF_ENCODING, [c1, int(rw.cumulative_amount)],

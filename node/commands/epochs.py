@@ -1,0 +1,99 @@
+"""`loraledger epoch list | revoke | resettle`: what the log holds per epoch, the guardian's revocation, and the
+operator's release of a revoked epoch's quarantined records into the next epoch.
+
+    loraledger epoch list                                  # state, records, fees, roots of every epoch in the log
+    loraledger epoch revoke --operator ADDR N              # guardian: revoke pending epoch N (and every later one)
+    loraledger epoch resettle N                            # operator: put revoked epoch N's records back to pending
+
+A revoked epoch's records are quarantined: the node does not pay them and does not count its balances; the next
+epoch builds on the last live cumulative state. Resettling is the operator's decision after reviewing why the
+epoch was revoked (a bad terms snapshot, a bug): the records then go into the next epoch, with its terms.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from loraledger.node.chain.bindings import Contracts
+from loraledger.node.chain.client import ChainClient
+from loraledger.node.commands.rewards import _chain, _config, _key, _open_log
+from loraledger.node.errors import ConfigError
+from loraledger.node.ledger.epochs import REVOKED
+from loraledger.node.types import as_address
+
+
+def _epoch_actions(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
+                   ) -> argparse._SubParsersAction[argparse.ArgumentParser]:
+    """The ACTION sub-parsers of `loraledger epoch` (registered by the rewards module)."""
+    existing = subparsers.choices.get("epoch")
+    if existing is None:
+        raise ConfigError("the `epoch` command group is missing; the rewards commands must be registered first")
+    for action in existing._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            return action
+    raise ConfigError("`loraledger epoch` has no actions")
+
+
+def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--config", help="node config TOML (default: built-in defaults + env)")
+        p.add_argument("--records", help="record log: SQLite path or postgresql:// DSN (default: from config)")
+        p.add_argument("--deployment", help="deployment.json (default: $LORALEDGER_DEPLOYMENT, [chain] deployment, "
+                                            "./deployment.json)")
+        p.add_argument("--rpc-url", help="JSON-RPC endpoint (default: $LORALEDGER_CHAIN_RPC_URL / [chain] rpc_url)")
+
+    actions = _epoch_actions(subparsers)
+    ls = actions.add_parser("list", help="every epoch in the record log: state, records, fees, roots")
+    common(ls)
+    ls.set_defaults(handler=_list)
+    rv = actions.add_parser("revoke", help="guardian: revoke an operator's pending epoch N and every later one")
+    rv.add_argument("n", type=int, metavar="N", help="the first epoch to revoke")
+    rv.add_argument("--operator", required=True, help="the operator whose epochs are revoked")
+    rv.add_argument("--key-file", help="guardian keystore (default: config chain.key_file / chain.key_env)")
+    rv.add_argument("--password-file", help="file whose first line is the keystore password")
+    common(rv)
+    rv.set_defaults(handler=_revoke)
+    rs = actions.add_parser("resettle", help="put a revoked epoch's quarantined records back to pending")
+    rs.add_argument("n", type=int, metavar="N", help="a revoked epoch of this node's log")
+    common(rs)
+    rs.set_defaults(handler=_resettle)
+
+
+def _list(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    with _open_log(args, cfg) as log_:
+        rows = log_.epochs()
+    if not rows:
+        print("the record log has no epoch yet")
+        return 0
+    print(f"{'epoch':>5}  {'state':<9}  {'records':>7}  {'fees':>14}  rewards root")
+    for r in rows:
+        print(f"{r.epoch:>5}  {r.state:<9}  {r.record_count:>7}  {int(r.fees_total):>14}  {r.rewards_root or '-'}"
+              + (f"  ({r.last_error})" if r.last_error else ""))
+    return 0
+
+
+def _revoke(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    dep, w3 = _chain(args, cfg)
+    ledger = Contracts.at(ChainClient(w3, _key(args, cfg)), dep.addresses).ledger
+    operator = as_address(args.operator)
+    last = ledger.last_epoch(operator)
+    res = ledger.revoke_root(operator, args.n)
+    print(f"revoked epochs {args.n}..{last} of operator {operator} (tx {res['tx_hash']}); the operator's next "
+          f"epoch builds on epoch {ledger.live_tip(operator)}")
+    return 0
+
+
+def _resettle(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    with _open_log(args, cfg) as log_:
+        row = log_.epoch(args.n)
+        if row is None:
+            raise ConfigError(f"epoch {args.n} is not in the record log")
+        if row.state != REVOKED:
+            raise ConfigError(f"epoch {args.n} is {row.state}, not revoked: only a revoked epoch's records can be "
+                              "resettled (see `loraledger epoch list`)")
+        released = log_.resettle(args.n)
+    print(f"epoch {args.n}: {released} record(s) back to pending; the next epoch includes them")
+    return 0

@@ -1,0 +1,716 @@
+"""The audit: recompute an operator's epoch from its published export and the chain, trusting neither the node nor
+its database, and say what is wrong, one line per violation.
+
+    chain = AuditChain(contracts)                               # reads only (any account, never sends)
+    report = audit_epoch(chain, operator, n, export_bytes, lineage=...)   # AuditReport: .ok, .violations
+    Watcher(chain, guardian_contracts, operators, fetch, state_path).run(stop)   # revoke failing roots in time
+
+Checks of one epoch N of operator O (`audit_epoch`), each a `Violation` with a code, the entry and the amount:
+
+    export      the export parses (export.parse_export: canonical bytes, leaves, order, proofs, roots, totals)
+                and names this chain, ledger, operator and epoch
+    hash        sha256(export) == the chain's exportHash of (O, N)
+    records     records root and count == the chain's
+    terms       the terms snapshot == the chain at the snapshot block (`terms.block`): the ledger's shares, each
+                adapter's owner and feePerToken, each contributor's payout and active flag
+    fee         each record's fee == floor(sum_i weightBps_i * feePerToken_i * tokens / 10000), feePerToken
+                read on chain at the snapshot block
+    lineage     with lineage documents (an adapter owner's lineage.json, or `terms.lineage`): the document's
+                training config hashes to the adapter's registered trainingConfigHash and names the roots of
+                its registered datanets; each record's contributor weights == rewards.contributor_weights over
+                the lineage weights (or, for token-level nodes, name only lineage contributors)
+    amounts     each account's epoch amount == rewards.epoch_amounts(records, terms) (the ledger's shares with
+                largest-remainder rounding, the node's own code), and they sum to the epoch's fees
+    previous    the export's previous epoch == the chain's previousLive; its previous cumulative amounts give
+                that epoch's rewards root and cumulative total on chain
+    decrease    no account's cumulative amount falls below its previous one; cumulative == previous + amount
+    total       cumulativeTotal - previous cumulativeTotal == fees, and cumulativeTotal == the chain's
+    rewards     the rewards root (tree of the new cumulative amounts) == the chain's
+
+Lineage gap: the chain commits to an adapter's datanet roots and training-config hash, but not to the per-
+contributor token counts of lineage.json (`lineage_weights`): the lineage check proves the split follows the
+document the auditor holds, and that the document belongs to the adapter as far as the registered hashes go.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from web3.exceptions import ContractLogicError
+
+from loraledger.node.chain.bindings import Contracts
+from loraledger.node.chain.client import CONNECTION_ERRORS
+from loraledger.node.errors import ContractRevertError, NodeError
+from loraledger.node.ledger.export import EpochExport, ExportError, parse_export
+from loraledger.node.ledger.records import BPS, RecordDomain
+from loraledger.node.ledger.rewards import contributor_weights, epoch_amounts, rewards_tree
+from loraledger.node.ledger.terms import AdapterTerms, ContributorStatus, EpochTerms, RewardsError, Shares
+from loraledger.node.types import AdapterId, Address, as_address
+
+log = logging.getLogger(__name__)
+
+MAX_LINES_PER_CHECK = 20
+"""Violations of one kind listed one per line; beyond this, one summary line says how many more."""
+
+
+class AuditError(NodeError, RuntimeError):
+    """The audit could not run (chain unreachable, unknown epoch, export unavailable); no verdict."""
+
+
+@dataclass(frozen=True)
+class Violation:
+    """One thing wrong with an epoch: `code` (the check), `where` (record, account or field), the message."""
+
+    epoch: int
+    code: str
+    where: str
+    message: str
+
+    def line(self, operator: str) -> str:
+        return f"operator {operator} epoch {self.epoch}: [{self.code}] {self.where}: {self.message}"
+
+
+@dataclass
+class AuditReport:
+    operator: Address
+    epoch: int
+    violations: list[Violation] = field(default_factory=list)
+    records: int = 0
+    export_sha256: str | None = None
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not self.violations
+
+    def lines(self) -> list[str]:
+        return [v.line(self.operator) for v in self.violations]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"operator": self.operator, "epoch": self.epoch, "ok": self.ok, "records": self.records,
+                "exportSha256": self.export_sha256, "notes": self.notes, "seconds": round(self.seconds, 3),
+                "violations": [asdict(v) for v in self.violations]}
+
+
+class _Sink:
+    """Collects violations, at most MAX_LINES_PER_CHECK lines per code."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.items: list[Violation] = []
+        self.dropped: dict[str, int] = {}
+
+    def add(self, code: str, where: str, message: str) -> None:
+        if sum(1 for v in self.items if v.code == code) >= MAX_LINES_PER_CHECK:
+            self.dropped[code] = self.dropped.get(code, 0) + 1
+            return
+        self.items.append(Violation(self.epoch, code, where, message))
+
+    def close(self) -> list[Violation]:
+        for code, k in self.dropped.items():
+            self.items.append(Violation(self.epoch, code, "(more)", f"{k} more violation(s) of this kind"))
+        return self.items
+
+
+# ------------------------------------------------------------------------------------------------- the chain side
+
+
+@dataclass(frozen=True)
+class ChainEpoch:
+    records_root: str
+    rewards_root: str
+    export_hash: str
+    cumulative_total: int
+    record_count: int
+    submitted_at: int
+    previous_live: int
+    revoked: bool
+    effective_at: int
+
+
+class AuditChain:
+    """Read-only views of one deployment, each at a chosen block where the check needs it."""
+
+    def __init__(self, contracts: Contracts) -> None:
+        self.c = contracts
+        self.w3 = contracts.ledger.client.w3
+        self.chain_id = int(self.w3.eth.chain_id)
+        self.ledger = contracts.ledger.address
+
+    def domain(self, operator: str) -> RecordDomain:
+        return RecordDomain(self.chain_id, self.ledger, as_address(operator))
+
+    def now(self) -> int:
+        return int(self.w3.eth.get_block("latest")["timestamp"])
+
+    def last_epoch(self, operator: str) -> int:
+        return self.c.ledger.last_epoch(operator)
+
+    def epoch(self, operator: str, n: int) -> ChainEpoch:
+        e = self.c.ledger.epoch(operator, n)
+        return ChainEpoch(e.records_root, e.rewards_root, e.export_hash, int(e.cumulative_total), e.record_count,
+                          e.submitted_at, e.previous_live, e.revoked, self.c.ledger.effective_at(operator, n))
+
+    def _call(self, fn: Any, block: int) -> Any:
+        return fn.call(block_identifier=block)
+
+    def shares_at(self, block: int) -> tuple[int, int, int]:
+        s = self._call(self.c.ledger.contract.functions.shares(), block)
+        return int(s[0]), int(s[1]), int(s[2])
+
+    def adapter_at(self, adapter_id: int, block: int) -> tuple[Address, int, str, tuple[int, ...]] | None:
+        """(owner, feePerToken, trainingConfigHash, datanet ids) at `block`; None when not registered then."""
+        try:
+            a = self._call(self.c.adapters.contract.functions.getAdapter(int(adapter_id)), block)
+        except ContractLogicError:
+            return None
+        return Address(a[3]), int(a[6]), "0x" + bytes(a[2]).hex(), tuple(int(i) for i in a[7])
+
+    def contributor_at(self, account: str, block: int) -> tuple[Address, bool] | None:
+        """(payout, active) at `block`; None when not registered then."""
+        fns = self.c.contributors.contract.functions
+        if not self._call(fns.isRegistered(as_address(account)), block):
+            return None
+        payout = as_address(str(self._call(fns.payoutOf(as_address(account)), block)))
+        return payout, bool(self._call(fns.isActive(as_address(account)), block))
+
+    def datanet_root(self, datanet_id: int) -> str:
+        return self.c.datanets.get_datanet(datanet_id).contributions_root
+
+
+# ------------------------------------------------------------------------------------------------- lineage
+
+
+@dataclass(frozen=True)
+class AdapterLineage:
+    """One adapter's lineage as an auditor holds it: contributor -> tokens, and what it claims to belong to."""
+
+    adapter_id: int
+    weights: dict[Address, int]
+    training_config_hash: str | None
+    datanet_roots: tuple[str, ...]
+    source: str
+
+
+def lineage_from_document(adapter_id: int, doc: Mapping[str, Any], source: str) -> AdapterLineage:
+    """An adapter's lineage from its lineage.json document (`loraledger train` writes it)."""
+    from loraledger.inference.identity import config_hash
+    from loraledger.node.ledger.rewards import lineage_tokens
+
+    try:
+        weights = lineage_tokens(doc)
+    except RewardsError as e:
+        raise AuditError(f"{source}: {e}") from None
+    tc = doc.get("training_config")
+    tch = config_hash(tc) if isinstance(tc, Mapping) else doc.get("training_config_hash")
+    roots = tuple(str(d.get("root")) for d in doc.get("datanets", []) if isinstance(d, Mapping))
+    return AdapterLineage(int(adapter_id), weights, str(tch) if tch else None, roots, source)
+
+
+def load_lineage_files(paths: Iterable[str | os.PathLike[str]]) -> dict[int, AdapterLineage]:
+    """`ID=PATH` or `PATH` (the id from the document's `registration.adapter_id`) lineage.json files."""
+    out: dict[int, AdapterLineage] = {}
+    for spec in paths:
+        s = str(spec)
+        aid: int | None = None
+        if "=" in s and s.split("=", 1)[0].isdigit():
+            k, s = s.split("=", 1)
+            aid = int(k)
+        p = Path(s)
+        if p.is_dir():
+            p = p / "lineage.json"
+        try:
+            doc = json.loads(p.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError) as e:
+            raise AuditError(f"--lineage {spec}: cannot read a lineage.json ({e})") from None
+        if aid is None:
+            reg = doc.get("registration") or {}
+            if not isinstance(reg, Mapping) or reg.get("adapter_id") is None:
+                raise AuditError(f"--lineage {spec}: the document names no registered adapter id; pass ID={s}")
+            aid = int(reg["adapter_id"])
+        out[aid] = lineage_from_document(aid, doc, str(p))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------- the audit
+
+
+def _terms_of(ex: EpochExport, sink: _Sink) -> EpochTerms | None:
+    t = ex.terms
+    try:
+        s = [int(x) for x in t["shares"]]
+        shares = Shares(s[0], s[1], s[2])
+        adapters = {AdapterId(int(k)): AdapterTerms(as_address(str(v["owner"])), int(str(v["feePerToken"])))
+                    for k, v in dict(t["adapters"]).items()}
+        contributors = {as_address(str(k)): ContributorStatus(as_address(str(v["payout"])), bool(v["active"]))
+                        for k, v in dict(t.get("contributors", {})).items()}
+        return EpochTerms(shares, as_address(str(t["operator"])), adapters, contributors)
+    except (KeyError, TypeError, ValueError, IndexError, RewardsError) as e:
+        sink.add("terms", ex.where("terms"), f"malformed terms snapshot ({e})")
+        return None
+
+
+def _check_terms(chain: AuditChain, ex: EpochExport, terms: EpochTerms, sink: _Sink) -> dict[int, tuple[Any, ...]]:
+    """The snapshot against the chain at its block; returns the chain's adapter views by id."""
+    block = int(ex.terms["block"])
+    s = chain.shares_at(block)
+    mine = (terms.shares.data_bps, terms.shares.adapter_owner_bps, terms.shares.operator_bps)
+    if s != mine:
+        sink.add("terms", ex.where("terms", "shares"),
+                 f"shares {list(mine)} but the ledger's shares at block {block} are {list(s)}")
+    used = sorted({i for r in ex.records for i in r.adapter_ids})
+    onchain: dict[int, tuple[Any, ...]] = {}
+    for i in used:
+        a = chain.adapter_at(i, block)
+        t = terms.adapters.get(AdapterId(i))
+        if a is None:
+            sink.add("terms", f"adapter {i}", f"not registered at block {block}")
+            continue
+        onchain[i] = a
+        if t is None:
+            sink.add("terms", f"adapter {i}", "used by records but missing from the terms snapshot")
+        elif (t.owner, t.fee_per_token) != (a[0], a[1]):
+            sink.add("terms", ex.where("terms", "adapters", str(i)),
+                     f"owner {t.owner} feePerToken {t.fee_per_token}, but at block {block} the registry says owner "
+                     f"{a[0]} feePerToken {a[1]}")
+    for account in sorted({c for r in ex.records for c, _ in r.contributors}, key=lambda a: int(a, 16)):
+        got = chain.contributor_at(account, block)
+        st = terms.contributors.get(account)
+        want = ContributorStatus(got[0], got[1]) if got is not None else None
+        if want is None:
+            if st is not None and st.active:
+                sink.add("terms", ex.where("terms", "contributors", account),
+                         f"listed as active with payout {st.payout}, but not registered at block {block}")
+        elif st is None or (st.active, st.payout if st.active else None) != (want.active,
+                                                                              want.payout if want.active else None):
+            sink.add("terms", ex.where("terms", "contributors", account) if st else f"contributor {account}",
+                     f"snapshot says {st}, the registry at block {block} says payout {want.payout} "
+                     f"active {want.active}")
+    return onchain
+
+
+def _check_fees(ex: EpochExport, onchain: Mapping[int, tuple[Any, ...]], sink: _Sink) -> None:
+    block = int(ex.terms["block"])
+    for i, r in enumerate(ex.records):
+        if any(a not in onchain for a in r.adapter_ids):
+            continue
+        tokens = r.prompt_tokens + r.completion_tokens
+        want = sum(w * int(onchain[a][1]) for a, w in zip(r.adapter_ids, r.weights_bps, strict=True)) * tokens // BPS
+        if int(r.fee) != want:
+            sink.add("fee", f"record {r.request_id} ({ex.where('records', 'entries', i, 'record', 'fee')})",
+                     f"fee {int(r.fee)} but sum(weight*feePerToken)*{tokens}/{BPS} with the adapters' terms at "
+                     f"block {block} is {want} (difference {int(r.fee) - want})")
+
+
+def _check_lineage(chain: AuditChain, ex: EpochExport, onchain: Mapping[int, tuple[Any, ...]],
+                   lineage: Mapping[int, AdapterLineage], token_level: bool, sink: _Sink, notes: list[str]) -> None:
+    usable: dict[AdapterId, dict[Address, int]] = {}
+    roots_cache: dict[int, str] = {}
+    for aid, lin in sorted(lineage.items()):
+        a = onchain.get(aid)
+        if a is None:
+            continue
+        ok = True
+        if lin.training_config_hash is not None and lin.training_config_hash != a[2]:
+            sink.add("lineage", f"adapter {aid}", f"lineage {lin.source} has training config hash "
+                     f"{lin.training_config_hash}, the adapter is registered with {a[2]}")
+            ok = False
+        want_roots = sorted(roots_cache.setdefault(d, chain.datanet_root(d)) for d in a[3])
+        if lin.datanet_roots and sorted(lin.datanet_roots) != want_roots:
+            sink.add("lineage", f"adapter {aid}", f"lineage {lin.source} names datanet roots "
+                     f"{sorted(lin.datanet_roots)}, the adapter is registered on {want_roots}")
+            ok = False
+        if ok:
+            usable[AdapterId(aid)] = lin.weights
+    used = sorted({i for r in ex.records for i in r.adapter_ids})
+    missing = [i for i in used if i not in lineage]
+    if missing:
+        notes.append(f"no lineage document for adapters {missing}: their records' contributor split was not "
+                     "checked (pass --lineage ID=lineage.json)")
+    for i, r in enumerate(ex.records):
+        if not all(a in usable for a in r.adapter_ids):
+            continue
+        have = dict(r.contributors)
+        if token_level:
+            allowed = {c for a in r.adapter_ids for c in usable[a]}
+            extra = sorted(set(have) - allowed)
+            if extra:
+                sink.add("lineage", f"record {r.request_id} ({ex.where('records', 'entries', i, 'record')})",
+                         f"contributors {extra} are in none of its adapters' lineage")
+            continue
+        fees = [int(onchain[a][1]) for a in r.adapter_ids]
+        want = contributor_weights(r.adapter_ids, r.weights_bps, fees, usable)
+        if have != want:
+            diff = sorted(set(have) | set(want), key=lambda x: int(x, 16))
+            bad = [(c, have.get(c, 0), want.get(c, 0)) for c in diff if have.get(c, 0) != want.get(c, 0)]
+            c, h, w = bad[0]
+            sink.add("lineage", f"record {r.request_id} ({ex.where('records', 'entries', i, 'record', 'contributors')})",
+                     f"contributor split differs from the adapters' lineage: {c} has weight {h}, lineage gives "
+                     f"{w}" + (f" ({len(bad) - 1} more account(s) differ)" if len(bad) > 1 else ""))
+
+
+def _check_amounts(ex: EpochExport, terms: EpochTerms, sink: _Sink) -> None:
+    try:
+        want = {a: int(v) for a, v in epoch_amounts(ex.records, terms).items()}
+    except RewardsError as e:
+        sink.add("amounts", "terms", f"the epoch's amounts cannot be computed from its terms: {e}")
+        return
+    have = ex.amounts
+    for k, a in enumerate(sorted(set(want) | set(have), key=lambda x: int(x, 16))):
+        if have.get(a, 0) != want.get(a, 0):
+            idx = next((i for i, e in enumerate(ex.rewards) if e.account == a), None)
+            where = f"account {a}" + (f" ({ex.where('rewards', 'entries', idx, 'amount')})" if idx is not None else "")
+            sink.add("amounts", where, f"epoch amount {have.get(a, 0)} but the ledger's shares give "
+                     f"{want.get(a, 0)} (difference {have.get(a, 0) - want.get(a, 0)})")
+    paid = sum(have.values())
+    if paid != ex.fees_total:
+        sink.add("amounts", "rewards.entries", f"the epoch's amounts sum to {paid}, its fees to {ex.fees_total}")
+
+
+def _check_cumulative(chain: AuditChain, ex: EpochExport, info: ChainEpoch, operator: Address, sink: _Sink) -> None:
+    if ex.previous_epoch != info.previous_live:
+        sink.add("previous", ex.where("previousEpoch"),
+                 f"builds on epoch {ex.previous_epoch}, the chain says this epoch extends epoch {info.previous_live}")
+    if info.previous_live:
+        prev = chain.epoch(operator, info.previous_live)
+        root = rewards_tree(ex.previous, operator).root_hex
+        if root != prev.rewards_root:
+            sink.add("previous", ex.where("rewards", "previous"),
+                     f"the previous cumulative amounts give rewards root {root}, epoch {info.previous_live}'s on "
+                     f"chain is {prev.rewards_root} (an account's previous amount was altered or dropped)")
+        if ex.previous_total != prev.cumulative_total:
+            sink.add("previous", ex.where("rewards", "previousTotal"),
+                     f"{ex.previous_total}, but epoch {info.previous_live}'s cumulative total on chain is "
+                     f"{prev.cumulative_total}")
+    elif ex.previous:
+        sink.add("previous", ex.where("rewards", "previous"), "lists previous amounts, but this is the operator's "
+                 "first live epoch")
+    cum = ex.cumulative
+    for a, before in sorted(ex.previous.items(), key=lambda av: int(av[0], 16)):
+        after = cum.get(a, 0)
+        if after < before:
+            sink.add("decrease", f"account {a}", f"cumulative amount falls from {before} to {after} "
+                     f"(lowered by {before - after})")
+    amounts = ex.amounts
+    for e in ex.rewards:
+        want = ex.previous.get(e.account, 0) + amounts.get(e.account, 0)
+        if e.cumulative != want and e.cumulative >= ex.previous.get(e.account, 0):
+            sink.add("decrease", f"account {e.account}", f"cumulative {e.cumulative} != previous "
+                     f"{ex.previous.get(e.account, 0)} + epoch amount {amounts.get(e.account, 0)}")
+    grown = ex.cumulative_total - ex.previous_total
+    if grown != ex.fees_total:
+        sink.add("total", ex.where("rewards", "cumulativeTotal"),
+                 f"the cumulative total grows by {grown}, the epoch's fees are {ex.fees_total}")
+
+
+def audit_epoch(chain: AuditChain, operator: str, n: int, data: bytes | None, *,
+                lineage: Mapping[int, AdapterLineage] | None = None, token_level: bool = False) -> AuditReport:
+    """Audit epoch `n` of `operator` against `data` (its export; None: not published). AuditError when the chain
+    cannot be read or has no such epoch; a violation for everything wrong with the epoch (module docstring)."""
+    t0 = time.perf_counter()
+    op = as_address(operator)
+    report = AuditReport(op, n)
+    sink = _Sink(n)
+    last = chain.last_epoch(op)
+    if not 0 < n <= last:
+        raise AuditError(f"operator {op} has no epoch {n} on chain {chain.chain_id} (its last is {last})")
+    info = chain.epoch(op, n)
+    if data is None:
+        sink.add("export", "export", f"not published: the epoch's export (sha256 {info.export_hash}) could not be "
+                 "fetched from any source")
+        report.violations = sink.close()
+        return report
+    report.export_sha256 = "0x" + hashlib.sha256(data).hexdigest()
+    if report.export_sha256 != info.export_hash:
+        sink.add("hash", "export", f"sha256 {report.export_sha256} but the chain's exportHash is {info.export_hash}")
+    try:
+        ex = parse_export(data, domain=chain.domain(op), epoch=n)
+    except ExportError as e:
+        sink.add("export", "export", str(e))
+        report.violations = sink.close()
+        report.seconds = time.perf_counter() - t0
+        return report
+    report.records = ex.record_count
+    if ex.records_root != info.records_root:
+        sink.add("records", ex.where("records", "root"), f"{ex.records_root}, the chain's records root is "
+                 f"{info.records_root}")
+    if ex.record_count != info.record_count:
+        sink.add("records", ex.where("records", "count"), f"{ex.record_count} records, the chain says "
+                 f"{info.record_count}")
+    if ex.rewards_root != info.rewards_root:
+        sink.add("rewards", ex.where("rewards", "root"), f"{ex.rewards_root}, the chain's rewards root is "
+                 f"{info.rewards_root}")
+    if ex.cumulative_total != info.cumulative_total:
+        sink.add("total", ex.where("rewards", "cumulativeTotal"), f"{ex.cumulative_total}, the chain's cumulative "
+                 f"total is {info.cumulative_total}")
+    terms = _terms_of(ex, sink)
+    if terms is not None:
+        if terms.operator != op:
+            sink.add("terms", ex.where("terms", "operator"), f"names operator {terms.operator}")
+        onchain = _check_terms(chain, ex, terms, sink)
+        _check_fees(ex, onchain, sink)
+        lin = dict(lineage or {})
+        embedded = ex.terms.get("lineage")
+        if isinstance(embedded, Mapping):
+            for k, v in embedded.items():
+                if int(k) not in lin and isinstance(v, Mapping):
+                    lin[int(k)] = AdapterLineage(int(k), {as_address(a): int(t) for a, t in
+                                                          dict(v.get("weights", {})).items()},
+                                                 v.get("trainingConfigHash"), tuple(v.get("datanetRoots", ())),
+                                                 "export terms.lineage")
+        _check_lineage(chain, ex, onchain, lin, token_level, sink, report.notes)
+        _check_amounts(ex, terms, sink)
+    _check_cumulative(chain, ex, info, op, sink)
+    report.violations = sink.close()
+    report.seconds = time.perf_counter() - t0
+    return report
+
+
+# ------------------------------------------------------------------------------------------------- export sources
+
+
+Fetch = Callable[[str, int], "bytes | None"]
+"""fetch(operator, epoch) -> the export's bytes, or None when no source has it (yet)."""
+
+
+def expand_template(template: str, *, chain_id: int, ledger: str, operator: str, epoch: int) -> str:
+    """A mirror URI template with {chainId}, {ledger}, {operator} and {epoch} filled in."""
+    try:
+        return template.format(chainId=chain_id, ledger=ledger, operator=operator, epoch=epoch)
+    except (KeyError, IndexError, ValueError) as e:
+        raise AuditError(f"export URI template {template!r} is malformed ({e}); it may use {{chainId}}, "
+                         "{ledger}, {operator} and {epoch}") from None
+
+
+def fetch_uri(uri: str, timeout: float = 30.0) -> bytes | None:
+    """The bytes at a file path, file:// or http(s):// URI; None when absent (404, no file, unreachable)."""
+    if uri.startswith(("http://", "https://")):
+        try:
+            with urllib.request.urlopen(uri, timeout=timeout) as resp:
+                return bytes(resp.read())
+        except (OSError, ValueError) as e:
+            log.info("export not at %s (%s)", uri, e)
+            return None
+    path = Path(uri.removeprefix("file://"))
+    try:
+        return path.read_bytes()
+    except OSError:
+        return None
+
+
+def fetch_grpc(server: str, epoch: int, timeout: float = 60.0, api_key: str = "") -> bytes | None:
+    """The export of `epoch` from a node's `Attribution.GetEpochExport` stream; None when the node has none."""
+    import grpc
+
+    from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb
+    from loraledger.proto.loraledger.v1 import loraledger_pb2_grpc as pb_grpc
+
+    md = [("x-api-key", api_key)] if api_key else []
+    try:
+        with grpc.insecure_channel(server, options=[("grpc.max_receive_message_length", 64 << 20)]) as ch:
+            stub = pb_grpc.AttributionStub(ch)
+            parts: list[bytes] = []
+            total = -1
+            sha = ""
+            for msg in stub.GetEpochExport(pb.GetEpochExportRequest(epoch=epoch), timeout=timeout, metadata=md):
+                if msg.total_bytes:
+                    total, sha = int(msg.total_bytes), msg.sha256
+                parts.append(bytes(msg.data))
+    except grpc.RpcError as e:
+        if e.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            log.info("node %s has no export of epoch %d: %s", server, epoch, e.details())
+            return None
+        raise AuditError(f"node {server}: GetEpochExport({epoch}) failed: {e.code().name} {e.details()}") from None
+    data = b"".join(parts)
+    if total >= 0 and len(data) != total:
+        log.warning("node %s streamed %d of %d bytes of epoch %d's export", server, len(data), total, epoch)
+    if sha and "0x" + hashlib.sha256(data).hexdigest() != sha:
+        log.warning("node %s: the streamed export of epoch %d does not match the sha256 the node announced", server,
+                    epoch)
+    return data
+
+
+def make_fetch(*, export: str | None = None, server: str | None = None, uri_template: str | None = None,
+               chain_id: int = 0, ledger: str = "", api_key: str = "") -> Fetch:
+    """The export sources, tried in order: a file or folder (`export`: FILE, a folder holding
+    epoch-{N}.json / {operator}/epoch-{N}.json, or a template), a node over gRPC, a mirror URI template."""
+
+    def fetch(operator: str, epoch: int) -> bytes | None:
+        if export:
+            p = Path(export)
+            if "{" in export:
+                got = fetch_uri(expand_template(export, chain_id=chain_id, ledger=ledger, operator=operator,
+                                                epoch=epoch))
+                if got is not None:
+                    return got
+            elif p.is_dir():
+                for cand in (p / f"epoch-{epoch}.json", p / operator / f"epoch-{epoch}.json"):
+                    if cand.is_file():
+                        return cand.read_bytes()
+            elif p.is_file():
+                return p.read_bytes()
+        if server:
+            got = fetch_grpc(server, epoch, api_key=api_key)
+            if got is not None:
+                return got
+        if uri_template:
+            return fetch_uri(expand_template(uri_template, chain_id=chain_id, ledger=ledger, operator=operator,
+                                             epoch=epoch))
+        return None
+
+    return fetch
+
+
+# ------------------------------------------------------------------------------------------------- the watcher
+
+
+@dataclass
+class WatchOptions:
+    """grace: seconds after an epoch's submission its export may stay unreachable before that counts as a
+    failure (must leave time to revoke inside the delay); poll: seconds between passes; lineage/token_level: as
+    `audit_epoch`."""
+
+    grace: float = 600.0
+    poll: float = 5.0
+    lineage: Mapping[int, AdapterLineage] = field(default_factory=dict)
+    token_level: bool = False
+    safety: float = 2.0  # seconds before effectiveAt still worth a revoke attempt
+
+
+class WatchState:
+    """The watcher's progress, one small JSON file, rewritten atomically after every decision:
+
+    {"version": 1, "operators": {op: {"next": N, "verdicts": {"N": {"ok", "action", "violations": [lines]}}}}}
+    `next` is the first epoch not yet decided; an epoch is decided once audited (and revoked if it failed) or
+    found revoked or already in effect."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.doc: dict[str, Any] = {"version": 1, "operators": {}}
+        if self.path.is_file():
+            try:
+                doc = json.loads(self.path.read_text(encoding="utf-8"))
+            except (OSError, json.JSONDecodeError) as e:
+                raise AuditError(f"watch state {self.path} is unreadable ({e}); fix or delete it") from None
+            if not isinstance(doc, dict) or doc.get("version") != 1 or not isinstance(doc.get("operators"), dict):
+                raise AuditError(f"watch state {self.path} is not a version-1 state file; fix or delete it")
+            self.doc = doc
+
+    def op(self, operator: str) -> dict[str, Any]:
+        ops: dict[str, Any] = self.doc["operators"]
+        return ops.setdefault(as_address(operator), {"next": 1, "verdicts": {}})
+
+    def decide(self, operator: str, epoch: int, verdict: Mapping[str, Any]) -> None:
+        st = self.op(operator)
+        st["verdicts"][str(epoch)] = dict(verdict)
+        while str(st["next"]) in st["verdicts"]:
+            st["next"] += 1
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.doc, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+class Watcher:
+    """Follows the epochs of `operators`, audits each as it lands and revokes a failing one during its delay."""
+
+    def __init__(self, chain: AuditChain, guardian: Contracts | None, operators: Sequence[str], fetch: Fetch,
+                 state_path: str | os.PathLike[str], options: WatchOptions | None = None,
+                 emit: Callable[[str], None] | None = None) -> None:
+        self.chain = chain
+        self.guardian = guardian
+        self.operators = [as_address(o) for o in operators]
+        self.fetch = fetch
+        self.state = WatchState(state_path)
+        self.options = options or WatchOptions()
+        self.emit = emit or (lambda line: log.info("%s", line))
+        for o in self.operators:
+            self.state.op(o)
+        self.state.save()
+
+    def run(self, stop: threading.Event, max_passes: int | None = None) -> None:
+        """`step` every `poll` s until `stop` is set; RPC outages are logged and retried on the next pass."""
+        passes = 0
+        while not stop.is_set():
+            try:
+                self.step()
+            except CONNECTION_ERRORS as e:
+                self.emit(f"watch: chain unreachable ({e}); retrying in {self.options.poll:g} s")
+            passes += 1
+            if max_passes is not None and passes >= max_passes:
+                return
+            stop.wait(self.options.poll)
+
+    def step(self) -> list[tuple[str, int, str]]:
+        """One pass over every operator's undecided epochs: [(operator, epoch, action)] decided in this pass."""
+        done: list[tuple[str, int, str]] = []
+        for op in self.operators:
+            last = self.chain.last_epoch(op)
+            st = self.state.op(op)
+            for n in range(int(st["next"]), last + 1):
+                if str(n) in st["verdicts"]:
+                    continue
+                action = self._one(op, n)
+                if action is not None:
+                    done.append((op, n, action))
+        return done
+
+    def _one(self, op: Address, n: int) -> str | None:
+        info = self.chain.epoch(op, n)
+        now = self.chain.now()
+        if info.revoked:
+            self.state.decide(op, n, {"ok": None, "action": "already revoked"})
+            return "already revoked"
+        data = self.fetch(op, n)
+        if data is None and now - info.submitted_at < self.options.grace and now < info.effective_at:
+            return None  # not published yet: wait, within the grace
+        report = audit_epoch(self.chain, op, n, data, lineage=self.options.lineage,
+                             token_level=self.options.token_level)
+        if data is None:
+            report.violations[0] = Violation(n, "export", "export", f"not published within the grace of "
+                                             f"{self.options.grace:g} s after submission ({now - info.submitted_at} s "
+                                             f"ago); sha256 {info.export_hash}")
+        lines = report.lines()
+        if report.ok:
+            self.emit(f"operator {op} epoch {n}: PASS ({report.records} records)")
+            self.state.decide(op, n, {"ok": True, "action": "passed"})
+            return "passed"
+        for line in lines:
+            self.emit(line)
+        action = self._revoke(op, n, info)
+        self.state.decide(op, n, {"ok": False, "action": action, "violations": lines})
+        if action == "revoked":
+            for k in range(n + 1, self.chain.last_epoch(op) + 1):  # built on n: revoked with it
+                if str(k) not in self.state.op(op)["verdicts"]:
+                    self.state.decide(op, k, {"ok": None, "action": f"revoked with epoch {n}"})
+        return action
+
+    def _revoke(self, op: Address, n: int, info: ChainEpoch) -> str:
+        if self.guardian is None:
+            self.emit(f"operator {op} epoch {n}: FAIL (no guardian key: not revoked)")
+            return "failed, not revoked (no guardian key)"
+        if self.chain.now() + self.options.safety >= info.effective_at:
+            self.emit(f"operator {op} epoch {n}: FAIL, but its root took effect at {info.effective_at}: too late "
+                      "to revoke")
+            return "failed, already in effect"
+        try:
+            res = self.guardian.ledger.revoke_root(op, n)
+        except ContractRevertError as e:
+            self.emit(f"operator {op} epoch {n}: revokeRoot refused: {e}")
+            return f"failed, revoke refused ({e})"
+        self.emit(f"operator {op} epoch {n}: FAIL -> revoked (tx {res['tx_hash']})")
+        return "revoked"
