@@ -17,7 +17,7 @@ Verification, all differences collected and named in one error:
   and, when the adapter directory's lineage.json is at hand (it always is for a directory):
     config_hash(lineage.training_config) == chain.trainingConfigHash  # the training run it claims
     {DatanetRegistry root of d for d in chain.datanetIds} == {lineage.datanets[].root}
-    chain.owner == lineage.registration.owner                          # when lineage.json records a registration
+    chain.owner == lineage.registration.owner (or lineage.owner)       # when lineage.json names the owner
     chain.owner == expected_owner                                      # when the caller names one (adoption)
 
 The owner check is what keeps a squatter's registration of the same weights (a copy of the file, registered
@@ -184,6 +184,9 @@ def register_adapter(
             f"{root}: training config hashes to {ch} but lineage.json says "
             f"{lineage['training_config_hash']} (lineage.json was edited)"
         )
+    me = contracts.adapters.client.address
+    if lineage.get("owner") and str(lineage["owner"]).lower() != me.lower():
+        raise LineageError(f"{root}: lineage.json names owner {lineage['owner']}, but the registering account is {me}")
     ids = _datanet_ids(lineage, contracts)
     where = uri if uri is not None else root.resolve().as_uri()
     adapters = contracts.adapters
@@ -284,7 +287,7 @@ def _lineage_differences(info: AdapterInfo, lineage: dict[str, Any],
     if local_roots and chain_roots != local_roots:
         diff["datanets"] = (chain_roots, local_roots)
     reg = lineage.get("registration") or {}
-    owner = reg.get("owner")
+    owner = reg.get("owner") or lineage.get("owner")
     if owner and info.owner.lower() != str(owner).lower():
         diff["owner"] = (info.owner, owner)
     return diff
