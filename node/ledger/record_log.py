@@ -597,6 +597,43 @@ class RecordLog:
             cur = conn.execute(self._backend.sql("UPDATE records SET epoch = NULL WHERE epoch = ?"), (n,))
             return int(cur.rowcount)
 
+    def adopt_epoch(self, n: int, records: Sequence[AttributionRecord], *, records_root: Bytes32,
+                    rewards_root: Bytes32, cumulative_total: int, terms: Mapping[str, Any],
+                    amounts: Mapping[Address, int], cumulative: Mapping[Address, int], block_number: int) -> None:
+        """Take in epoch `n` that another log built (its export checked against the chain by the caller) as
+        confirmed: its records (a record this log already holds must be identical and pending: it is assigned to
+        `n`), its roots, terms and balances. `n` must not be in the log, and every epoch below it must be."""
+        now = time.time()
+        with self._tx(exclusive=True) as conn:
+            sql = self._backend.sql
+            below = int(conn.execute(sql("SELECT COUNT(*) FROM epochs WHERE epoch < ?"), (n,)).fetchone()[0])
+            if conn.execute(sql("SELECT 1 FROM epochs WHERE epoch = ?"), (n,)).fetchone() is not None \
+                    or below != n - 1:
+                raise RecordLogError(f"cannot adopt epoch {n}: the log must hold epochs 1..{n - 1} and not {n}")
+            for r in records:
+                stored = self._read_record(conn, r.request_id)
+                if stored is None:
+                    conn.execute(sql(f"INSERT INTO records ({', '.join(_RECORD_COLUMNS)}) VALUES "
+                                     f"({', '.join('?' * len(_RECORD_COLUMNS))})"), _record_row(r, now))
+                elif _record_row(stored[0], now)[:-1] != _record_row(r, now)[:-1]:
+                    raise RecordLogError(f"cannot adopt epoch {n}: record {r.request_id} is in this log with other "
+                                         "content")
+                elif stored[0].epoch != 0:
+                    raise RecordLogError(f"cannot adopt epoch {n}: record {r.request_id} is already in epoch "
+                                         f"{stored[0].epoch} of this log (it would be paid twice)")
+                conn.execute(sql("UPDATE records SET epoch = ? WHERE request_id = ?"), (n, r.request_id))
+            fees = sum(int(r.fee) for r in records)
+            conn.execute(sql("INSERT INTO epochs (epoch, state, closed_at, record_count, fees_total, records_root, "
+                             "rewards_root, cumulative_total, terms, confirmed_block, last_error) "
+                             "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"),
+                         (n, CONFIRMED, now, len(records), str(fees), records_root, rewards_root,
+                          str(int(cumulative_total)), json.dumps(terms, sort_keys=True), int(block_number),
+                          "adopted from another log's export"))
+            rows = [(n, a, str(int(v)), str(int(cumulative[a]))) for a, v in sorted(amounts.items()) if v]
+            if rows:
+                conn.cursor().executemany(sql(
+                    "INSERT INTO balances (epoch, account, amount, cumulative) VALUES (?, ?, ?, ?)"), rows)
+
     def quarantined(self) -> list[EpochRow]:
         """Revoked epochs whose records are held back (not yet resettled), oldest first."""
         rows = self._q(f"SELECT {', '.join(_EPOCH_COLUMNS)} FROM epochs WHERE state = ? ORDER BY epoch", (REVOKED,))

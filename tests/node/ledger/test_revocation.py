@@ -106,3 +106,35 @@ def test_foreign_epoch_stops_the_node_until_revoked(world: World, tmp_path: Path
         assert rows == {1: REVOKED, 2: CONFIRMED}
         info = op.ledger.epoch(operator.address, 2)
         assert info.previous_live == 0 and not info.revoked
+
+
+def test_adopt_an_epoch_another_log_built(world: World, tmp_path: Path) -> None:
+    from loraledger.node.ledger.export import canonical_export
+
+    operator = world.new_operator()
+    op = world.bind(operator)
+    rng = random.Random(8)
+    dep = tmp_path / "deployment.json"
+    dep.write_text(world.deployment.to_json())
+    base = ["--deployment", str(dep), "--rpc-url", world.w3.provider.endpoint_uri,  # type: ignore[attr-defined]
+            "--operator", operator.address]
+    with RecordLog.open(tmp_path / "ours.sqlite") as ours, RecordLog.open(tmp_path / "theirs.sqlite") as theirs:
+        theirs_records = make_records(world, rng, 6, 700)
+        theirs.append_many(theirs_records)
+        assert Settler(theirs, op).settle() is not None
+        export = tmp_path / "epoch-1.export.json"
+        export.write_bytes(canonical_export(theirs, 1))
+        forged = tmp_path / "forged.json"
+        forged.write_bytes(export.read_bytes().replace(b'"epoch":1', b'"epoch":1 '))
+        ours_records = make_records(world, rng, 4, 800)
+        ours.append_many(ours_records)
+        settler = Settler(ours, op)
+        with pytest.raises(ForeignEpochError, match="epoch adopt 1"):
+            settler.settle()
+        records = ["--records", str(tmp_path / "ours.sqlite")]
+        assert cli(["epoch", "adopt", "1", "--export", str(forged), *base, *records]) == 1  # not the chain's
+        assert cli(["epoch", "adopt", "1", "--export", str(export), *base, *records]) == 0
+        assert [o.epoch for o in settler.resume()] == [2]
+        fees = sum(int(r.fee) for r in theirs_records + ours_records)
+        assert int(op.ledger.epoch(operator.address, 2).cumulative_total) == fees
+        assert {r.epoch: r.state for r in ours.epochs()} == {1: CONFIRMED, 2: CONFIRMED}
