@@ -175,7 +175,7 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
     /// @dev pulled = max(0, cumulativeTotal - (funded - refunded)), via `transferFrom(caller, this, pulled)`; the
     ///      ledger's balance must grow by exactly `pulled`.
     ///      Requirements: caller holds `OPERATOR_ROLE`; not paused (`EnforcedPause`); `epoch == lastEpoch + 1`
-    ///      (`LedgerUnexpectedEpoch`); roots and export hash non-zero (`LedgerZeroRoot`); `recordCount > 0`
+    ///      (`LedgerUnexpectedEpoch`); `parent` is the live tip (`LedgerStaleParent`); roots and export hash non-zero (`LedgerZeroRoot`); `recordCount > 0`
     ///      (`LedgerZeroRecordCount`); `cumulativeTotal` >= that of the live tip (`LedgerCumulativeDecreased`)
     ///      and < 2**128 (`SafeCastOverflowedUintDowncast`); allowance and balance cover `pulled` (the token's
     ///      error); the token delivers it in full (`LedgerTransferShortfall`). Events: `EpochSubmitted`.
@@ -185,17 +185,22 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
     /// @param rewardsRoot StandardMerkleTree root over `(address account, uint256 cumulativeAmount)`.
     /// @param exportHash sha256 of the epoch's canonical export.
     /// @param cumulativeTotal Sum of all cumulative amounts under `rewardsRoot`.
+    /// @param parent The live epoch whose cumulative amounts this one builds on (0: none). A submission built
+    ///        before a revocation names a parent that is no longer the live tip and reverts, instead of
+    ///        landing with the revoked amounts in it.
     function submitEpoch(
         uint64 epoch,
         bytes32 recordsRoot,
         uint32 recordCount,
         bytes32 rewardsRoot,
         bytes32 exportHash,
-        uint256 cumulativeTotal
+        uint256 cumulativeTotal,
+        uint64 parent
     ) external onlyRole(OPERATOR_ROLE) whenNotPaused nonReentrant {
         address op = msg.sender;
         OperatorState memory s = _operators[op];
         if (epoch != s.lastEpoch + 1) revert LedgerUnexpectedEpoch(op, s.lastEpoch + 1, epoch);
+        if (parent != s.liveTip) revert LedgerStaleParent(op, s.liveTip, parent);
         if (recordsRoot == bytes32(0)) revert LedgerZeroRoot("recordsRoot");
         if (rewardsRoot == bytes32(0)) revert LedgerZeroRoot("rewardsRoot");
         if (exportHash == bytes32(0)) revert LedgerZeroRoot("exportHash");

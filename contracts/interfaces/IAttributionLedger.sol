@@ -88,6 +88,9 @@ interface IAttributionLedger {
     error LedgerInvalidShares(uint16 dataBps, uint16 adapterOwnerBps, uint16 operatorBps);
     /// @notice `operator` submitted epoch `given` but its next epoch is `expected`.
     error LedgerUnexpectedEpoch(address operator, uint64 expected, uint64 given);
+    /// @notice `operator`'s epoch names `given` as the live epoch it builds on, but the live tip is `liveTip` (an
+    ///         epoch was revoked since it was built: rebuild it on the live tip).
+    error LedgerStaleParent(address operator, uint64 liveTip, uint64 given);
     /// @notice A submitted hash (`which`: "recordsRoot", "rewardsRoot" or "exportHash") was zero.
     error LedgerZeroRoot(string which);
     /// @notice An epoch was submitted with no records.

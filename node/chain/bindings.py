@@ -421,11 +421,15 @@ class LedgerClient(BoundContract):
     # operator
     def submit_epoch(
         self, epoch: int, records_root: Bytes32 | str, record_count: int, rewards_root: Bytes32 | str,
-        export_hash: Bytes32 | str, cumulative_total: int,
+        export_hash: Bytes32 | str, cumulative_total: int, parent: int | None = None,
     ) -> TxResult:
-        """Submit the bound account's epoch `epoch` (it must hold OPERATOR_ROLE and have approved the token)."""
+        """Submit the bound account's epoch `epoch` (it must hold OPERATOR_ROLE and have approved the token), built
+        on live epoch `parent` (default: the chain's live tip now)."""
+        if parent is None:
+            parent = self.live_tip(self.client.address)
         return self._write("submitEpoch", int(epoch), bytes32_to_bytes(records_root), int(record_count),
-                           bytes32_to_bytes(rewards_root), bytes32_to_bytes(export_hash), int(cumulative_total))
+                           bytes32_to_bytes(rewards_root), bytes32_to_bytes(export_hash), int(cumulative_total),
+                           int(parent))
 
     def refund_credit(self) -> TxResult:
         """Take back the bound operator's credit left by revoked epochs (none of its epochs may be pending)."""

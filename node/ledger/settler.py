@@ -60,7 +60,7 @@ from loraledger.node.ledger.epochs import (
     EpochRow,
     SettlementError,
 )
-from loraledger.node.ledger.export import export_sha256
+from loraledger.node.ledger.export import export_sha256, previous_live_epoch
 from loraledger.node.ledger.record_log import RecordLog
 from loraledger.node.ledger.records import AttributionRecord, RecordDomain, records_tree
 from loraledger.node.ledger.rewards import add_cumulative, epoch_amounts, rewards_tree
@@ -368,7 +368,7 @@ class Settler:
         self._ensure_funding(n, int(row.cumulative_total))
         fn = ledger.contract.functions.submitEpoch(
             n, bytes32_to_bytes(row.records_root), row.record_count, bytes32_to_bytes(row.rewards_root),
-            bytes32_to_bytes(export_sha256(self.log, n)), int(row.cumulative_total))
+            bytes32_to_bytes(export_sha256(self.log, n)), int(row.cumulative_total), previous_live_epoch(self.log, n))
         try:
             tx = self.client.build(fn)
         except ContractRevertError as e:

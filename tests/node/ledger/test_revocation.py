@@ -138,3 +138,30 @@ def test_adopt_an_epoch_another_log_built(world: World, tmp_path: Path) -> None:
         fees = sum(int(r.fee) for r in theirs_records + ours_records)
         assert int(op.ledger.epoch(operator.address, 2).cumulative_total) == fees
         assert {r.epoch: r.state for r in ours.epochs()} == {1: CONFIRMED, 2: CONFIRMED}
+
+
+def test_epoch_built_before_a_revocation_is_rebuilt_not_landed(world: World, tmp_path: Path) -> None:
+    from loraledger.node.ledger.epochs import SettlementError
+
+    operator = world.new_operator()
+    op = world.bind(operator)
+    rng = random.Random(9)
+    e1, e2 = make_records(world, rng, 5, 900), make_records(world, rng, 6, 950)
+
+    def revoke_epoch_1_under_it(step: str, n: int) -> None:
+        if step == "approved" and n == 2 and not op.ledger.is_revoked(operator.address, 1):
+            world.admin.ledger.revoke_root(operator.address, 1)  # epoch 2 is built on 1: the guardian revokes 1 now
+
+    with RecordLog.open(tmp_path / "log.sqlite") as log_:
+        log_.append_many(e1)
+        assert Settler(log_, op).settle() is not None
+        settler = Settler(log_, op, on_step=revoke_epoch_1_under_it)
+        log_.append_many(e2)
+        with pytest.raises(SettlementError, match="LedgerStaleParent"):
+            settler.settle()  # names parent 1, no longer the live tip: it cannot land with epoch 1's amounts
+        assert op.ledger.last_epoch(operator.address) == 1
+        assert [o.epoch for o in settler.resume()] == [2]  # rebuilt on the live state (none) and sent
+        assert {r.epoch: r.state for r in log_.epochs()} == {1: REVOKED, 2: CONFIRMED}
+        info = op.ledger.epoch(operator.address, 2)
+        assert int(info.cumulative_total) == sum(int(r.fee) for r in e2) and info.previous_live == 0
+        assert len(log_.records_of_epoch(1)) == len(e1)  # epoch 1's records stay quarantined
