@@ -337,9 +337,10 @@ class AttributionRecord:
         return keccak256(keccak256(self.abi_encode(domain)))
 
     def content_hash(self) -> bytes:
-        """keccak256(bytes.concat(keccak256(abi_encode()))): the record's name before it has a domain and epoch
-        (what a response reports as its record hash)."""
-        return keccak256(keccak256(self.abi_encode()))
+        """keccak256(bytes.concat(keccak256(abi_encode()))) with epoch 0: the record's name, the same before and
+        after it is assigned an epoch (what a response reports as its record hash)."""
+        unassigned = self if self.epoch == UNASSIGNED_EPOCH else replace(self, epoch=UNASSIGNED_EPOCH)
+        return keccak256(keccak256(unassigned.abi_encode()))
 
     # ----- serialisation (log rows, epoch files)
 
