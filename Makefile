@@ -5,11 +5,19 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PY_STAMP := $(VENV)/.loraledger-installed
 NODE_STAMP := node_modules/.loraledger-installed
-STATE ?= .loraledger
+MODEL ?= tiny
+# the real-model demo (`make run MODEL=smollm2`) keeps its own state: another base model, other adapters
+STATE ?= $(if $(filter tiny,$(MODEL)),.loraledger,.loraledger-$(MODEL))
 
 .PHONY: run test deps stop compile protos clean
 
-deps: $(PY_STAMP) $(NODE_STAMP)
+HAPROXY := .tools/bin/haproxy
+
+deps: $(PY_STAMP) $(NODE_STAMP) $(HAPROXY)
+
+# HAProxy for the fleet's proxy and its tests: Debian's package unpacked under .tools/ (no root needed)
+$(HAPROXY): scripts/fleet/install_haproxy.sh
+	sh scripts/fleet/install_haproxy.sh .tools
 
 $(PY_STAMP): pyproject.toml constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -24,7 +32,7 @@ $(NODE_STAMP): package.json package-lock.json
 	touch $@
 
 run: deps
-	$(VENV)/bin/loraledger demo --state-dir $(STATE)
+	$(VENV)/bin/loraledger demo --state-dir $(STATE) --model $(MODEL)
 
 # Stops the demo's node (it drains and exits), then its devnet.
 stop: deps
@@ -40,4 +48,4 @@ protos: deps
 	$(PY) scripts/gen_protos.py
 
 clean:
-	rm -rf $(VENV) node_modules $(STATE)
+	rm -rf $(VENV) node_modules $(STATE) .loraledger-smollm2 .tools

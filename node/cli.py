@@ -28,7 +28,9 @@ COMMAND_MODULES: tuple[str, ...] = (
     "loraledger.node.commands.serve",
     "loraledger.node.commands.apikey",
     "loraledger.node.commands.rewards",
+    "loraledger.node.commands.operator",
     "loraledger.node.commands.epochs",  # after rewards: it adds `epoch list|revoke|resettle` there
+    "loraledger.node.commands.audit",
 )
 
 

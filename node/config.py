@@ -12,9 +12,11 @@ Sources, later ones winning: built-in defaults (which work with `loraledger devn
     [model]       name, dir, dtype, device, quantize, attention, decode_graphs, async_decode, block_size,
                   kv_cache_mb, max_num_seqs, max_tokens_per_step, default_max_tokens
     [adapters]    dir, slots, max_rank, aliases = { alias = "path" }, roots (LoadAdapter path folders)
-    [chain]       deployment, rpc_url, key_env, key_file, password_env
+    [chain]       deployment, rpc_url, key_env, key_file, password_env, confirmations
+                  (deployment, when the TOML does not name it: $LORALEDGER_DEPLOYMENT, ./deployment.json, then
+                  the devnet's .loraledger/devnet/deployment.json)
     [records]     path, postgres_dsn
-    [settlement]  enabled, epoch_seconds, epoch_records, push_threshold
+    [settlement]  enabled, epoch_seconds, epoch_records, push_threshold, node_name, role_poll_seconds
     [attribution] token_level_lambda, min_match, workers
 """
 
@@ -31,6 +33,9 @@ from typing import Any
 from loraledger.node.errors import ConfigError
 
 DEFAULT_STATE_DIR = Path(".loraledger")
+DEPLOYMENT_ENV = "LORALEDGER_DEPLOYMENT"  # the deployment record, when the config does not name one
+DEV_CHAIN_IDS = (31337, 1337)  # local dev chains: no confirmations needed, a zero challenge delay allowed
+DEPLOYMENT_FILE = "deployment.json"  # found in the current directory when neither the config nor the env names one
 
 
 @dataclass
@@ -168,9 +173,17 @@ class ChainConfig:
     key_env: str = "LORALEDGER_OPERATOR_KEY"  # env var holding the operator's hex key
     key_file: str = ""  # or an encrypted keystore file
     password_env: str = "LORALEDGER_KEY_PASSWORD"
+    confirmations: int = -1  # blocks on top of an epoch's receipt before it counts; -1: 0 on dev chains, else 2
 
     def validate(self) -> None:
-        return None
+        if self.confirmations < -1:
+            raise ConfigError(f"chain.confirmations must be >= 0 (or -1: automatic), got {self.confirmations}")
+
+    def confirmations_for(self, chain_id: int) -> int:
+        """`confirmations`, or when automatic (-1): 0 on local dev chains (31337, 1337), 2 elsewhere."""
+        if self.confirmations >= 0:
+            return self.confirmations
+        return 0 if chain_id in DEV_CHAIN_IDS else 2
 
 
 @dataclass
@@ -188,8 +201,21 @@ class SettlementConfig:
     epoch_seconds: float = 300.0
     epoch_records: int = 10_000
     push_threshold: int = 0  # push claims after each epoch to accounts owed more than this (0 = off)
+    # a fleet on one PostgreSQL log ([records] postgres_dsn): this node's name in it ("" = HOSTNAME:GRPC_PORT),
+    # and how often a standby tries to take the settler role (bounds the failover time)
+    node_name: str = ""
+    role_poll_seconds: float = 2.0
+    # where mirrors keep each epoch's canonical export (`loraledger audit` fetches it there): a file path or
+    # file:// / http(s):// URI with {chainId}, {ledger}, {operator} and {epoch} ("" = none published)
+    export_uri: str = ""
 
     def validate(self) -> None:
+        if self.export_uri and "{epoch}" not in self.export_uri:
+            raise ConfigError(f"settlement.export_uri {self.export_uri!r} must contain {{epoch}} (one file per epoch)")
+        if len(self.node_name) > 40:
+            raise ConfigError(f"settlement.node_name must be at most 40 characters, got {len(self.node_name)}")
+        if self.role_poll_seconds <= 0:
+            raise ConfigError(f"settlement.role_poll_seconds must be > 0, got {self.role_poll_seconds}")
         if self.epoch_seconds <= 0:
             raise ConfigError(f"settlement.epoch_seconds must be > 0, got {self.epoch_seconds}")
         _positive("settlement.epoch_records", self.epoch_records)
@@ -311,7 +337,15 @@ def load_config(
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
         _apply(cfg, data, str(p))
-    _apply(cfg, _env_overrides(cfg, os.environ if environ is None else environ), "environment")
+    env = os.environ if environ is None else environ
+    _apply(cfg, _env_overrides(cfg, env), "environment")
+    if cfg.chain.deployment == ChainConfig.deployment:
+        # Not named by the TOML or LORALEDGER_CHAIN_DEPLOYMENT: $LORALEDGER_DEPLOYMENT, then ./deployment.json
+        # (what `loraledger deploy` writes), then the devnet's record.
+        if env.get(DEPLOYMENT_ENV):
+            cfg.chain.deployment = env[DEPLOYMENT_ENV]
+        elif Path(DEPLOYMENT_FILE).is_file():
+            cfg.chain.deployment = DEPLOYMENT_FILE
     if overrides:
         cleaned = {s: {k: v for k, v in kv.items() if v is not None} for s, kv in overrides.items()}
         _apply(cfg, cleaned, "command line")

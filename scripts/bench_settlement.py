@@ -44,7 +44,7 @@ from loraledger.node.chain.keys import dev_account
 from loraledger.node.ledger.claims import claim, proofs_from_epoch_file, push_claims
 from loraledger.node.ledger.epochs import export_epoch
 from loraledger.node.ledger.record_log import RecordLog
-from loraledger.node.ledger.records import AttributionRecord, records_tree
+from loraledger.node.ledger.records import AttributionRecord, RecordDomain, records_tree
 from loraledger.node.ledger.rewards import rewards_tree
 from loraledger.node.ledger.settler import Settler
 from loraledger.node.types import Address, Bytes32, Wei
@@ -111,7 +111,7 @@ def bench_trees(n: int, n_accounts: int) -> dict[str, float]:
     records = [r.with_epoch(1) for r in make_records(n)]
     gen = time.perf_counter() - t0
     t1, c1 = time.perf_counter(), time.process_time()
-    tree = records_tree(records)
+    tree = records_tree(records, RecordDomain(31337, "0x" + "5f" * 20, "0x" + "6e" * 20))
     dt_records, cpu_records = time.perf_counter() - t1, time.process_time() - c1
     assert len(tree) == n
     del records, tree

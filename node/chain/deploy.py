@@ -21,17 +21,23 @@ accounts are unlocked, a bare address string.
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping, Sequence
+import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from eth_account.signers.local import LocalAccount
 from eth_utils import is_address, keccak, to_checksum_address
 from web3 import Web3
+from web3.exceptions import TransactionNotFound
 
 from loraledger.node.chain.artifacts import CORE_CONTRACTS, load_artifact
 from loraledger.node.chain.client import ChainClient
+from loraledger.node.config import DEV_CHAIN_IDS
 from loraledger.node.errors import ChainError, ConfigError
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SHARES: tuple[int, int, int] = (7000, 2000, 1000)
 DEFAULT_TOKEN_NAME = "LoraLedger Reward"
@@ -40,6 +46,7 @@ OPERATOR_ROLE = "0x" + keccak(text="OPERATOR_ROLE").hex()
 GUARDIAN_ROLE = "0x" + keccak(text="GUARDIAN_ROLE").hex()
 MINTER_ROLE = "0x" + keccak(text="MINTER_ROLE").hex()
 _FORMAT_VERSION = 1
+SAFE_CHALLENGE_DELAY = 86_400  # one day: the guardian's window to revoke a bad root on a public chain
 
 
 @dataclass(frozen=True)
@@ -144,23 +151,123 @@ def _checksum(value: str, what: str) -> str:
     return to_checksum_address(value)
 
 
-def _deploy(sender: ChainClient, name: str, args: Sequence[Any]) -> tuple[str, int]:
-    """Deploy artifact `name` with constructor `args`; returns (checksummed address, block number)."""
+class DeployJournal:
+    """What a deploy has done so far, written after every step, so a deploy that fails partway resumes without
+    sending again what landed.
+
+    {"version": 1, "chainId", "deployer", "params": {...}, "steps": {step: {"tx", "address"?, "block"?}},
+     "pending": {step: tx hash}}
+
+    A step is recorded as pending (its transaction hash) before the transaction is sent and as done once its
+    receipt is in; on resume a pending step's receipt is looked up first, so a transaction that landed while the
+    process died is adopted, not sent twice. Resuming with other parameters, another chain or another deployer
+    is refused.
+    """
+
+    def __init__(self, path: Path | None, chain_id: int, deployer: str, params: Mapping[str, Any]) -> None:
+        self.path = path
+        self.doc: dict[str, Any] = {"version": 1, "chainId": chain_id, "deployer": deployer,
+                                    "params": dict(params), "steps": {}, "pending": {}}
+        if path is not None and path.is_file():
+            try:
+                old = json.loads(path.read_text())
+            except json.JSONDecodeError as e:
+                raise ConfigError(f"deploy journal {path} is not valid JSON ({e}); remove it to deploy afresh") from e
+            for key in ("chainId", "deployer", "params"):
+                if old.get(key) != self.doc[key]:
+                    raise ConfigError(
+                        f"deploy journal {path} is for {key} {old.get(key)!r}, this deploy has {self.doc[key]!r}: "
+                        "re-run with the same arguments to resume it, or remove the journal to deploy afresh")
+            self.doc = old
+
+    @property
+    def resumed(self) -> bool:
+        return bool(self.doc["steps"] or self.doc["pending"])
+
+    def done(self, step: str) -> dict[str, Any] | None:
+        out: dict[str, Any] | None = self.doc["steps"].get(step)
+        return out
+
+    def mark_pending(self, step: str, tx_hash: str) -> None:
+        self.doc["pending"][step] = tx_hash
+        self._write()
+
+    def mark_done(self, step: str, entry: dict[str, Any]) -> None:
+        self.doc["steps"][step] = entry
+        self.doc["pending"].pop(step, None)
+        self._write()
+
+    def _write(self) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(self.doc, indent=2) + "\n")
+        tmp.replace(self.path)
+
+
+def _run_step(sender: ChainClient, journal: DeployJournal, step: str, tx: Any) -> Any:
+    """Send `tx` for `step` unless the journal says it landed (or its pending transaction did); the receipt."""
+    pending = journal.doc["pending"].get(step)
+    if pending is not None:
+        try:
+            receipt = sender.w3.eth.get_transaction_receipt(pending)
+        except TransactionNotFound:
+            receipt = None
+        if receipt is not None and receipt["status"] == 1:
+            return receipt
+        if receipt is None:
+            try:
+                sender.w3.eth.get_transaction(pending)
+                return sender.wait(pending)  # still in the pool: wait for it rather than send a second one
+            except TransactionNotFound:
+                pass
+    built = sender.build(tx)
+    with sender.nonces.lock:
+        nonce = sender.nonces.reserve()
+        signed = sender.account.sign_transaction({**built, "nonce": nonce})
+        tx_hash = "0x" + bytes(signed.hash).hex()
+        journal.mark_pending(step, tx_hash)  # before it is sent: a crash after this finds it by hash
+        try:
+            sender.w3.eth.send_raw_transaction(signed.raw_transaction)
+        except BaseException:
+            sender.nonces.invalidate()  # the node may or may not hold it: re-read the nonce before the next
+            raise
+    return sender.wait(tx_hash)
+
+
+def _deploy(sender: ChainClient, journal: DeployJournal, name: str, args: Sequence[Any]) -> tuple[str, int]:
+    """Deploy artifact `name` with constructor `args` (or take it from the journal); (address, block number)."""
+    done = journal.done(name)
+    if done is not None:
+        address = to_checksum_address(done["address"])
+        if not sender.w3.eth.get_code(address):
+            raise ChainError(f"the deploy journal records {name} at {address}, but no code is there on chain "
+                             f"{sender.chain_id}: remove the journal {journal.path} to deploy afresh")
+        log.info("%s already deployed at %s (journal)", name, address)
+        return address, int(done["block"])
     art = load_artifact(name)
     factory = sender.w3.eth.contract(abi=art.abi, bytecode=art.bytecode)
     data = factory.constructor(*args).data_in_transaction
-    receipt = sender.transact({"data": data})  # type: ignore[typeddict-item]
+    receipt = _run_step(sender, journal, name, {"data": data})
     address = receipt.get("contractAddress")
     if not address:
         raise ChainError(f"deploying {name}: receipt {receipt['transactionHash'].hex()} has no contract address")
-    return to_checksum_address(address), int(receipt["blockNumber"])
+    address = to_checksum_address(address)
+    journal.mark_done(name, {"address": address, "block": int(receipt["blockNumber"]),
+                             "tx": "0x" + bytes(receipt["transactionHash"]).hex()})
+    return address, int(receipt["blockNumber"])
 
 
-def _call(sender: ChainClient, address: str, name: str, fn: str, args: Sequence[Any]) -> None:
-    """Send `name(address).fn(*args)` and wait for it."""
+def _call(sender: ChainClient, journal: DeployJournal, step: str, address: str, name: str, fn: str,
+          args: Sequence[Any]) -> None:
+    """Send `name(address).fn(*args)` and wait for it (once: the journal remembers)."""
+    if journal.done(step) is not None:
+        return
     art = load_artifact(name)
     contract = sender.w3.eth.contract(address=address, abi=art.abi)  # type: ignore[call-overload]
-    sender.transact(contract.get_function_by_name(fn)(*args))
+    receipt = _run_step(sender, journal, step, contract.get_function_by_name(fn)(*args))
+    journal.mark_done(step, {"tx": "0x" + bytes(receipt["transactionHash"]).hex()})
 
 
 def _check_shares(shares: Sequence[int]) -> tuple[int, int, int]:
@@ -171,11 +278,27 @@ def _check_shares(shares: Sequence[int]) -> tuple[int, int, int]:
     return (shares[0], shares[1], shares[2])
 
 
+def safe_challenge_delay(chain_id: int, requested: int | None) -> int:
+    """The challenge delay to deploy with: `requested`, or by default 0 on local dev chains and
+    SAFE_CHALLENGE_DELAY elsewhere. ConfigError for 0 on any other chain, saying why."""
+    delay = (0 if chain_id in DEV_CHAIN_IDS else SAFE_CHALLENGE_DELAY) if requested is None else int(requested)
+    if not 0 <= delay < 2**64:
+        raise ConfigError(f"challenge_delay must be 0..2**64-1 seconds, got {delay}")
+    if delay == 0 and chain_id not in DEV_CHAIN_IDS:
+        raise ConfigError(
+            f"a challenge delay of 0 is refused on chain {chain_id}: with no delay a rewards root pays at once, so a "
+            "stolen operator key could post a root paying itself every unclaimed balance and claim it in the next "
+            "block before the guardian can revoke it. Only local dev chains "
+            f"({', '.join(map(str, DEV_CHAIN_IDS))}) allow 0; pass --challenge-delay SECONDS (default "
+            f"{SAFE_CHALLENGE_DELAY}, one day)")
+    return delay
+
+
 def deploy_all(
     w3: Web3,
     deployer_account: LocalAccount,
     *,
-    challenge_delay: int = 0,
+    challenge_delay: int | None = None,
     shares: Sequence[int] = DEFAULT_SHARES,
     operator: str | None = None,
     guardian: str | None = None,
@@ -183,35 +306,47 @@ def deploy_all(
     token_name: str = DEFAULT_TOKEN_NAME,
     token_symbol: str = DEFAULT_TOKEN_SYMBOL,
     receipt_timeout: float = 120.0,
+    journal: str | Path | None = None,
+    on_step: Callable[[str], None] | None = None,
 ) -> Deployment:
     """Deploy RewardToken (unless `token` is given), the three registries and the ledger; grant roles.
 
     The deployer becomes admin of everything (and holds OPERATOR/GUARDIAN/PAUSER on the ledger and MINTER on
     the token). `operator` / `guardian`, when given and different from the deployer, additionally receive
     OPERATOR_ROLE / GUARDIAN_ROLE on the ledger. Funding the operator with tokens is left to the caller.
+    `challenge_delay` None: `safe_challenge_delay` picks it (0 on dev chains, one day elsewhere).
+    `journal`: a file recording every step as it lands (`DeployJournal`); a re-run with the same arguments
+    resumes after the last step that landed. `on_step(step)` is called after each step.
     Raises ConfigError for bad arguments (before any transaction) and ChainError when a transaction fails.
     """
-    if not 0 <= challenge_delay < 2**64:
-        raise ConfigError(f"challenge_delay must be 0..2**64-1 seconds, got {challenge_delay}")
+    chain_id = int(w3.eth.chain_id)
+    delay = safe_challenge_delay(chain_id, challenge_delay)
     share_tuple = _check_shares(shares)
     operator_cs = _checksum(operator, "operator") if operator else None
     guardian_cs = _checksum(guardian, "guardian") if guardian else None
     token_cs = _checksum(token, "token") if token else None
     if token_cs is not None and not w3.eth.get_code(token_cs):  # type: ignore[arg-type]
-        raise ConfigError(f"token {token_cs} has no code on chain {w3.eth.chain_id}; pass a deployed ERC-20")
+        raise ConfigError(f"token {token_cs} has no code on chain {chain_id}; pass a deployed ERC-20")
 
     sender = ChainClient(w3, deployer_account, receipt_timeout=receipt_timeout)
     admin = str(sender.address)
+    params = {"challengeDelay": delay, "shares": list(share_tuple), "operator": operator_cs,
+              "guardian": guardian_cs, "token": token_cs, "tokenName": token_name, "tokenSymbol": token_symbol}
+    book = DeployJournal(Path(journal) if journal is not None else None, chain_id, admin, params)
+    if book.resumed:
+        log.info("resuming the deploy recorded in %s", journal)
     addresses: dict[str, str] = {}
     hashes: dict[str, str] = {}
     first_block: int | None = None
 
     def deploy(name: str, args: Sequence[Any]) -> str:
         nonlocal first_block
-        address, block = _deploy(sender, name, args)
+        address, block = _deploy(sender, book, name, args)
         addresses[name] = address
         hashes[name] = load_artifact(name).sha256
-        first_block = block if first_block is None else first_block
+        first_block = block if first_block is None else min(first_block, block)
+        if on_step is not None:
+            on_step(name)
         return address
 
     if token_cs is None:
@@ -222,11 +357,13 @@ def deploy_all(
     contributors = deploy("ContributorRegistry", [admin])
     datanets = deploy("DatanetRegistry", [contributors])
     deploy("AdapterRegistry", [datanets])
-    ledger = deploy("AttributionLedger", [admin, token_address, challenge_delay, *share_tuple])
+    ledger = deploy("AttributionLedger", [admin, token_address, delay, *share_tuple])
     if operator_cs is not None and operator_cs != admin:
-        _call(sender, ledger, "AttributionLedger", "grantRole", [bytes.fromhex(OPERATOR_ROLE[2:]), operator_cs])
+        _call(sender, book, "grant:operator", ledger, "AttributionLedger", "grantRole",
+              [bytes.fromhex(OPERATOR_ROLE[2:]), operator_cs])
     if guardian_cs is not None and guardian_cs != admin:
-        _call(sender, ledger, "AttributionLedger", "grantRole", [bytes.fromhex(GUARDIAN_ROLE[2:]), guardian_cs])
+        _call(sender, book, "grant:guardian", ledger, "AttributionLedger", "grantRole",
+              [bytes.fromhex(GUARDIAN_ROLE[2:]), guardian_cs])
 
     assert first_block is not None
     return Deployment(
@@ -235,7 +372,7 @@ def deploy_all(
         block_number=first_block,
         artifact_sha256=hashes,
         deployer=admin,
-        challenge_delay=challenge_delay,
+        challenge_delay=delay,
         shares=share_tuple,
         operator=operator_cs or admin,
         guardian=guardian_cs or admin,

@@ -26,6 +26,7 @@ from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.deploy import Deployment, deploy_all
 from loraledger.node.chain.devnet import DEFAULT_CHAIN_ID, Anvil
 from loraledger.node.chain.keys import DEV_DEPLOYER, DEV_OPERATOR, dev_account
+from loraledger.node.config import DEPLOYMENT_ENV
 from loraledger.node.errors import ConfigError, DevnetError
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,12 @@ def read_deployment(path: str | os.PathLike[str]) -> Deployment:
     """Parse a deployment.json; ConfigError naming the file when it is missing or malformed."""
     p = Path(path)
     if not p.is_file():
-        raise ConfigError(f"no deployment record at {p}; run `loraledger devnet up` or `loraledger deploy`")
+        hint = (f"pass --deployment PATH (the deployment.json `loraledger deploy` wrote) or set "
+                f"${DEPLOYMENT_ENV}; looked in order at --deployment, ${DEPLOYMENT_ENV}, [chain] deployment, "
+                f"./{DEPLOYMENT_FILE}")
+        if p.resolve() == (DEFAULT_STATE_DIR / DEPLOYMENT_FILE).resolve():
+            hint += "; for a local devnet, `loraledger devnet up` writes this one"
+        raise ConfigError(f"no deployment record at {p}: {hint}")
     try:
         return Deployment.from_json(p.read_text())
     except ConfigError as e:
@@ -101,7 +107,7 @@ def _live_deployment(state_dir: Path, w3: Web3) -> Deployment | None:
 
 
 def deploy_devnet(
-    w3: Web3, rpc_url: str, *, challenge_delay: int = 0, operator_funding: int = DEFAULT_OPERATOR_FUNDING
+    w3: Web3, rpc_url: str, *, challenge_delay: int | None = 0, operator_funding: int = DEFAULT_OPERATOR_FUNDING
 ) -> Deployment:
     """Deploy everything from dev account 0, grant OPERATOR_ROLE to dev account 1 and mint it `operator_funding`.
 
@@ -122,7 +128,7 @@ def up(
     *,
     port: int | None = None,
     chain_id: int = DEFAULT_CHAIN_ID,
-    challenge_delay: int = 0,
+    challenge_delay: int | None = 0,
     block_time: float | None = None,
     operator_funding: int = DEFAULT_OPERATOR_FUNDING,
 ) -> tuple[DevnetStatus, bool]:
@@ -159,7 +165,7 @@ def up(
         tmp.write_text(deployment.to_json())
         tmp.replace(state / DEPLOYMENT_FILE)
         log.info("deployed to %s; wrote %s", anvil.rpc_url, state / DEPLOYMENT_FILE)
-    elif deployment.challenge_delay != challenge_delay:
+    elif challenge_delay is not None and deployment.challenge_delay != challenge_delay:
         log.warning("reused deployment has challenge delay %ds (asked %ds); `devnet down` to redeploy",
                     deployment.challenge_delay, challenge_delay)
     return DevnetStatus(state, True, anvil.rpc_url, anvil.pid, anvil.chain_id, deployment), reused

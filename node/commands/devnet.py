@@ -20,8 +20,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     common(up)
     up.add_argument("--port", type=int, default=0, help="RPC port on 127.0.0.1 (0: a free one)")
     up.add_argument("--chain-id", type=int, default=DEFAULT_CHAIN_ID, help="chain id (default: %(default)s)")
-    up.add_argument("--challenge-delay", type=int, default=0,
-                    help="seconds before a rewards root takes effect (default: %(default)s)")
+    up.add_argument("--challenge-delay", type=int, default=None,
+                    help="seconds before a rewards root takes effect (default: 0 on the dev chain ids 31337 and "
+                         "1337, one day on any other --chain-id, where 0 is refused)")
     up.add_argument("--block-time", type=float, default=None, help="seconds per block (default: mine per tx)")
     up.set_defaults(handler=_up)
 

@@ -1,6 +1,7 @@
 """`loraledger node run` (the server process) and `loraledger generate` (its command-line client).
 
     loraledger node run --config node.toml [--listen HOST:PORT] [--model DIR] [--device cpu|cuda] ...
+    loraledger node settler [--config node.toml | --dsn DSN]
     loraledger generate [--server ADDR] [--adapter ID[:WEIGHT]]... [--stream] [--max-tokens N]
                         [--temperature T] [--seed S] [--chat]
                         [--key-file KEYSTORE [--password-file F] [--deployment F] [--chain-id N] [--operator ADDR]]
@@ -30,6 +31,16 @@ from loraledger.node.chain.keys import PASSWORD_ENV
 from loraledger.node.errors import ConfigError
 
 DEFAULT_SERVER = "127.0.0.1:50051"
+ADAPTER_HEADER = "x-loraledger-adapter"
+"""The request header (gRPC metadata) naming the adapter a fleet's proxy hashes on (scripts/fleet/)."""
+
+
+def routing_key(adapters: list[tuple[str, float]]) -> str:
+    """The value of ADAPTER_HEADER for a request's adapters: the one with the largest weight (the first of equal
+    ones; a lone adapter's weight 0 means 1), so that a mix is served where its main adapter is hot."""
+    if not adapters:
+        return ""
+    return max(adapters, key=lambda a: (a[1] or 1.0, -adapters.index(a)))[0]
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -48,6 +59,11 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     run.add_argument("--max-queue", type=int, help="requests in flight before RESOURCE_EXHAUSTED (server.max_queue)")
     run.add_argument("--grace", type=float, help="seconds in-flight requests get on shutdown (server.grace_seconds)")
     run.set_defaults(handler=_run)
+    who = sub.add_parser("settler", help="which node of a fleet settles (the holder of the settler role on the "
+                                         "shared PostgreSQL record log)")
+    who.add_argument("--config", help="node.toml of a fleet node (its [records] postgres_dsn)")
+    who.add_argument("--dsn", help="the fleet's PostgreSQL DSN (default: records.postgres_dsn of --config / env)")
+    who.set_defaults(handler=_settler)
 
     gen = subparsers.add_parser("generate", help="ask a running node for a completion (gRPC client)")
     gen.add_argument("prompt", metavar="PROMPT", help="the prompt text (with --chat: one user message)")
@@ -106,6 +122,19 @@ def _run(args: argparse.Namespace) -> int:
 
     asyncio.run(app.run_until_signal(ready))
     print("loraledger node: stopped", flush=True)
+    return 0
+
+
+def _settler(args: argparse.Namespace) -> int:
+    from loraledger.node.config import load_config
+    from loraledger.node.serving.settler_role import fleet_holder
+
+    dsn = args.dsn or load_config(args.config).records.postgres_dsn
+    if not dsn:
+        raise ConfigError("no fleet: the settler role exists only on a shared PostgreSQL record log; set "
+                          "[records] postgres_dsn (or pass --dsn postgresql://...)")
+    holder = fleet_holder(dsn)
+    print(f"settler: {holder}" if holder else "settler: none (no node holds the role now)")
     return 0
 
 
@@ -171,6 +200,8 @@ def _generate(args: argparse.Namespace) -> int:
         account = load_account(key_file=args.key_file, password_file=args.password_file)
         sign_proto_request(request, account, chain_id=chain_id, operator=operator)
     metadata = [("authorization", f"Bearer {args.api_key}")] if args.api_key else []
+    if adapters:  # a fleet's proxy routes on it: the same adapter reaches the node that has it loaded
+        metadata.append((ADAPTER_HEADER, routing_key([(a.adapter, a.weight) for a in adapters])))
     with _channel(args) as channel:
         stub = pb_grpc.InferenceStub(channel)
         try:

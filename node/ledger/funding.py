@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from loraledger.node.ledger.epochs import CONFIRMED
-from loraledger.node.types import Address
+from loraledger.node.types import Address, as_address
 
 if TYPE_CHECKING:
     from loraledger.node.ledger.record_log import RecordLog
@@ -113,7 +113,7 @@ def funding_report(contracts: Any, log_: RecordLog | None = None, operator: str 
 
     `contracts`: bindings whose client reads the chain; `operator` defaults to the client's own account."""
     client = contracts.ledger.client
-    op = Address(operator or client.address)
+    op = as_address(str(operator or client.address))
     eth = int(client.read(lambda: client.w3.eth.get_balance(op), "eth_getBalance"))
     fees = client.fee_fields()
     max_fee = int(fees.get("maxFeePerGas", fees.get("gasPrice", 0)))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ from loraledger.node.serving.servicers import (
     InferenceServicer,
 )
 from loraledger.node.serving.settlement_loop import SettlementLoop
+from loraledger.node.serving.settler_role import SettlerRole
 from loraledger.node.serving.signing import SignatureVerifier
 from loraledger.node.serving.token_attribution import SpanStore, TokenAttribution, spans_path
 
@@ -220,9 +222,10 @@ class NodeApp:
             default_max_tokens=cfg.model.default_max_tokens, metrics=self.metrics, authorizer=authorizer,
             access=self._access_check(catalog), signatures=signatures)
         inference = InferenceServicer(self.generation, admin_needs_client_cert=bool(cfg.tls.client_ca_file))
-        attribution = AttributionServicer(LogQueries(self.records, operator, self.spans), authorizer)
-        self.metrics.attach(NodeCollector(engine, self.generation, store, SettlementView(
-            self.records, chain.reads if chain and chain.can_sign else None, operator)))
+        attribution = AttributionServicer(LogQueries(self.records, operator, self.spans,
+                                                     chain.reads.ledger if chain else None), authorizer)
+        settlement_view = SettlementView(self.records, chain.reads if chain and chain.can_sign else None, operator)
+        self.metrics.attach(NodeCollector(engine, self.generation, store, settlement_view))
         engine.start()
         self.server = NodeServer(cfg.server, inference, attribution, cfg.tls)
         self.port = await self.server.start()
@@ -239,7 +242,15 @@ class NodeApp:
             self._metrics_server, _ = start_http_server(int(port), host, registry=self.metrics.registry)
             log.info("metrics on http://%s/metrics", cfg.metrics.listen)
         if chain is not None and chain.can_sign and cfg.settlement.enabled:
-            self.settlement = SettlementLoop(self.records, chain.contracts, cfg)
+            role = None
+            if self.records.backend == "postgres":  # a fleet may share this log: settle only as its settler
+                name = cfg.settlement.node_name or f"{socket.gethostname()[:30]}:{self.port}"
+                role = settlement_view.role = SettlerRole(cfg.records.postgres_dsn, name,
+                                                          cfg.settlement.role_poll_seconds)
+            self.settlement = SettlementLoop(self.records, chain.contracts, cfg, role)
+            settlement_view.loop = self.settlement
+            if self.http_node is not None:
+                self.http_node.settlement = self.settlement
             self.settlement.start()
         elif cfg.settlement.enabled:
             log.info("settlement off: it needs a deployment and an operator key ($%s or chain.key_file)",

@@ -237,6 +237,7 @@ class HttpNode:
     max_body_bytes: int = 1024 * 1024
     serving: bool = False
     metrics_keyed: bool = False  # /metrics needs a valid key (any scope) when keys are in force
+    settlement: Any = None  # the SettlementLoop: /health shows its state (ok, degraded, stuck) and cause
 
 
 class _BodyLimit:
@@ -296,7 +297,10 @@ def create_app(node: HttpNode) -> Any:
     @app.get("/health")
     async def health() -> JSONResponse:
         ok = node.serving and service.accepting
-        return JSONResponse({"status": "serving" if ok else "not_serving"}, status_code=200 if ok else 503)
+        body: dict[str, Any] = {"status": "serving" if ok else "not_serving"}
+        if node.settlement is not None:  # serving goes on while settlement retries; the body says how it fares
+            body["settlement"] = node.settlement.health().to_dict()
+        return JSONResponse(body, status_code=200 if ok else 503)
 
     def caller(request: Request, scope: str) -> Principal:
         return service.authorizer.authorize(bearer_token(request.headers.get("authorization")), scope)

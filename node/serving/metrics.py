@@ -30,6 +30,12 @@ Read at scrape time (`NodeCollector`):
     loraledger_epoch_in_effect                                the operator's epoch whose root claims use (chain)
     loraledger_operator_token_balance / _allowance            the operator's reward tokens and the ledger's
                                                               allowance, against records_pending_fees
+    loraledger_operator_eth_balance_wei                       the operator's ETH (gas for settlement)
+    loraledger_settlement_state{state, cause}                 1 for ok | degraded | stuck (settlement_loop.py)
+    loraledger_settlement_failures                            settlement failures in a row
+    loraledger_operator_low_funds{asset}                      1 while eth | token lasts under 3 epochs
+    loraledger_settler                                        fleet on PostgreSQL: 1 while this node settles
+    loraledger_settler_holder{node}                           the node holding the settler role (as last seen)
     loraledger_build_info{version, python, torch}
 
 Chain values are read at most every `chain_ttl` seconds and keep their last value while the chain is
@@ -136,6 +142,8 @@ class SettlementView:
     records: RecordLog
     contracts: Any = None  # loraledger.node.chain.bindings.Contracts of the operator, or None without a chain
     operator: str = ""
+    role: Any = None  # loraledger.node.serving.settler_role.SettlerRole of a fleet node, or None
+    loop: Any = None  # loraledger.node.serving.settlement_loop.SettlementLoop (its health), or None
     chain_ttl: float = 15.0
     _chain: dict[str, float] = field(default_factory=dict)
     _read_at: float = -1e18
@@ -152,6 +160,7 @@ class SettlementView:
                     ledger, token = self.contracts.ledger, self.contracts.token
                     self._chain = {
                         "in_effect": float(ledger.root_in_effect(self.operator).epoch),
+                        "eth": float(ledger.client.w3.eth.get_balance(ledger.client.address)),
                         "balance": float(token.balance_of(self.operator)),
                         "allowance": float(token.allowance(self.operator, ledger.address)),
                     }
@@ -215,6 +224,14 @@ class NodeCollector(Collector):
         last = view.records.last_confirmed()
         yield GaugeMetricFamily("loraledger_epoch_last_settled", "Last epoch confirmed on chain",
                                 value=0 if last is None else last.epoch)
+        if view.role is not None:
+            role = view.role.status()
+            yield GaugeMetricFamily("loraledger_settler", "1 while this node holds the fleet's settler role",
+                                    value=1.0 if role.this_node else 0.0)
+            holder = GaugeMetricFamily("loraledger_settler_holder", "The fleet node that settles (as last seen)",
+                                       labels=["node"])
+            holder.add_metric([role.holder or "none"], 1.0)
+            yield holder
         chain = view.chain_values()
         if "in_effect" in chain:
             yield GaugeMetricFamily("loraledger_epoch_in_effect", "The operator's epoch in effect for claims",
@@ -223,3 +240,19 @@ class NodeCollector(Collector):
                                     value=chain["balance"])
             yield GaugeMetricFamily("loraledger_operator_token_allowance", "Ledger's allowance on the operator",
                                     value=chain["allowance"])
+            yield GaugeMetricFamily("loraledger_operator_eth_balance_wei", "Operator's ETH balance (wei)",
+                                    value=chain["eth"])
+        if view.loop is not None:
+            h = view.loop.health()
+            state = GaugeMetricFamily("loraledger_settlement_state", "1 for the settlement loop's state",
+                                      labels=["state", "cause"])
+            for name in ("ok", "degraded", "stuck"):
+                state.add_metric([name, h.cause if name == h.state else ""], 1.0 if name == h.state else 0.0)
+            yield state
+            yield GaugeMetricFamily("loraledger_settlement_failures", "Settlement failures in a row",
+                                    value=h.failures)
+            low = GaugeMetricFamily("loraledger_operator_low_funds", "1 while the operator's asset runs low",
+                                    labels=["asset"])
+            low.add_metric(["eth"], 1.0 if h.low_eth else 0.0)
+            low.add_metric(["token"], 1.0 if h.low_tokens else 0.0)
+            yield low

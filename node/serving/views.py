@@ -150,6 +150,15 @@ class RewardProofView:
     epoch: int
     rewards_root: str
     proof: tuple[str, ...]
+    # from the chain, when the node has one (loraledger.node.ledger.claims.RewardStatus)
+    epoch_in_effect: int = 0
+    in_effect: bool = False
+    effective_at: int = 0
+    claimed: int = 0
+    claimable_now: int = 0
+    latest_epoch: int = 0
+    pending: int = 0
+    pending_effective_at: int = 0
 
 
 @dataclass(frozen=True)
@@ -166,7 +175,7 @@ class EpochView:
 class AttributionQueries(Protocol):
     """Read side of the record log and epoch trees (may block: called from a worker thread).
 
-    record(request_id_bytes32) -> RecordView | None; reward_proof(account) -> RewardProofView | None (raises
+    record(request_id_bytes32) -> RecordView | None; reward_proof(account, epoch 0 = the epoch in effect) -> RewardProofView | None (raises
     ConfigError for a malformed address); epochs(limit) newest last; operator: the operator's address."""
 
     @property
@@ -174,6 +183,6 @@ class AttributionQueries(Protocol):
 
     def record(self, request_id: str) -> RecordView | None: ...
 
-    def reward_proof(self, account: str) -> RewardProofView | None: ...
+    def reward_proof(self, account: str, epoch: int = 0) -> RewardProofView | None: ...
 
     def epochs(self, limit: int) -> list[EpochView]: ...

@@ -25,6 +25,7 @@ from loraledger.node.types import Bytes32, Wei
 
 ROOT_A = Bytes32("0x" + "aa" * 32)
 ROOT_B = Bytes32("0x" + "bb" * 32)
+ROOT_C = Bytes32("0x" + "cc" * 32)  # an export sha256
 
 
 @pytest.fixture(scope="module")
@@ -107,11 +108,11 @@ def test_mined_revert_is_decoded_by_replay(w3: Web3, admin: Contracts) -> None:
 def test_nested_token_error_decodes_through_the_ledger(admin: Contracts) -> None:
     # The deployer holds OPERATOR_ROLE but approved nothing: the token's own custom error surfaces.
     with pytest.raises(ContractRevertError) as ei:
-        admin.ledger.submit_epoch(1, ROOT_A, 1, ROOT_B, 100)
+        admin.ledger.submit_epoch(1, ROOT_A, 1, ROOT_B, ROOT_C, 100)
     assert ei.value.error_name == "ERC20InsufficientAllowance"
     assert ei.value.error_args == (admin.ledger.address, 0, 100)
     with pytest.raises(ContractRevertError) as ei2:
-        admin.ledger.submit_epoch(2, ROOT_A, 1, ROOT_B, 100)
+        admin.ledger.submit_epoch(2, ROOT_A, 1, ROOT_B, ROOT_C, 100)
     assert ei2.value.error_name == "LedgerUnexpectedEpoch"
     assert ei2.value.error_args == (admin.ledger.client.address, 1, 2)
 
@@ -180,7 +181,7 @@ def test_typed_wrappers_round_trip(w3: Web3, deployment: Deployment, admin: Cont
     op.token.approve(op.ledger.address, 1_000)
     account = dev_account(4).address
     leaf = keccak(keccak(abi_encode(["address", "uint256"], [account, 600])))
-    res = op.ledger.submit_epoch(1, ROOT_A, 2, leaf, 600)
+    res = op.ledger.submit_epoch(1, ROOT_A, 2, leaf, ROOT_C, 600)
     assert [e["event"] for e in res["events"]] == ["EpochSubmitted"]
     assert res["events"][0]["args"]["pulled"] == 600
     assert op.ledger.last_epoch(op_address) == 1
@@ -189,12 +190,15 @@ def test_typed_wrappers_round_trip(w3: Web3, deployment: Deployment, admin: Cont
     assert op.ledger.root_in_effect(op_address).epoch == 1
     # anyone claims for the account; the money goes to the account
     stranger = _bind(w3, deployment, 5)
-    claim = stranger.ledger.claim(op_address, account, 600, [])
-    assert claim["events"][0]["event"] == "Claimed" and claim["events"][0]["args"]["amount"] == 600
+    claim = stranger.ledger.claim(op_address, 1, account, 600, [])
+    names = [e["event"] for e in claim["events"]]
+    assert names == ["EffectiveEpochAdvanced", "Claimed"]  # the claim moved the effective epoch to 1 on the way
+    assert claim["events"][1]["args"]["amount"] == 600 and claim["events"][1]["args"]["caller"] == \
+        stranger.ledger.client.address
     assert admin.token.balance_of(account) == 600
     assert op.ledger.claimed(op_address, account) == 600
     with pytest.raises(ContractRevertError) as ei:
-        stranger.ledger.claim(op_address, account, 700, [])
+        stranger.ledger.claim(op_address, 1, account, 700, [])
     assert ei.value.error_name == "LedgerInvalidProof"
 
 
@@ -206,12 +210,12 @@ def test_claim_many_pays_nothing_twice(w3: Web3, deployment: Deployment, admin: 
     op.token.approve(op.ledger.address, 500)
     account = dev_account(6).address
     leaf = keccak(keccak(abi_encode(["address", "uint256"], [account, 500])))
-    op.ledger.submit_epoch(1, ROOT_A, 1, leaf, 500)
-    first = op.ledger.claim_many(op_address, [account], [500], [[]])
-    assert [e["args"]["amount"] for e in first["events"]] == [500]
-    second = op.ledger.claim_many(op_address, [account], [500], [[]])
+    op.ledger.submit_epoch(1, ROOT_A, 1, leaf, ROOT_C, 500)
+    first = op.ledger.claim_many(op_address, 1, [account], [500], [[]])
+    assert [e["args"]["amount"] for e in first["events"] if e["event"] == "Claimed"] == [500]
+    second = op.ledger.claim_many(op_address, 1, [account], [500], [[]])
     assert second["events"] == []
     assert admin.token.balance_of(account) == 500
     with pytest.raises(ContractRevertError) as ei:
-        op.ledger.claim(op_address, account, 500, [])
+        op.ledger.claim(op_address, 1, account, 500, [])
     assert ei.value.error_name == "LedgerNothingToClaim"

@@ -254,7 +254,7 @@ def test_two_epochs_claims_and_exports(world: World, tmp_path: Path) -> None:
             export_epoch(log_, 2, tmp_path / "tampered2.json")
 
     # a stale epoch file is refused before anything is sent
-    with pytest.raises(ClaimError, match="fetch the latest"):
+    with pytest.raises(ClaimError, match="is in effect now: fetch the proof of epoch 2"):
         claim(world.bind(world.contributors[1]).ledger, proof_from_epoch_file(out1, c1))
 
 
@@ -456,7 +456,7 @@ def test_cli_settle_export_show_claim_push(world: World, anvil: object, tmp_path
     assert main(["rewards", "show", contributor.address, *common]) == 0
     shown = capsys.readouterr().out
     owed = int(next(e["cumulativeAmount"] for e in doc["rewards"] if e["account"] == contributor.address))
-    assert f"owed (cumulative, epoch 1): {owed}" in shown
+    assert f"cumulative under epoch 1 (in effect): {owed}" in shown and f"claimable now: {owed}" in shown
     before = int(world.admin.ledger.claimed(operator.address, contributor.address))
     assert main(["rewards", "claim", "--key-file", str(key_file), "--epoch-file", str(tmp_path / "e1.json"),
                  "--operator", operator.address, *common]) == 0
