@@ -321,12 +321,53 @@ def _env_overrides(cfg: NodeConfig, environ: Mapping[str, str]) -> dict[str, dic
     return out
 
 
+# Keys whose values are file-system paths: in a TOML file they are relative to the file's folder (not the current
+# directory), so a node.toml can sit beside what it names and be used from anywhere. Values from the environment
+# or the command line stay relative to the current directory. `settlement.export_uri` counts when it is a plain
+# path (no scheme); `adapters.aliases` maps names to paths; `adapters.roots` is a list of paths.
+PATH_KEYS: dict[str, tuple[str, ...]] = {
+    "auth": ("keys_file",),
+    "tls": ("cert_file", "key_file", "client_ca_file"),
+    "model": ("dir",),
+    "adapters": ("dir", "roots", "aliases"),
+    "chain": ("deployment", "key_file"),
+    "records": ("path",),
+    "settlement": ("export_uri",),
+}
+
+
+def _relative_to(base: Path, value: Any) -> Any:
+    """`value` (a path string, a list of them, or a table of them) resolved against `base`; absolute paths,
+    `~` paths, URIs (`scheme://`) and empty strings are left as they are."""
+    if isinstance(value, list):
+        return [_relative_to(base, v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _relative_to(base, v) for k, v in value.items()}
+    if not isinstance(value, str) or not value or "://" in value or value.startswith("~"):
+        return value
+    p = Path(value)
+    return value if p.is_absolute() else str(base / p)
+
+
+def resolve_paths(data: Mapping[str, Any], base: Path) -> dict[str, Any]:
+    """A copy of the parsed TOML `data` whose path-valued keys (PATH_KEYS) are resolved against `base`."""
+    out: dict[str, Any] = {}
+    for section, values in data.items():
+        keys = PATH_KEYS.get(section, ())
+        if isinstance(values, Mapping) and keys:
+            values = {k: (_relative_to(base, v) if k in keys else v) for k, v in values.items()}
+        out[section] = values
+    return out
+
+
 def load_config(
     path: str | Path | None = None,
     overrides: Mapping[str, Mapping[str, Any]] | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> NodeConfig:
-    """Build the validated config: defaults < TOML file < env vars < `overrides` (CLI flags)."""
+    """Build the validated config: defaults < TOML file < env vars < `overrides` (CLI flags).
+
+    Paths in the TOML file (PATH_KEYS) are relative to the file's folder, not to the current directory."""
     cfg = NodeConfig()
     if path is not None:
         p = Path(path)
@@ -336,7 +377,7 @@ def load_config(
             data = tomllib.loads(p.read_text())
         except tomllib.TOMLDecodeError as e:
             raise ConfigError(f"config file {p} is not valid TOML: {e}") from e
-        _apply(cfg, data, str(p))
+        _apply(cfg, resolve_paths(data, p.resolve().parent), str(p))
     env = os.environ if environ is None else environ
     _apply(cfg, _env_overrides(cfg, env), "environment")
     if cfg.chain.deployment == ChainConfig.deployment:

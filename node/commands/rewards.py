@@ -22,7 +22,9 @@ with the time it takes effect.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
@@ -161,13 +163,37 @@ def _key(args: argparse.Namespace, cfg: NodeConfig) -> LocalAccount:
 # ----- handlers
 
 
+@contextlib.contextmanager
+def _settler_role(log_: RecordLog, args: argparse.Namespace, cfg: NodeConfig) -> Iterator[None]:
+    """On a fleet's shared PostgreSQL log, hold the settler role for the command's duration (fencing its epoch
+    transitions like a node's); refuse while a node holds it."""
+    if log_.backend != "postgres":
+        yield
+        return
+    import socket
+
+    from loraledger.node.serving.settler_role import SettlerRole
+
+    role = SettlerRole(args.records or cfg.records.postgres_dsn, f"cli@{socket.gethostname()}")
+    try:
+        if not role.acquire():
+            raise ConfigError(f"node {role.holder() or '(unknown)'} holds the settler role of this record log; it "
+                              "settles on its own (`loraledger node settler` shows which). Stop it first to settle "
+                              "by hand")
+        log_.fence = role.fence
+        yield
+    finally:
+        log_.fence = None
+        role.release()
+
+
 def _settle(args: argparse.Namespace) -> int:
     cfg = _config(args)
     dep, w3 = _chain(args, cfg)
     contracts = Contracts.at(ChainClient(w3, _key(args, cfg)), dep.addresses)
     opts = SettlementOptions(epoch_seconds=cfg.settlement.epoch_seconds, epoch_records=cfg.settlement.epoch_records,
                              receipt_timeout=args.timeout, confirmations=cfg.chain.confirmations_for(dep.chain_id))
-    with _open_log(args, cfg) as log_:
+    with _open_log(args, cfg) as log_, _settler_role(log_, args, cfg):
         settler = Settler(log_, contracts, opts)
         resumed = settler.resume()
         for o in resumed:

@@ -378,7 +378,28 @@ def _check_amounts(ex: EpochExport, terms: EpochTerms, sink: _Sink) -> None:
         sink.add("amounts", "rewards.entries", f"the epoch's amounts sum to {paid}, its fees to {ex.fees_total}")
 
 
-def _check_cumulative(chain: AuditChain, ex: EpochExport, info: ChainEpoch, operator: Address, sink: _Sink) -> None:
+def _compare_previous(chain: AuditChain, ex: EpochExport, prev: ChainEpoch, p: int, data: bytes, operator: Address,
+                      sink: _Sink) -> None:
+    """Per account: the previous live epoch's own export (checked against its exportHash) against the previous
+    amounts this export builds on, and against the new cumulative amounts (names the account lowered)."""
+    if hashlib.sha256(data).hexdigest() != prev.export_hash[2:]:
+        return  # not the published export of epoch p: nothing to compare per account (the root check stands)
+    try:
+        before = parse_export(data, domain=chain.domain(operator), epoch=p).cumulative
+    except ExportError:
+        return
+    cum = ex.cumulative
+    for a in sorted(set(before) | set(ex.previous), key=lambda x: int(x, 16)):
+        b, listed = before.get(a, 0), ex.previous.get(a, 0)
+        if listed != b:
+            sink.add("previous", f"account {a}", f"epoch {p}'s export gives it {b}, this export builds on {listed}")
+        if cum.get(a, 0) < b:
+            sink.add("decrease", f"account {a}", f"cumulative amount falls from {b} (epoch {p}) to {cum.get(a, 0)} "
+                     f"(lowered by {b - cum.get(a, 0)})")
+
+
+def _check_cumulative(chain: AuditChain, ex: EpochExport, info: ChainEpoch, operator: Address, sink: _Sink,
+                      previous_data: bytes | None = None) -> None:
     if ex.previous_epoch != info.previous_live:
         sink.add("previous", ex.where("previousEpoch"),
                  f"builds on epoch {ex.previous_epoch}, the chain says this epoch extends epoch {info.previous_live}")
@@ -393,6 +414,8 @@ def _check_cumulative(chain: AuditChain, ex: EpochExport, info: ChainEpoch, oper
             sink.add("previous", ex.where("rewards", "previousTotal"),
                      f"{ex.previous_total}, but epoch {info.previous_live}'s cumulative total on chain is "
                      f"{prev.cumulative_total}")
+        if previous_data is not None:
+            _compare_previous(chain, ex, prev, info.previous_live, previous_data, operator, sink)
     elif ex.previous:
         sink.add("previous", ex.where("rewards", "previous"), "lists previous amounts, but this is the operator's "
                  "first live epoch")
@@ -415,9 +438,11 @@ def _check_cumulative(chain: AuditChain, ex: EpochExport, info: ChainEpoch, oper
 
 
 def audit_epoch(chain: AuditChain, operator: str, n: int, data: bytes | None, *,
-                lineage: Mapping[int, AdapterLineage] | None = None, token_level: bool = False) -> AuditReport:
+                lineage: Mapping[int, AdapterLineage] | None = None, token_level: bool = False,
+                previous_data: bytes | None = None) -> AuditReport:
     """Audit epoch `n` of `operator` against `data` (its export; None: not published). AuditError when the chain
-    cannot be read or has no such epoch; a violation for everything wrong with the epoch (module docstring)."""
+    cannot be read or has no such epoch; a violation for everything wrong with the epoch (module docstring).
+    `previous_data`, the export of the epoch it builds on, lets a lowered account be named."""
     t0 = time.perf_counter()
     op = as_address(operator)
     report = AuditReport(op, n)
@@ -471,7 +496,7 @@ def audit_epoch(chain: AuditChain, operator: str, n: int, data: bytes | None, *,
                                                  "export terms.lineage")
         _check_lineage(chain, ex, onchain, lin, token_level, sink, report.notes)
         _check_amounts(ex, terms, sink)
-    _check_cumulative(chain, ex, info, op, sink)
+    _check_cumulative(chain, ex, info, op, sink, previous_data)
     report.violations = sink.close()
     report.seconds = time.perf_counter() - t0
     return report
@@ -678,8 +703,9 @@ class Watcher:
         data = self.fetch(op, n)
         if data is None and now - info.submitted_at < self.options.grace and now < info.effective_at:
             return None  # not published yet: wait, within the grace
+        prev = self.fetch(op, info.previous_live) if data is not None and info.previous_live else None
         report = audit_epoch(self.chain, op, n, data, lineage=self.options.lineage,
-                             token_level=self.options.token_level)
+                             token_level=self.options.token_level, previous_data=prev)
         if data is None:
             report.violations[0] = Violation(n, "export", "export", f"not published within the grace of "
                                              f"{self.options.grace:g} s after submission ({now - info.submitted_at} s "

@@ -47,7 +47,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loraledger.node.errors import NodeError
-from loraledger.node.ledger.epochs import RESETTLED, REVOKED, rebuild_epoch
+from loraledger.node.ledger.epochs import CONFIRMED, SUBMITTED, rebuild_epoch
 from loraledger.node.ledger.merkle import (
     RECORD_LEAF_ENCODING,
     REWARD_LEAF_ENCODING,
@@ -133,9 +133,10 @@ def export_document(
 
 
 def previous_live_epoch(log_: RecordLog, n: int) -> int:
-    """The epoch `n` was built on: the latest epoch below `n` that the log does not hold as revoked (0: none)."""
+    """The epoch `n` was built on (its `parent` on chain): the latest epoch below `n` the log sent and does not hold
+    as revoked (0: none)."""
     for row in reversed(log_.epochs()):
-        if row.epoch < n and row.state not in (REVOKED, RESETTLED):
+        if row.epoch < n and row.state in (SUBMITTED, CONFIRMED):
             return row.epoch
     return 0
 
@@ -345,16 +346,16 @@ def parse_export(data: bytes, *, domain: RecordDomain | None = None, epoch: int 
         raise ExportError("the export is empty (0 bytes)")
     try:
         text = data.decode("ascii")
-    except UnicodeDecodeError as e:
-        raise ExportError(f"byte {e.start} (0x{data[e.start]:02x}) is not ASCII: a canonical export is ASCII JSON "
+    except UnicodeDecodeError as bad:
+        raise ExportError(f"byte {bad.start} (0x{data[bad.start]:02x}) is not ASCII: a canonical export is ASCII JSON "
                           "(forged or corrupted)") from None
     try:
         doc = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.pos >= size - 1 or "Unterminated" in e.msg or "Expecting" in e.msg and e.pos >= size - 2:
+    except json.JSONDecodeError as je:
+        if je.pos >= size - 1 or "Unterminated" in je.msg or "Expecting" in je.msg and je.pos >= size - 2:
             raise ExportError(f"the export is truncated: its JSON ends at byte {size} of what should be more "
-                              f"({e.msg}); fetch it again") from None
-        raise ExportError(f"not JSON at byte {e.pos} of {size}: {e.msg}") from None
+                              f"({je.msg}); fetch it again") from None
+        raise ExportError(f"not JSON at byte {je.pos} of {size}: {je.msg}") from None
     if not isinstance(doc, dict):
         raise ExportError(f"bytes 0-{size - 1}: an export is a JSON object, got {type(doc).__name__}")
     fmt = doc.get("format")
@@ -372,8 +373,8 @@ def parse_export(data: bytes, *, domain: RecordDomain | None = None, epoch: int 
     dom = _get(doc, ["domain"], dict)
     try:
         got = RecordDomain.from_json(dom)
-    except RecordError as e:
-        raise _fail(doc, ["domain"], str(e)) from None
+    except RecordError as de:
+        raise _fail(doc, ["domain"], str(de)) from None
     if domain is not None:
         for name, have, want in (("chain", got.chain_id, domain.chain_id), ("ledger", got.ledger, domain.ledger),
                                  ("operator", got.operator, domain.operator)):
@@ -465,9 +466,9 @@ def parse_export(data: bytes, *, domain: RecordDomain | None = None, epoch: int 
                                                        f"{sum(previous.values())}")
     rewards: list[RewardEntry] = []
     last = -1
-    for i, e in enumerate(_get(doc, ["rewards", "entries"], list)):
+    for i, item in enumerate(_get(doc, ["rewards", "entries"], list)):
         base: list[str | int] = ["rewards", "entries", i]
-        if not isinstance(e, dict):
+        if not isinstance(item, dict):
             raise _fail(doc, base, "each entry is {account, amount, cumulative, leaf, proof}")
         a = _addr(doc, [*base, "account"])
         if int(a, 16) <= last:
@@ -479,22 +480,23 @@ def parse_export(data: bytes, *, domain: RecordDomain | None = None, epoch: int 
     if not rewards:
         raise _fail(doc, ["rewards", "entries"], "the rewards tree has at least the operator's leaf")
     wtree = StandardMerkleTree.of([[r.account, r.cumulative] for r in rewards], REWARD_LEAF_ENCODING)
-    for i, r in enumerate(rewards):
-        leaf = to_hex(wtree.tree[wtree.tree_indices[i]])
-        if r.leaf != leaf:
+    for i, rw_entry in enumerate(rewards):
+        leaf_hex = to_hex(wtree.tree[wtree.tree_indices[i]])
+        if rw_entry.leaf != leaf_hex:
             raise _fail(doc, ["rewards", "entries", i, "leaf"],
-                        f"account {r.account} cumulative {r.cumulative} hashes to leaf {leaf}, the export says {r.leaf}")
-        if r.proof != wtree.get_proof_hex(i):
+                        f"account {rw_entry.account} cumulative {rw_entry.cumulative} hashes to leaf {leaf_hex}, "
+                        f"the export says {rw_entry.leaf}")
+        if rw_entry.proof != wtree.get_proof_hex(i):
             raise _fail(doc, ["rewards", "entries", i, "proof"],
-                        f"account {r.account}: the proof does not lead to the rewards root")
+                        f"account {rw_entry.account}: the proof does not lead to the rewards root")
     wroot = _hash32(doc, ["rewards", "root"])
     if wroot != wtree.root_hex:
         raise _fail(doc, ["rewards", "root"], f"the listed cumulative amounts give root {wtree.root_hex}, the export "
                                               f"says {wroot}")
     cum_total = _uint(doc, ["rewards", "cumulativeTotal"])
-    if cum_total != sum(r.cumulative for r in rewards):
+    if cum_total != sum(x.cumulative for x in rewards):
         raise _fail(doc, ["rewards", "cumulativeTotal"],
-                    f"says {cum_total}, the cumulative amounts sum to {sum(r.cumulative for r in rewards)}")
+                    f"says {cum_total}, the cumulative amounts sum to {sum(x.cumulative for x in rewards)}")
     return EpochExport(data=data, sha256=sha256_hex(data), doc=doc, domain=got, epoch=n, previous_epoch=prev_epoch,
                        terms=terms, records=records, records_root=Bytes32(root), record_count=count,
                        fees_total=fees_total, rewards=rewards, rewards_root=Bytes32(wroot),

@@ -26,6 +26,7 @@ from loraledger.inference.errors import EngineError, InvalidRequestError
 from loraledger.inference.requests import TokenDelta
 from loraledger.inference.sequence import SamplingParams
 from loraledger.node.errors import NodeError, NotFoundError, PermissionDeniedError
+from loraledger.node.ledger.records import AttributionRecord
 from loraledger.node.serving.auth import Authorizer, Principal, RateLimitedError, bearer_token
 from loraledger.node.serving.generation import (
     CallLog,
@@ -311,13 +312,16 @@ class AttributionServicer(pb_grpc.AttributionServicer):
                              ) -> pb.GetRewardProofResponse:
         await self._authorize(context)
         try:
-            view = await asyncio.to_thread(self.queries.reward_proof, request.account)
+            view = await asyncio.to_thread(self.queries.reward_proof, request.account, int(request.epoch))
             if view is None:
                 raise NotFoundError(f"account {request.account!r} has no rewards in a confirmed epoch of this "
                                     "operator yet")
-            return pb.GetRewardProofResponse(operator=view.operator, account=view.account,
-                                             cumulative_amount=str(view.cumulative_amount), epoch=view.epoch,
-                                             rewards_root=view.rewards_root, proof=list(view.proof))
+            return pb.GetRewardProofResponse(
+                operator=view.operator, account=view.account, cumulative_amount=str(view.cumulative_amount),
+                epoch=view.epoch, rewards_root=view.rewards_root, proof=list(view.proof),
+                epoch_in_effect=view.epoch_in_effect, in_effect=view.in_effect, effective_at=view.effective_at,
+                claimed=str(view.claimed), claimable_now=str(view.claimable_now), latest_epoch=view.latest_epoch,
+                pending=str(view.pending), pending_effective_at=view.pending_effective_at)
         except (EngineError, NodeError) as e:
             await _abort(context, e)
             raise  # unreachable: abort raises
@@ -333,6 +337,40 @@ class AttributionServicer(pb_grpc.AttributionServicer):
             pb.EpochInfo(epoch=e.epoch, records_root=e.records_root, record_count=e.record_count,
                          rewards_root=e.rewards_root, cumulative_total=str(e.cumulative_total), state=e.state,
                          tx_hash=e.tx_hash) for e in epochs])
+
+    async def GetEpochExport(self, request: pb.GetEpochExportRequest, context: grpc.aio.ServicerContext
+                             ) -> AsyncIterator[pb.EpochExportChunk]:
+        """The epoch's canonical export (`loraledger.node.ledger.export`), in chunks; the first names the size
+        and sha256."""
+        await self._authorize(context)
+        log_ = getattr(self.queries, "log", None)
+        try:
+            if log_ is None:
+                raise NotFoundError("this node has no record log to export epochs from")
+            if request.epoch <= 0:
+                raise InvalidRequestError("GetEpochExport needs an epoch number >= 1")
+            data = await asyncio.to_thread(_epoch_export, log_, int(request.epoch))
+        except (EngineError, NodeError) as e:
+            await _abort(context, e)
+            raise  # unreachable: abort raises
+        import hashlib
+
+        size = int(request.chunk_bytes) or 1 << 20
+        sha = "0x" + hashlib.sha256(data).hexdigest()
+        for off in range(0, max(len(data), 1), size):
+            yield pb.EpochExportChunk(offset=off, data=data[off:off + size],
+                                      total_bytes=len(data) if off == 0 else 0, sha256=sha if off == 0 else "")
+
+
+def _epoch_export(log_: object, n: int) -> bytes:
+    """canonical_export, with "not built" / unknown epochs as NotFoundError."""
+    from loraledger.node.ledger.epochs import SettlementError
+    from loraledger.node.ledger.export import canonical_export
+
+    try:
+        return canonical_export(log_, n)  # type: ignore[arg-type]
+    except SettlementError as e:
+        raise NotFoundError(f"no export of epoch {n}: {e}") from e
 
 
 def _record_response(view: RecordView, operator: str) -> pb.GetRecordResponse:
@@ -352,3 +390,14 @@ def _record_response(view: RecordView, operator: str) -> pb.GetRecordResponse:
 def _shares(contributors: Sequence[tuple[str, int]]) -> list[pb.ContributorShare]:
     total = sum(w for _, w in contributors) or 1
     return [pb.ContributorShare(account=a, weight=str(w), share=w / total) for a, w in contributors]
+
+
+def record_from_pb(r: pb.Record) -> AttributionRecord:
+    """The AttributionRecord a `Record` message carries (inverse of `_record_response`'s record), e.g. to check it
+    on chain with `LedgerClient.verify_record`."""
+    return AttributionRecord.from_json({
+        "epoch": r.epoch, "requestId": r.request_id, "adapterIds": list(r.adapter_ids),
+        "weightsBps": list(r.weights_bps), "promptTokens": r.prompt_tokens, "completionTokens": r.completion_tokens,
+        "fee": r.fee, "outputHash": r.output_hash, "attributionHash": r.attribution_hash,
+        "contributors": [[c.account, c.weight] for c in r.contributors],
+    })

@@ -24,4 +24,4 @@ def test_services_expose_the_documented_methods() -> None:
     }
     assert inference.methods_by_name["GenerateStream"].server_streaming
     attribution = pb.DESCRIPTOR.services_by_name["Attribution"]
-    assert {m.name for m in attribution.methods} == {"GetRecord", "GetRewardProof", "ListEpochs"}
+    assert {m.name for m in attribution.methods} == {"GetRecord", "GetRewardProof", "ListEpochs", "GetEpochExport"}

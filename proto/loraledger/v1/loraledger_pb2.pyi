@@ -283,26 +283,44 @@ class GetRecordResponse(_message.Message):
     def __init__(self, record: _Optional[_Union[Record, _Mapping]] = ..., leaf: _Optional[str] = ..., settled: _Optional[bool] = ..., records_root: _Optional[str] = ..., proof: _Optional[_Iterable[str]] = ..., operator: _Optional[str] = ...) -> None: ...
 
 class GetRewardProofRequest(_message.Message):
-    __slots__ = ("account",)
+    __slots__ = ("account", "epoch")
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     account: str
-    def __init__(self, account: _Optional[str] = ...) -> None: ...
+    epoch: int
+    def __init__(self, account: _Optional[str] = ..., epoch: _Optional[int] = ...) -> None: ...
 
 class GetRewardProofResponse(_message.Message):
-    __slots__ = ("operator", "account", "cumulative_amount", "epoch", "rewards_root", "proof")
+    __slots__ = ("operator", "account", "cumulative_amount", "epoch", "rewards_root", "proof", "epoch_in_effect", "in_effect", "effective_at", "claimed", "claimable_now", "latest_epoch", "pending", "pending_effective_at")
     OPERATOR_FIELD_NUMBER: _ClassVar[int]
     ACCOUNT_FIELD_NUMBER: _ClassVar[int]
     CUMULATIVE_AMOUNT_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     REWARDS_ROOT_FIELD_NUMBER: _ClassVar[int]
     PROOF_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_IN_EFFECT_FIELD_NUMBER: _ClassVar[int]
+    IN_EFFECT_FIELD_NUMBER: _ClassVar[int]
+    EFFECTIVE_AT_FIELD_NUMBER: _ClassVar[int]
+    CLAIMED_FIELD_NUMBER: _ClassVar[int]
+    CLAIMABLE_NOW_FIELD_NUMBER: _ClassVar[int]
+    LATEST_EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    PENDING_EFFECTIVE_AT_FIELD_NUMBER: _ClassVar[int]
     operator: str
     account: str
     cumulative_amount: str
     epoch: int
     rewards_root: str
     proof: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, operator: _Optional[str] = ..., account: _Optional[str] = ..., cumulative_amount: _Optional[str] = ..., epoch: _Optional[int] = ..., rewards_root: _Optional[str] = ..., proof: _Optional[_Iterable[str]] = ...) -> None: ...
+    epoch_in_effect: int
+    in_effect: bool
+    effective_at: int
+    claimed: str
+    claimable_now: str
+    latest_epoch: int
+    pending: str
+    pending_effective_at: int
+    def __init__(self, operator: _Optional[str] = ..., account: _Optional[str] = ..., cumulative_amount: _Optional[str] = ..., epoch: _Optional[int] = ..., rewards_root: _Optional[str] = ..., proof: _Optional[_Iterable[str]] = ..., epoch_in_effect: _Optional[int] = ..., in_effect: _Optional[bool] = ..., effective_at: _Optional[int] = ..., claimed: _Optional[str] = ..., claimable_now: _Optional[str] = ..., latest_epoch: _Optional[int] = ..., pending: _Optional[str] = ..., pending_effective_at: _Optional[int] = ...) -> None: ...
 
 class EpochInfo(_message.Message):
     __slots__ = ("epoch", "records_root", "record_count", "rewards_root", "cumulative_total", "state", "tx_hash")
@@ -335,3 +353,23 @@ class ListEpochsResponse(_message.Message):
     operator: str
     epochs: _containers.RepeatedCompositeFieldContainer[EpochInfo]
     def __init__(self, operator: _Optional[str] = ..., epochs: _Optional[_Iterable[_Union[EpochInfo, _Mapping]]] = ...) -> None: ...
+
+class GetEpochExportRequest(_message.Message):
+    __slots__ = ("epoch", "chunk_bytes")
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    epoch: int
+    chunk_bytes: int
+    def __init__(self, epoch: _Optional[int] = ..., chunk_bytes: _Optional[int] = ...) -> None: ...
+
+class EpochExportChunk(_message.Message):
+    __slots__ = ("offset", "data", "total_bytes", "sha256")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    total_bytes: int
+    sha256: str
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., total_bytes: _Optional[int] = ..., sha256: _Optional[str] = ...) -> None: ...

@@ -299,6 +299,11 @@ class AttributionStub:
                 request_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsRequest.SerializeToString,
                 response_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsResponse.FromString,
                 _registered_method=True)
+        self.GetEpochExport = channel.unary_stream(
+                '/loraledger.v1.Attribution/GetEpochExport',
+                request_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetEpochExportRequest.SerializeToString,
+                response_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.EpochExportChunk.FromString,
+                _registered_method=True)
 
 
 class AttributionServicer:
@@ -325,6 +330,13 @@ class AttributionServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetEpochExport(self, request, context):
+        """The canonical export of an epoch (sha256 = the chain's exportHash), streamed in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AttributionServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -342,6 +354,11 @@ def add_AttributionServicer_to_server(servicer, server):
                     servicer.ListEpochs,
                     request_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsRequest.FromString,
                     response_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsResponse.SerializeToString,
+            ),
+            'GetEpochExport': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetEpochExport,
+                    request_deserializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetEpochExportRequest.FromString,
+                    response_serializer=loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.EpochExportChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -426,6 +443,33 @@ class Attribution:
             '/loraledger.v1.Attribution/ListEpochs',
             loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsRequest.SerializeToString,
             loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.ListEpochsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEpochExport(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/loraledger.v1.Attribution/GetEpochExport',
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.GetEpochExportRequest.SerializeToString,
+            loraledger_dot_proto_dot_loraledger_dot_v1_dot_loraledger__pb2.EpochExportChunk.FromString,
             options,
             channel_credentials,
             insecure,

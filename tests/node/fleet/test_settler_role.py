@@ -180,3 +180,26 @@ def test_barrier_waits_for_the_old_holders_open_transition(fresh_db: Callable[[]
         assert log_b.last_epoch() is not None and log_b.last_epoch().epoch == 1  # type: ignore[union-attr]
     a.release()
     b.release()
+
+
+def test_epoch_settle_by_hand_waits_for_the_fleets_settler(fresh_db: Callable[[], str], chain_world: object,
+                                                          capsys: pytest.CaptureFixture[str],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraledger.node.cli import main as cli
+
+    dsn = fresh_db()
+    world = chain_world
+    with RecordLog.open(dsn=dsn) as log_:
+        log_.append(_record(1))
+    monkeypatch.setenv("LORALEDGER_PRIVATE_KEY", world.operator.key.hex())  # type: ignore[attr-defined]
+    node = SettlerRole(dsn, "gpu-a:50051")
+    assert node.acquire()
+    args = ["epoch", "settle", "--records", dsn, "--deployment", str(world.deployment_file),  # type: ignore[attr-defined]
+            "--rpc-url", world.rpc_url]  # type: ignore[attr-defined]
+    try:
+        assert cli(args) == 1
+        assert "gpu-a:50051 holds the settler role" in capsys.readouterr().err
+    finally:
+        node.release()
+    with RecordLog.open(dsn=dsn) as log_:
+        assert log_.pending()[0] == 1 and log_.epochs() == []  # nothing closed while the node held the role
