@@ -40,7 +40,7 @@ import logging
 import math
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,6 +121,9 @@ class ForeignEpochError(SettlementError):
     """The ledger holds an epoch of this operator that this log did not build; the node will not submit on top."""
 
 
+LineageTerms = Callable[[int], "Mapping[str, Any] | None"]
+"""adapter id -> {"trainingConfigHash", "tokenLevel", "weights": {contributor: tokens}} or None."""
+
 StepHook = Callable[[str, int], None]
 """Called as hook(step, epoch) after: "closed", "built", "approved", "signed", "sent", "confirmed"."""
 
@@ -160,7 +163,9 @@ class Settler:
     """
 
     def __init__(self, log_: RecordLog, contracts: Contracts, options: SettlementOptions | None = None,
-                 on_step: StepHook | None = None) -> None:
+                 on_step: StepHook | None = None, lineage: LineageTerms | None = None) -> None:
+        """`lineage(adapter_id)`: the adapter's lineage as the epoch's terms should record it (the node's catalog
+        gives it), so that auditors can check each record's contributor split; None records none."""
         self.log = log_
         self.contracts = contracts
         self.client = contracts.ledger.client
@@ -168,6 +173,7 @@ class Settler:
         self.operator = Address(self.client.address)
         self.options = options or SettlementOptions()
         self.on_step = on_step
+        self.lineage = lineage
         self.proofs = EpochProofs(log_)
         self.domain = RecordDomain(self.client.chain_id, contracts.ledger.address, self.operator)
 
@@ -302,8 +308,13 @@ class Settler:
         wtree = rewards_tree(cumulative, self.operator)
         total = sum(int(v) for _, v in wtree.values)
         assert total == sum(int(v) for v in previous.values()) + int(row.fees_total)
+        terms_json = terms_to_json(terms, block, self.domain)
+        if self.lineage is not None:
+            lineage = {str(i): dict(doc) for i in sorted(terms.adapters) if (doc := self.lineage(int(i))) is not None}
+            if lineage:
+                terms_json["lineage"] = lineage
         self.log.mark_built(n, records_root=Bytes32(rtree.root_hex), rewards_root=Bytes32(wtree.root_hex),
-                            cumulative_total=total, terms=terms_to_json(terms, block, self.domain), amounts=amounts,
+                            cumulative_total=total, terms=terms_json, amounts=amounts,
                             cumulative=cumulative)
         self._step("built", n)
 

@@ -247,7 +247,7 @@ class NodeApp:
                 name = cfg.settlement.node_name or f"{socket.gethostname()[:30]}:{self.port}"
                 role = settlement_view.role = SettlerRole(cfg.records.postgres_dsn, name,
                                                           cfg.settlement.role_poll_seconds)
-            self.settlement = SettlementLoop(self.records, chain.contracts, cfg, role)
+            self.settlement = SettlementLoop(self.records, chain.contracts, cfg, role, lineage=catalog.lineage_terms)
             settlement_view.loop = self.settlement
             if self.http_node is not None:
                 self.http_node.settlement = self.settlement

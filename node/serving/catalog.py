@@ -50,6 +50,7 @@ class ServedAdapter:
     datanet_ids: tuple[DatanetId, ...] = ()
     owner: str = ""
     lineage: dict[Address, int] = field(default_factory=dict)  # contributor -> tokens trained on
+    training_config_hash: str = ""  # as registered (and as its lineage.json hashes to: verified at load)
     index_dirs: tuple[Path, ...] = ()  # attribution indexes of its datanets (token-level attribution)
 
     @property
@@ -148,8 +149,20 @@ class StoreCatalog:
         return ServedAdapter(
             key=str(adapter_id), path=Path(path), onchain_id=AdapterId(adapter_id), weights_hash=str(info.weights_hash),
             base_model_hash=str(info.base_model_hash), fee_per_token=int(info.fee_per_token),
-            datanet_ids=tuple(DatanetId(int(d)) for d in info.datanet_ids), owner=str(info.owner), lineage=tokens, index_dirs=index_dirs,
+            datanet_ids=tuple(DatanetId(int(d)) for d in info.datanet_ids), owner=str(info.owner), lineage=tokens,
+            training_config_hash=str(info.training_config_hash), index_dirs=index_dirs,
         )
+
+    def lineage_terms(self, adapter_id: int) -> dict[str, Any] | None:
+        """What an epoch's terms record of on-chain adapter `adapter_id`'s lineage, so an auditor can check each
+        record's contributor split without the adapter's files: {"trainingConfigHash", "tokenLevel", "weights":
+        {contributor: tokens}}. None when the node holds no lineage for it (its data share went to the owner)."""
+        with self._lock:
+            t = self._terms.get(str(adapter_id))
+        if t is None or t.onchain_id is None or not t.lineage:
+            return None
+        return {"trainingConfigHash": t.training_config_hash, "tokenLevel": bool(t.index_dirs),
+                "weights": {a: str(n) for a, n in sorted(t.lineage.items())}}
 
     def confined(self, path: str) -> Path:
         """`path` (a LoadAdapter request's) when it lies below one of the adapter roots once `..` and symlinks

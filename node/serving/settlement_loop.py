@@ -83,16 +83,17 @@ class SettlementLoop:
 
     def __init__(self, records: RecordLog, contracts: Any, cfg: NodeConfig, role: SettlerRole | None = None,
                  *, max_backoff: float = MAX_BACKOFF, receipt_timeout: float = 120.0,
-                 funds_every: float = FUNDS_EVERY) -> None:
+                 funds_every: float = FUNDS_EVERY, lineage: Any = None) -> None:
         """`role`: in a fleet on one PostgreSQL log, the settler role; the loop then ticks only while this node
-        holds it (`SettlerRole.guard`), and the log's epoch transitions are fenced by it."""
+        holds it (`SettlerRole.guard`), and the log's epoch transitions are fenced by it. `lineage`: the catalog's
+        `lineage_terms`, recorded in each epoch's terms for auditors."""
         from loraledger.node.ledger.settler import SettlementOptions, Settler
 
         s = cfg.settlement
         chain_id = int(contracts.ledger.client.chain_id)
         self.settler = Settler(records, contracts, SettlementOptions(
             epoch_seconds=s.epoch_seconds, epoch_records=s.epoch_records, receipt_timeout=receipt_timeout,
-            confirmations=cfg.chain.confirmations_for(chain_id)))
+            confirmations=cfg.chain.confirmations_for(chain_id)), lineage=lineage)
         self.records = records
         self.role = role
         if role is not None:

@@ -12,6 +12,8 @@ import asyncio
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -197,6 +199,14 @@ def test_200_requests_settle_and_every_account_claims(served: Served, tmp_path: 
             assert not ledger.verify_record(operator, rec.record.epoch + 1, settled, list(rec.proof)), \
                 "the settled leaf commits to its epoch"
             assert int(rec.record.fee) == fees_reported[i]
+
+    # anyone audits every epoch from the chain and the node's published exports alone: the terms carry the
+    # adapters' lineage, so each record's contributor split is checked without the adapters' files
+    audit = subprocess.run([sys.executable, "-m", "loraledger.node.cli", "audit", "--deployment",
+                            str(world.deployment_file), "--operator", operator, "--all", "--server", served.address],
+                           capture_output=True, text=True, timeout=300)
+    assert audit.returncode == 0, audit.stdout + audit.stderr
+    assert audit.stdout.count("PASS") == len(epochs) and "no lineage document" not in audit.stdout, audit.stdout
 
     # every account claims: contributor 0 through the CLI (proof from the node over gRPC), the others here
     owners = {world.owners[1], world.owners[2]}
