@@ -57,17 +57,17 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
     /// @notice Seconds between an epoch's submission and its rewards root taking effect.
     uint64 public immutable challengeDelay;
 
-    /// @dev What every claim reads and writes, one slot. Invariant: claimedTotal <= cap = cumulative total of the
-    ///      effective epoch < 2**128.
+    /// @dev What every claim reads and writes, one slot (with the effective root, all a claim reads of its
+    ///      operator). Invariant: claimedTotal <= cap = cumulative total of the effective epoch < 2**112.
     struct ClaimState {
-        uint128 claimedTotal; // everything paid out of this operator's funds
-        uint128 cap; // cumulative total of the effective epoch
+        uint112 claimedTotal; // everything paid out of this operator's funds
+        uint112 cap; // cumulative total of the effective epoch
+        uint32 effectiveEpoch; // claims are checked against this epoch's rewards root (0: none yet)
     }
 
     /// @dev Per-operator chain state, one slot.
     struct OperatorState {
-        uint64 lastEpoch; // the last epoch submitted (live or not); 0 before the first
-        uint64 effectiveEpoch; // claims are checked against this epoch's rewards root (0: none yet)
+        uint64 lastEpoch; // the last epoch submitted (live or not); 0 before the first; < 2**32
         uint64 liveTip; // the latest live epoch (0: none)
         uint64 liveDepth; // its chain position (0: empty chain)
     }
@@ -175,10 +175,11 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
     /// @dev pulled = max(0, cumulativeTotal - (funded - refunded)), via `transferFrom(caller, this, pulled)`; the
     ///      ledger's balance must grow by exactly `pulled`.
     ///      Requirements: caller holds `OPERATOR_ROLE`; not paused (`EnforcedPause`); `epoch == lastEpoch + 1`
-    ///      (`LedgerUnexpectedEpoch`); `parent` is the live tip (`LedgerStaleParent`); roots and export hash non-zero (`LedgerZeroRoot`); `recordCount > 0`
-    ///      (`LedgerZeroRecordCount`); `cumulativeTotal` >= that of the live tip (`LedgerCumulativeDecreased`)
-    ///      and < 2**128 (`SafeCastOverflowedUintDowncast`); allowance and balance cover `pulled` (the token's
-    ///      error); the token delivers it in full (`LedgerTransferShortfall`). Events: `EpochSubmitted`.
+    ///      (`LedgerUnexpectedEpoch`); `parent` is the live tip (`LedgerStaleParent`); roots and export hash
+    ///      non-zero (`LedgerZeroRoot`); `recordCount > 0` (`LedgerZeroRecordCount`); `cumulativeTotal` >= that of
+    ///      the live tip (`LedgerCumulativeDecreased`) and < 2**112, `epoch` < 2**32
+    ///      (`SafeCastOverflowedUintDowncast`); allowance and balance cover `pulled` (the token's error); the token
+    ///      delivers it in full (`LedgerTransferShortfall`). Events: `EpochSubmitted`.
     /// @param epoch The epoch number, consecutive from 1 per operator.
     /// @param recordsRoot StandardMerkleTree root over the epoch's attribution records.
     /// @param recordCount Number of records under `recordsRoot`.
@@ -209,7 +210,8 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
             uint256 previous = s.liveTip == 0 ? 0 : _epochs[op][s.liveTip].cumulativeTotal;
             if (cumulativeTotal < previous) revert LedgerCumulativeDecreased(op, previous, cumulativeTotal);
         }
-        SafeCast.toUint128(cumulativeTotal); // keeps every claimed total and cap within ClaimState
+        SafeCast.toUint112(cumulativeTotal); // keeps every claimed total and cap within ClaimState
+        SafeCast.toUint32(epoch); // the effective epoch is kept in 32 bits
 
         uint256 held = _fundedTotal[op] - _refundedTotal[op];
         uint256 pulled = cumulativeTotal > held ? cumulativeTotal - held : 0;
@@ -294,9 +296,9 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
     /// @param operator The operator.
     /// @param epoch The epoch to check claims against from now on.
     function advance(address operator, uint64 epoch) external {
-        OperatorState memory s = _operators[operator];
-        if (epoch <= s.effectiveEpoch) revert LedgerStaleEpoch(operator, epoch, s.effectiveEpoch);
-        _advance(operator, epoch, s);
+        uint64 current = _claimState[operator].effectiveEpoch;
+        if (epoch <= current) revert LedgerStaleEpoch(operator, epoch, current);
+        _advance(operator, epoch);
     }
 
     /// @notice Pays `account` what it is owed by `operator` beyond what it already claimed.
@@ -414,7 +416,7 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
     /// @param operator The operator.
     /// @return epoch The epoch number.
     function effectiveEpoch(address operator) external view returns (uint64 epoch) {
-        return _operators[operator].effectiveEpoch;
+        return _claimState[operator].effectiveEpoch;
     }
 
     /// @notice Whether `operator`'s `epoch` exists and is revoked (directly or with an epoch below it).
@@ -560,22 +562,24 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
     }
 
     /// @dev Makes `epoch` (> the effective epoch) the effective epoch after checking it is live and in effect.
-    function _advance(address operator, uint64 epoch, OperatorState memory s) private {
-        Epoch storage e = _liveEpoch(operator, epoch, s);
+    function _advance(address operator, uint64 epoch) private {
+        Epoch storage e = _liveEpoch(operator, epoch, _operators[operator]);
         uint64 takesEffect = _effectiveAt(e.submittedAt);
         if (block.timestamp < takesEffect) revert LedgerRootNotInEffect(operator, epoch, takesEffect);
-        _operators[operator].effectiveEpoch = epoch;
+        ClaimState storage cs = _claimState[operator];
+        // epoch < 2**32 and cumulativeTotal < 2**112: both checked at submit
+        (cs.effectiveEpoch, cs.cap) = (uint32(epoch), uint112(e.cumulativeTotal));
         _effectiveRoot[operator] = e.rewardsRoot;
-        _claimState[operator].cap = uint128(e.cumulativeTotal); // < 2**128, checked at submit
         emit EffectiveEpochAdvanced(operator, epoch, msg.sender);
     }
 
     /// @dev The root claims naming `epoch` are checked against, advancing the effective epoch when `epoch` is later.
+    ///      The common case (`epoch` is the effective one) reads two slots: the claim state and the root.
     function _claimContext(address operator, uint64 epoch) private returns (ClaimContext memory c) {
-        OperatorState memory s = _operators[operator];
-        if (epoch != s.effectiveEpoch) {
-            if (epoch < s.effectiveEpoch) revert LedgerStaleEpoch(operator, epoch, s.effectiveEpoch);
-            _advance(operator, epoch, s);
+        uint64 current = _claimState[operator].effectiveEpoch;
+        if (epoch != current) {
+            if (epoch < current) revert LedgerStaleEpoch(operator, epoch, current);
+            _advance(operator, epoch);
         } else if (epoch == 0) {
             revert LedgerNoRootInEffect(operator);
         }
@@ -612,13 +616,13 @@ contract AttributionLedger is IAttributionLedger, AccessControl, ReentrancyGuard
         uint256 total = c.claimedTotal + amount;
         if (total > c.cap) revert LedgerClaimExceedsFunding(c.operator, total, c.cap);
         _claimed[c.operator][account] = cumulativeAmount;
-        _claimState[c.operator].claimedTotal = uint128(total); // total <= cap < 2**128
+        _claimState[c.operator].claimedTotal = uint112(total); // total <= cap < 2**112
 
         if (!skipFailures) {
             rewardToken.safeTransfer(account, amount);
         } else if (!rewardToken.trySafeTransfer(account, amount)) {
             _claimed[c.operator][account] = already;
-            _claimState[c.operator].claimedTotal = uint128(c.claimedTotal);
+            _claimState[c.operator].claimedTotal = uint112(c.claimedTotal);
             emit ClaimSkipped(c.operator, account, c.epoch, cumulativeAmount, SkipReason.TransferFailed);
             return 0;
         }

@@ -1,14 +1,22 @@
 """Compiled contracts: the deterministic compile step and the committed artifacts the rest of the node loads.
 
 The compile step drives solcjs through `contracts/solc.js` (a native-solc look-alike) with py-solc-x, over every
-`.sol` file under `contracts/` (OpenZeppelin imports resolved from `node_modules`), with fixed settings, and
-writes one `contracts/artifacts/<Name>.json` per deployable contract:
+`.sol` file under `contracts/` but the Foundry suites (`contracts/test/foundry/`; OpenZeppelin imports resolved
+from `node_modules`), with fixed settings, and writes one `contracts/artifacts/<Name>.json` per deployable
+contract:
 
     {"contractName", "sourceName", "abi", "bytecode", "deployedBytecode", "solcVersion", "settings",
-     "sourceSha256", "inputSha256"}
+     "sourceSha256", "inputSha256", "metadata", "standardJsonInput"}
 
 `sourceSha256` is the sha256 of the contract's own `.sol` file; `inputSha256` the sha256 over every source the
 compiler read (names and contents, imports included) plus the settings, i.e. everything the bytecode depends on.
+
+Verification. `metadata` is the compiler's metadata JSON of the contract (the string whose hash ends the
+bytecode); `standardJsonInput` is a standard-JSON compiler input holding, by content, exactly the sources that
+metadata names, with the metadata's settings and the contract as compilation target. Compiling it with solc
+`solcVersion` gives the committed bytecode byte for byte (tests/contracts/test_artifacts.py checks it), so it is
+what a block explorer's "standard JSON input" verification (Etherscan) or Sourcify (metadata + sources) takes.
+
 Artifacts are committed, so a user against a testnet needs no Node; `load_artifact` reads them.
 """
 
@@ -32,6 +40,7 @@ SOLC_WRAPPER = CONTRACTS_DIR / "solc.js"
 # artifacts are regenerated with `loraledger contracts compile`).
 COMPILER_SETTINGS: dict[str, Any] = {
     "optimizer": {"enabled": True, "runs": 200},
+    "viaIR": True,
     "evmVersion": "cancun",
     "metadata": {"bytecodeHash": "ipfs"},
 }
@@ -72,15 +81,26 @@ class Artifact:
     input_sha256: str
     sha256: str
     path: Path
+    metadata: str | None = None  # solc metadata JSON (None in artifacts written before it was recorded)
+    standard_json_input: dict[str, Any] | None = None  # the verification input (module docstring)
 
 
 def _sha256_hex(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+FOUNDRY_DIR = CONTRACTS_DIR / "test" / "foundry"
+"""Forge's fuzz and invariant suites: compiled by forge (contracts/foundry.toml), not by the artifact step."""
+
+
 def source_files(contracts_dir: Path = CONTRACTS_DIR) -> list[Path]:
-    """Every `.sol` file under `contracts_dir` (interfaces and test contracts included), sorted by path."""
-    return sorted(p for p in contracts_dir.rglob("*.sol") if "artifacts" not in p.parts)
+    """Every `.sol` file under `contracts_dir` (interfaces and test tokens included; not the Foundry suites under
+    `test/foundry/`), sorted by path."""
+    return sorted(
+        p for p in contracts_dir.rglob("*.sol")
+        if "artifacts" not in p.relative_to(contracts_dir).parts
+        and not p.resolve().is_relative_to(FOUNDRY_DIR.resolve())
+    )
 
 
 def _source_name(path: Path) -> str:
@@ -98,7 +118,42 @@ def standard_input(contracts_dir: Path = CONTRACTS_DIR) -> dict[str, Any]:
         raise CompileError(f"no .sol files under {contracts_dir}")
     sources = {_source_name(p): {"content": p.read_text(encoding="utf-8")} for p in files}
     settings = dict(COMPILER_SETTINGS)
-    settings["outputSelection"] = {"*": {"*": ["abi", "evm.bytecode.object", "evm.deployedBytecode.object"]}}
+    settings["outputSelection"] = {
+        "*": {"*": ["abi", "metadata", "evm.bytecode.object", "evm.deployedBytecode.object"]}
+    }
+    return {"language": "Solidity", "sources": sources, "settings": settings}
+
+
+def verification_input(metadata: str) -> dict[str, Any]:
+    """The standard-JSON input that recompiles one contract to the same bytecode, built from its metadata.
+
+    sources = every source the metadata names, by content (ours from the repository, `@scope/...` from
+    node_modules; each checked against the metadata's keccak256); settings = the metadata's optimizer, viaIR,
+    evmVersion, metadata and remappings settings, with the contract as the only output wanted.
+    """
+    from eth_utils import keccak
+
+    meta = json.loads(metadata)
+    sources: dict[str, dict[str, str]] = {}
+    for name, info in sorted(meta["sources"].items()):
+        content = _read_source_unit(name)
+        expected = info.get("keccak256")
+        if expected is not None and "0x" + keccak(content).hex() != expected:
+            raise CompileError(f"source {name} on disk does not match the compiler's metadata ({expected})")
+        sources[name] = {"content": content.decode("utf-8")}
+    ms = meta["settings"]
+    (target_file, target_name), = ms["compilationTarget"].items()
+    settings: dict[str, Any] = {
+        "optimizer": ms["optimizer"],
+        "evmVersion": ms["evmVersion"],
+        "metadata": ms["metadata"],
+        "remappings": ms.get("remappings", []),
+        "libraries": ms.get("libraries", {}),
+        "outputSelection": {target_file: {target_name: ["abi", "metadata", "evm.bytecode.object",
+                                                        "evm.deployedBytecode.object"]}},
+    }
+    if ms.get("viaIR"):
+        settings["viaIR"] = True
     return {"language": "Solidity", "sources": sources, "settings": settings}
 
 
@@ -171,6 +226,8 @@ def compile_contracts(contracts_dir: Path = CONTRACTS_DIR) -> dict[str, dict[str
                 "settings": COMPILER_SETTINGS,
                 "sourceSha256": source_sha,
                 "inputSha256": input_sha,
+                "metadata": c["metadata"],
+                "standardJsonInput": verification_input(c["metadata"]),
             }
     missing = [n for n in CORE_CONTRACTS if n not in artifacts]
     if missing:
@@ -223,6 +280,8 @@ def load_artifact(name: str, artifacts_dir: Path = ARTIFACTS_DIR) -> Artifact:
             input_sha256=d["inputSha256"],
             sha256=_sha256_hex(raw),
             path=path,
+            metadata=d.get("metadata"),
+            standard_json_input=d.get("standardJsonInput"),
         )
     except (json.JSONDecodeError, KeyError, TypeError) as e:
         raise ArtifactError(f"artifact {path} is malformed ({e!r}); run `loraledger contracts compile`") from e

@@ -10,7 +10,7 @@ import pytest
 from web3.exceptions import ContractLogicError
 
 from loraledger.node.ledger.merkle import keccak256
-from tests.contracts.helpers import DECODER, ChainEnv, events, expect_revert, send
+from tests.contracts.helpers import DECODER, ChainEnv, events, expect_revert, register_adapter, send
 
 # Measured (receipt gasUsed, 21k intrinsic included): setPublic(id, false) 50.0k (one fresh slot, 22.1k);
 # setAllowed with one new account 51.8k, five 150.4k (24.7k per further account: a fresh slot and its event);
@@ -27,8 +27,7 @@ def _adapter(env: ChainEnv, owner: str, seed: int = 1) -> int:
     h = keccak256(bytes([seed]))
     r = send(env.w3, env.datanets.functions.registerDatanet(h, 1, "ipfs://d"), env.users[2])
     datanet = int(events(env.datanets, "DatanetRegistered", r)[0].args.id)
-    r = send(env.w3, env.adapters.functions.registerAdapter(h, h, h, [datanet], 1, "file://a"), owner)
-    return int(events(env.adapters, "AdapterRegistered", r)[0].args.id)
+    return register_adapter(env, owner, h, [datanet], fee=1, uri="file://a")
 
 
 def test_every_adapter_starts_public(env: ChainEnv) -> None:

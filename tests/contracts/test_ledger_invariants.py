@@ -17,11 +17,11 @@ from loraledger.node.ledger.merkle import StandardMerkleTree
 from tests.contracts.helpers import (
     ChainEnv,
     expect_revert,
-    records_tree,
     revert_to,
     rewards_tree,
     send,
     snapshot,
+    submit_fn,
 )
 
 N_ACCOUNTS = 4
@@ -54,28 +54,27 @@ def test_ledger_invariants_over_random_submits_and_claims(chain_env: ChainEnv) -
             snapshot_owed = dict(self.owed)
             tree = rewards_tree(snapshot_owed)
             epoch = len(self.trees) + 1
-            recs = records_tree(epoch, n=1 + epoch % 3)
-            fn = env.ledger.functions.submitEpoch(epoch, recs.root, len(recs), tree.root, sum(snapshot_owed.values()))
-            send(env.w3, fn, env.operator)
+            send(env.w3, submit_fn(env, epoch, tree, sum(snapshot_owed.values())), env.operator)
             self.trees.append((tree, snapshot_owed))
 
         @rule(i=st.integers(0, N_ACCOUNTS - 1), many=st.booleans())
         def claim(self, i: int, many: bool) -> None:
             account = self.accounts[i]
             if not self.trees:
-                expect_revert(env.w3, env.ledger.functions.claim(env.operator, account, 0, []), account,
+                expect_revert(env.w3, env.ledger.functions.claim(env.operator, 0, account, 0, []), account,
                               "LedgerNoRootInEffect")
                 return
             tree, owed = self.trees[-1]
+            epoch = len(self.trees)
             amount = owed[account]
             proof = tree.get_proof([account, amount])
             if many:
-                send(env.w3, env.ledger.functions.claimMany(env.operator, [account], [amount], [proof]), env.admin)
+                send(env.w3, env.ledger.functions.claimMany(env.operator, epoch, [account], [amount], [proof]), env.admin)
             elif amount <= self.claimed[account]:
-                expect_revert(env.w3, env.ledger.functions.claim(env.operator, account, amount, proof), account,
+                expect_revert(env.w3, env.ledger.functions.claim(env.operator, epoch, account, amount, proof), account,
                               "LedgerNothingToClaim")
             else:
-                send(env.w3, env.ledger.functions.claim(env.operator, account, amount, proof), env.admin)
+                send(env.w3, env.ledger.functions.claim(env.operator, epoch, account, amount, proof), env.admin)
             self.claimed[account] = max(self.claimed[account], amount)
 
         @rule(i=st.integers(0, N_ACCOUNTS - 1), back=st.integers(1, 3))
@@ -86,9 +85,16 @@ def test_ledger_invariants_over_random_submits_and_claims(chain_env: ChainEnv) -
             old_tree, old_owed = self.trees[-1 - back]
             if old_owed[account] == self.trees[-1][1][account]:
                 return  # the same leaf is in the latest tree too; nothing stale about it
-            fn = env.ledger.functions.claim(env.operator, account, old_owed[account],
-                                            old_tree.get_proof([account, old_owed[account]]))
+            # against the latest epoch the old proof does not verify; naming the old epoch is stale once a later
+            # one is effective
+            latest = len(self.trees)
+            proof = old_tree.get_proof([account, old_owed[account]])
+            fn = env.ledger.functions.claim(env.operator, latest, account, old_owed[account], proof)
             expect_revert(env.w3, fn, account, "LedgerInvalidProof")
+            effective = env.ledger.functions.effectiveEpoch(env.operator).call()
+            if effective > latest - back:
+                fn = env.ledger.functions.claim(env.operator, latest - back, account, old_owed[account], proof)
+                expect_revert(env.w3, fn, account, "LedgerStaleEpoch")
 
         @invariant()
         def books_balance(self) -> None:

@@ -32,7 +32,16 @@ from loraledger.node.ledger.merkle import (
     to_hex,
     verify,
 )
-from tests.contracts.helpers import ChainEnv, record, revert_to, send, snapshot
+from tests.contracts.helpers import (
+    ChainEnv,
+    domain_of,
+    make_record,
+    record,
+    revert_to,
+    send,
+    snapshot,
+    submit_fn,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 JS_SCRIPT = Path(__file__).with_name("oz_merkle.js")
@@ -184,24 +193,26 @@ def test_python_proofs_verify_in_the_ledger(chain_env: ChainEnv, n: int, seed: i
     rng = random.Random(seed)
     values = [[_address(rng), rng.randrange(1, 10**18)] for _ in range(n)]
     tree = StandardMerkleTree.of(values, REWARD_LEAF_ENCODING)
-    recs = StandardMerkleTree.of([record(1, (seed + i) % 997) for i in range(1 + n % 7)], RECORD_LEAF_ENCODING)
+    dom = domain_of(env)
+    rec_objs = [make_record(1, (seed + i) % 997) for i in range(1 + n % 7)]
+    recs = StandardMerkleTree.of([r.leaf_values(dom) for r in rec_objs], RECORD_LEAF_ENCODING)
     total = sum(v[1] for v in values)
     snap = snapshot(env.w3)
     try:
-        send(env.w3, env.ledger.functions.submitEpoch(1, recs.root, len(recs), tree.root, total), env.operator)
+        send(env.w3, submit_fn(env, 1, tree, total, records=recs), env.operator)
         for p in picks:
             i = p % n
             account, amount = values[i]
             proof = tree.get_proof(i)
-            claim = env.ledger.functions.claim(env.operator, account, amount, proof)
+            claim = env.ledger.functions.claim(env.operator, 1, account, amount, proof)
             claim.call({"from": env.admin})  # verifies: no revert
             with pytest.raises(ContractLogicError):
-                env.ledger.functions.claim(env.operator, account, amount + 1, proof).call({"from": env.admin})
-            j = p % len(recs)
-            leaf = recs.tree[recs.tree_indices[j]]
-            assert env.ledger.functions.verifyRecord(env.operator, 1, leaf, recs.get_proof(j)).call()
+                env.ledger.functions.claim(env.operator, 1, account, amount + 1, proof).call({"from": env.admin})
+            r = rec_objs[p % len(rec_objs)]
+            proof_r = recs.get_proof(r.leaf_values(dom))
+            assert env.ledger.functions.verifyRecord(env.operator, 1, r.ledger_tuple(), proof_r).call()
         i = picks[0] % n
-        send(env.w3, env.ledger.functions.claim(env.operator, values[i][0], values[i][1], tree.get_proof(i)),
+        send(env.w3, env.ledger.functions.claim(env.operator, 1, values[i][0], values[i][1], tree.get_proof(i)),
              env.admin)
         assert env.token.functions.balanceOf(values[i][0]).call() == values[i][1]
     finally:

@@ -7,7 +7,18 @@ from web3.exceptions import ContractLogicError
 
 from loraledger.node.chain.artifacts import load_artifact
 from loraledger.node.ledger.merkle import CONTRIBUTION_LEAF_ENCODING, StandardMerkleTree, keccak256
-from tests.contracts.helpers import DECODER, ChainEnv, deploy, events, expect_revert, send
+from tests.contracts.helpers import (
+    DECODER,
+    ChainEnv,
+    commitment,
+    deploy,
+    events,
+    expect_revert,
+    increase_time,
+    mine,
+    register_adapter,
+    send,
+)
 
 H1, H2, H3 = (keccak256(bytes([i])) for i in (1, 2, 3))
 
@@ -23,9 +34,7 @@ def _register_datanet(env: ChainEnv) -> int:
 
 
 def _register_adapter(env: ChainEnv, owner: str, weights: bytes, datanets: list[int], fee: int = 5) -> int:
-    fn = env.adapters.functions.registerAdapter(weights, H2, H3, datanets, fee, "file://adapter")
-    r = send(env.w3, fn, owner)
-    return int(events(env.adapters, "AdapterRegistered", r)[0].args.id)
+    return register_adapter(env, owner, weights, datanets, base=H2, config=H3, fee=fee)
 
 
 # ------------------------------------------------------------------ contributors
@@ -121,7 +130,14 @@ def test_adapter_register_deprecate_and_views(env: ChainEnv) -> None:
     assert reg.datanetRegistry().call() == env.datanets.address
     d1, d2 = _register_datanet(env), _register_datanet(env)
     owner = env.users[3]
-    fn = reg.registerAdapter(H1, H2, H3, [d1, d2], 7, "file://a")
+    salt = keccak256(b"salt")
+    c = commitment(owner, H1, H3, salt)
+    assert reg.adapterCommitment(owner, H1, H3, salt).call() == c  # the local computation is the contract's
+    r = send(env.w3, reg.commitAdapter(c), owner)
+    (cev,) = events(env.adapters, "AdapterCommitted", r)
+    assert (cev.args.commitment, cev.args.committer) == (c, owner)
+    mine(env.w3)
+    fn = reg.registerAdapter(H1, H2, H3, [d1, d2], 7, "file://a", salt)
     r = send(env.w3, fn, owner)
     (ev,) = events(env.adapters, "AdapterRegistered", r)
     assert (ev.args.id, ev.args.owner, ev.args.weightsHash, ev.args.datanetIds, ev.args.feePerToken) == (
@@ -144,16 +160,30 @@ def test_adapter_errors(env: ChainEnv) -> None:
     owner, other = env.users[3], env.users[4]
     _register_adapter(env, owner, H1, [d1])
     zero = b"\x00" * 32
-    expect_revert(env.w3, reg.registerAdapter(H2, H2, H3, [d1, 9], 1, "u"), other, "AdapterUnknownDatanet", 9)
-    expect_revert(env.w3, reg.registerAdapter(H2, H2, H3, [0], 1, "u"), other, "AdapterUnknownDatanet", 0)
-    expect_revert(env.w3, reg.registerAdapter(H2, H2, H3, [], 1, "u"), other, "AdapterNoDatanets")
-    expect_revert(env.w3, reg.registerAdapter(H2, H2, H3, [d1, d1], 1, "u"), other, "AdapterDuplicateDatanet", d1)
-    expect_revert(env.w3, reg.registerAdapter(H1, H2, H3, [d1], 1, "u"), other,
+    s = keccak256(b"s")
+    # without a commitment (or with a wrong salt) nothing else is even looked at
+    expect_revert(env.w3, reg.registerAdapter(H2, H2, H3, [d1], 1, "u", s), other,
+                  "AdapterNotCommitted", commitment(other, H2, H3, s))
+    for w, c in ((H2, H3), (H1, H3), (zero, H3), (H2, zero)):
+        send(env.w3, reg.commitAdapter(commitment(other, w, c, s)), other)
+    mine(env.w3)
+    expect_revert(env.w3, reg.registerAdapter(H2, H2, H3, [d1], 1, "u", keccak256(b"t")), other,
+                  "AdapterNotCommitted")
+    expect_revert(env.w3, reg.registerAdapter(H2, H2, H3, [d1, 9], 1, "u", s), other, "AdapterUnknownDatanet", 9)
+    expect_revert(env.w3, reg.registerAdapter(H2, H2, H3, [0], 1, "u", s), other, "AdapterUnknownDatanet", 0)
+    expect_revert(env.w3, reg.registerAdapter(H2, H2, H3, [], 1, "u", s), other, "AdapterNoDatanets")
+    expect_revert(env.w3, reg.registerAdapter(H2, H2, H3, [d1, d1], 1, "u", s), other,
+                  "AdapterDuplicateDatanet", d1)
+    expect_revert(env.w3, reg.registerAdapter(H1, H2, H3, [d1], 1, "u", s), other,
                   "AdapterDuplicateWeightsHash", H1, 1)
-    expect_revert(env.w3, reg.registerAdapter(zero, H2, H3, [d1], 1, "u"), other, "AdapterZeroHash", "weightsHash")
-    expect_revert(env.w3, reg.registerAdapter(H2, zero, H3, [d1], 1, "u"), other, "AdapterZeroHash", "baseModelHash")
-    expect_revert(env.w3, reg.registerAdapter(H2, H2, zero, [d1], 1, "u"), other,
+    expect_revert(env.w3, reg.registerAdapter(zero, H2, H3, [d1], 1, "u", s), other,
+                  "AdapterZeroHash", "weightsHash")
+    expect_revert(env.w3, reg.registerAdapter(H2, zero, H3, [d1], 1, "u", s), other,
+                  "AdapterZeroHash", "baseModelHash")
+    expect_revert(env.w3, reg.registerAdapter(H2, H2, zero, [d1], 1, "u", s), other,
                   "AdapterZeroHash", "trainingConfigHash")
+    expect_revert(env.w3, reg.commitAdapter(zero), other, "AdapterZeroHash", "commitment")
+    expect_revert(env.w3, reg.commitAdapter(commitment(other, H2, H3, s)), other, "AdapterAlreadyCommitted")
     assert reg.adapterCount().call() == 1 and reg.adapterIdByWeightsHash(H2).call() == 0
 
     expect_revert(env.w3, reg.deprecate(1), other, "AdapterNotOwner", 1, other)
@@ -176,3 +206,93 @@ def test_adapter_registry_needs_a_contract(env: ChainEnv) -> None:
     fresh = deploy(env.w3, "DatanetRegistry", [env.contributors.address], env.admin)
     bound = deploy(env.w3, "AdapterRegistry", [fresh.address], env.admin)
     assert bound.functions.datanetRegistry().call() == fresh.address
+
+
+# ------------------------------------------------------------------ front-running (issue 17, item 1)
+
+
+def _in_one_block(env: ChainEnv, txs: list[dict[str, object]]) -> list[dict[str, object]]:
+    """Send raw `txs` (from unlocked accounts) with automine off, mine them in one block, return the receipts.
+
+    anvil orders a block by priority fee, so the tx with the highest `maxPriorityFeePerGas` lands first."""
+    w3 = env.w3
+    w3.provider.make_request("evm_setAutomine", [False])  # type: ignore[arg-type]
+    try:
+        hashes = [w3.eth.send_transaction(tx) for tx in txs]  # type: ignore[arg-type]
+        w3.provider.make_request("evm_mine", [])  # type: ignore[arg-type]
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])  # type: ignore[arg-type]
+    return [dict(w3.eth.wait_for_transaction_receipt(h)) for h in hashes]
+
+
+def _copy_from(tx: dict[str, object], sender: str, tip_gwei: int) -> dict[str, object]:
+    """`tx` (to + calldata, byte for byte) re-sent from `sender` with a priority fee of `tip_gwei`."""
+    return {"from": sender, "to": tx["to"], "data": tx["data"], "gas": 500_000,
+            "maxFeePerGas": 200 * 10**9, "maxPriorityFeePerGas": tip_gwei * 10**9}
+
+
+def test_a_copied_registration_sent_first_does_not_take_the_id(env: ChainEnv) -> None:
+    reg = env.adapters.functions
+    d1 = _register_datanet(env)
+    owner, squatter = env.users[3], env.users[6]
+    salt = keccak256(b"owner's secret salt")
+    send(env.w3, reg.commitAdapter(commitment(owner, H1, H3, salt)), owner)
+    mine(env.w3)
+    reveal = reg.registerAdapter(H1, H2, H3, [d1], 7, "file://a", salt).build_transaction(
+        {"from": owner, "gas": 500_000, "maxFeePerGas": 200 * 10**9, "maxPriorityFeePerGas": 1 * 10**9})
+    copy = _copy_from(reveal, squatter, tip_gwei=50)  # the same bytes, a higher fee
+    assert copy["data"] == reveal["data"]
+    r_copy, r_owner = _in_one_block(env, [copy, {k: reveal[k] for k in copy if k != "from"} | {"from": owner}])
+    assert r_copy["blockNumber"] == r_owner["blockNumber"]
+    assert int(r_copy["transactionIndex"]) < int(r_owner["transactionIndex"])  # the copy ran first ...
+    assert r_copy["status"] == 0 and r_owner["status"] == 1  # ... and failed; the owner's went through
+    assert reg.adapterIdByWeightsHash(H1).call() == 1
+    assert reg.getAdapter(1).call()[3] == owner
+    # why the copy failed: under the squatter's address there is no commitment to these hashes and salt
+    expect_revert(env.w3, reg.registerAdapter(H1, H2, H3, [d1], 7, "file://a", salt), squatter,
+                  "AdapterNotCommitted", commitment(squatter, H1, H3, salt))
+
+
+def test_copying_the_commitment_too_does_not_take_the_id(env: ChainEnv) -> None:
+    """The squatter front-runs both steps with byte-for-byte copies. The copied commitment binds the owner's
+    address, so it only commits on the owner's behalf: the owner's reveal still lands, the squatter's fails."""
+    reg = env.adapters.functions
+    d1 = _register_datanet(env)
+    owner, squatter = env.users[3], env.users[6]
+    salt = keccak256(b"owner's secret salt")
+    commit = reg.commitAdapter(commitment(owner, H1, H3, salt)).build_transaction(
+        {"from": owner, "gas": 200_000, "maxFeePerGas": 200 * 10**9, "maxPriorityFeePerGas": 10**9})
+    r_copy, r_owner = _in_one_block(env, [_copy_from(commit, squatter, 50), _copy_from(commit, owner, 1)])
+    assert r_copy["status"] == 1 and int(r_copy["transactionIndex"]) < int(r_owner["transactionIndex"])
+    assert r_owner["status"] == 0  # AdapterAlreadyCommitted: the owner's own commitment is already on chain
+
+    reveal = reg.registerAdapter(H1, H2, H3, [d1], 7, "file://a", salt).build_transaction(
+        {"from": owner, "gas": 500_000, "maxFeePerGas": 200 * 10**9, "maxPriorityFeePerGas": 10**9})
+    r_copy, r_owner = _in_one_block(env, [_copy_from(reveal, squatter, 50), _copy_from(reveal, owner, 1)])
+    assert int(r_copy["transactionIndex"]) < int(r_owner["transactionIndex"])
+    assert r_copy["status"] == 0 and r_owner["status"] == 1
+    assert reg.getAdapter(reg.adapterIdByWeightsHash(H1).call()).call()[3] == owner
+    assert reg.adapterCount().call() == 1
+
+
+def test_reveal_needs_a_later_block_and_a_fresh_commitment(env: ChainEnv) -> None:
+    reg = env.adapters.functions
+    d1 = _register_datanet(env)
+    owner = env.users[3]
+    salt = keccak256(b"s1")
+    c = commitment(owner, H1, H3, salt)
+    commit = _copy_from(reg.commitAdapter(c).build_transaction({"from": owner, "gas": 200_000}), owner, 2)
+    reveal = _copy_from(reg.registerAdapter(H1, H2, H3, [d1], 7, "u", salt).build_transaction(
+        {"from": owner, "gas": 500_000}), owner, 1)
+    r_commit, r_reveal = _in_one_block(env, [commit, reveal])
+    assert r_commit["status"] == 1 and r_reveal["status"] == 0  # same block: AdapterCommitTooNew
+    assert reg.adapterCount().call() == 0
+    # a commitment expires after COMMIT_TTL
+    ttl = reg.COMMIT_TTL().call()
+    increase_time(env.w3, ttl)
+    expect_revert(env.w3, reg.registerAdapter(H1, H2, H3, [d1], 7, "u", salt), owner, "AdapterNotCommitted", c)
+    # re-committing the expired commitment works, and a commitment is used up by its reveal
+    send(env.w3, reg.commitAdapter(c), owner)
+    mine(env.w3)
+    send(env.w3, reg.registerAdapter(H1, H2, H3, [d1], 7, "u", salt), owner)
+    expect_revert(env.w3, reg.registerAdapter(H2, H2, H3, [d1], 7, "u", salt), owner, "AdapterNotCommitted")
