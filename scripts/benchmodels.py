@@ -92,3 +92,28 @@ def build_models(size: str, dtype: torch.dtype, device: torch.device, workdir: P
     total = module_nbytes(runner)
     return Models(hf, runner, Tokenizer.from_pretrained(tok_dir), tok_dir, total - runner.embed_tokens.weight.nbytes,
                   total)
+
+
+def load_models(model_dir: Path, dtype: torch.dtype, device: torch.device) -> Models:
+    """A real checkpoint (e.g. `loraledger model import` of a GGUF file) as transformers' model and our runner
+    holding the very same tensors, plus its own tokenizer."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device(device):
+        hf = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
+    for p in hf.parameters():
+        p.requires_grad_(False)
+    with torch.device("meta"):
+        runner = LlamaModel(ModelConfig.from_pretrained(model_dir))
+    state = {k.removeprefix("model."): v for k, v in hf.state_dict().items()
+             if "rotary_emb" not in k and not (k == "lm_head.weight" and runner.config.tie_word_embeddings)}
+    missing, unexpected = runner.load_state_dict(state, assign=True, strict=False)
+    if unexpected or set(missing) - {"lm_head.weight"}:
+        raise ValueError(f"{model_dir}: tensors do not fit the runner (missing {missing}, unexpected {unexpected})")
+    runner.tie_weights()
+    runner.fuse_projections()
+    runner.set_attention_backend(None)
+    runner.eval()
+    total = module_nbytes(runner)
+    return Models(hf, runner, Tokenizer.from_pretrained(model_dir), model_dir,
+                  total - runner.embed_tokens.weight.nbytes, total)

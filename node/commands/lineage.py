@@ -7,6 +7,7 @@
     loraledger datanet register MANIFEST_DIR
     loraledger datanet verify MANIFEST_DIR [--tokenizer MODEL_DIR] [--offline]
     loraledger train --base MODEL_DIR --datanet MANIFEST_DIR ... --method lora|qlora --out ADAPTER_DIR
+                     [--device cpu|cuda|auto] [--dtype auto|float32|bfloat16] [--grad-accum K]
     loraledger adapter register ADAPTER_DIR --fee-per-token X
     loraledger adapter verify ADAPTER_DIR --id N --base MODEL_DIR
     loraledger adapter reproduce ID [--base MODEL_DIR] [--datanet MANIFEST_DIR ...] [--lineage PATH] [--json]
@@ -149,7 +150,17 @@ def _add_train(subparsers: Parsers) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=4)
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (default: %(default)s)")
+    p.add_argument(
+        "--device", default="cpu", help="cpu, cuda, cuda:N or auto (cuda when present) (default: %(default)s)"
+    )
+    p.add_argument(
+        "--dtype", default="float32", choices=("auto", "float32", "bfloat16"),
+        help="base model dtype; auto = bfloat16 where the GPU supports it, else float32 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--grad-accum", type=int, default=1, metavar="K",
+        help="micro-batches of --batch-size per optimizer step (default: %(default)s)",
+    )
     p.add_argument("--threads", type=int, help="torch threads (default: torch's; recorded in the config)")
     p.add_argument("--out", required=True, metavar="ADAPTER_DIR", help="output adapter folder")
     p.add_argument("--force", action="store_true", help="replace an existing --out")
@@ -319,6 +330,8 @@ def _train(args: argparse.Namespace) -> int:
         threads=args.threads,
         overwrite=args.force,
         progress=not args.no_progress,
+        grad_accum=args.grad_accum,
+        dtype=args.dtype,
     )
     weights = ", ".join(f"{w['contributor']}={w['tokens']}" for w in r.lineage["lineage_weights"])
     print(

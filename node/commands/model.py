@@ -1,4 +1,5 @@
-"""`loraledger model init-tiny DIR`: write the small random Llama checkpoint + trained tokenizer (offline)."""
+"""`loraledger model init-tiny DIR`: write the small random Llama checkpoint + trained tokenizer (offline).
+`loraledger model import GGUF_FILE --out DIR`: a GGUF model file -> a safetensors checkpoint with provenance."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    p = subparsers.add_parser("model", help="base models: create the tiny offline default")
+    p = subparsers.add_parser("model", help="base models: create the tiny offline default, import a GGUF file")
     sub = p.add_subparsers(dest="model_command", metavar="ACTION", required=True)
 
     init = sub.add_parser(
@@ -23,6 +24,19 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     init.add_argument("--seed", type=int, default=0, help="weights seed (default 0)")
     init.add_argument("--force", action="store_true", help="overwrite a checkpoint already in DIR")
     init.set_defaults(handler=_init_tiny)
+
+    imp = sub.add_parser(
+        "import",
+        help="convert a GGUF model file (llama.cpp, Ollama) into a safetensors checkpoint the node serves",
+    )
+    imp.add_argument("gguf_file", metavar="GGUF_FILE", help="the .gguf file (Llama architecture)")
+    imp.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    imp.add_argument(
+        "--dtype", choices=("float32", "bfloat16"), default="float32",
+        help="dtype of the written weights (default float32)",
+    )
+    imp.add_argument("--force", action="store_true", help="overwrite a checkpoint already in DIR")
+    imp.set_defaults(handler=_import_gguf)
 
 
 def _init_tiny(args: argparse.Namespace) -> int:
@@ -41,4 +55,15 @@ def _init_tiny(args: argparse.Namespace) -> int:
         overwrite=args.force,
     )
     print(f"wrote tiny model to {out}")
+    return 0
+
+
+def _import_gguf(args: argparse.Namespace) -> int:
+    from loraledger.inference.gguf_import import PROVENANCE_FILE, import_gguf
+
+    result = import_gguf(args.gguf_file, args.out, dtype=args.dtype, overwrite=args.force)
+    gguf = result.provenance["gguf"]
+    print(f"imported {result.provenance['source']['file']} ({gguf['architecture']}, {gguf['file_type']}) "
+          f"to {result.out_dir} as {args.dtype}")
+    print(f"base model hash {result.base_model_hash}; provenance in {result.out_dir / PROVENANCE_FILE}")
     return 0

@@ -160,6 +160,8 @@ class DemoContext:
 
     state_dir: Path
     sizes: DemoSizes = FULL
+    plans: tuple[AdapterPlan, ...] = PLANS  # the adapters to train (the real-model demo: node/demo/smollm2.py)
+    merge_weights: tuple[float, ...] = MERGE_WEIGHTS  # of the merged request, one per adapter
     port: int | None = None  # devnet port when it has to start
     node_port: int | None = None  # gRPC port when the node has to start (default: the last one, else a free one)
     write: Callable[[str], None] = print  # raw text to the terminal (streamed tokens); set by run_demo
@@ -401,7 +403,7 @@ def stage_train(ctx: DemoContext) -> str:
 
     ctx.adapters = []
     notes: list[str] = []
-    for plan in PLANS:
+    for plan in ctx.plans:
         path = ctx.adapters_dir / plan.name
         wh = _trained_as_planned(ctx, plan, path)
         if wh is not None:
@@ -433,13 +435,17 @@ def forget_adapter_registration(adapter_dir: Path) -> None:
 def _adopt_adapter_registration(ctx: DemoContext, a: TrainedAdapter, adapter_id: int) -> None:
     """Record in lineage.json an on-chain registration of these very weights whose record was lost locally
     (e.g. a run cut off between the transaction and writing the file); `tx_hash` stays unknown (null)."""
+    from loraledger.node.lineage.registration import verify_adapter_against_chain
     from loraledger.node.lineage.training import load_lineage, write_lineage
 
     owner = ctx.contracts_as(DEV_ADAPTER_OWNER)
-    info = owner.adapters.get_adapter(adapter_id)
+    # adopt only our own registration: owner, training config and datanets must be the ones lineage.json names
+    info = verify_adapter_against_chain(a.path, adapter_id, owner, ctx.model_dir,
+                                        expected_owner=owner.adapters.client.address)
     lin = load_lineage(a.path)
     lin["registration"] = {
-        "adapter_id": adapter_id, "chain_id": owner.adapters.client.chain_id, "registry": owner.adapters.address,
+        "adapter_id": adapter_id, "owner": info.owner, "chain_id": owner.adapters.client.chain_id,
+        "registry": owner.adapters.address,
         "tx_hash": None, "fee_per_token": int(info.fee_per_token), "uri": info.uri,
         "datanet_ids": [int(d) for d in info.datanet_ids],
     }
@@ -583,7 +589,7 @@ def _request_plan(ctx: DemoContext) -> list[tuple[str, tuple[tuple[int, float], 
             plan.append((f"adapter #{a.adapter_id} {a.plan.name}", ((int(a.adapter_id), 1.0),),
                          PROMPTS[k % len(PROMPTS)]))
             k += 1
-    merged = tuple((int(a.adapter_id), w) for a, w in zip(ctx.adapters, MERGE_WEIGHTS, strict=True)
+    merged = tuple((int(a.adapter_id), w) for a, w in zip(ctx.adapters, ctx.merge_weights, strict=True)
                    if a.adapter_id is not None)
     label = "merged " + " + ".join(f"#{i}x{w:g}" for i, w in merged)
     plan.append((label, merged, PROMPTS[k % len(PROMPTS)]))
@@ -639,17 +645,24 @@ def stage_requests(ctx: DemoContext) -> str:
 
 def stage_settle(ctx: DemoContext) -> str:
     """Close the pending records into the next epoch and submit it from the operator's account."""
+    from loraledger.node.ledger.audit import AuditChain, audit_epoch
+    from loraledger.node.ledger.export import canonical_export
     from loraledger.node.ledger.record_log import RecordLog
     from loraledger.node.ledger.settler import Settler
 
     with RecordLog.open(ctx.records_path) as log_:
         outcome = Settler(log_, ctx.contracts_as(DEV_OPERATOR)).settle()
-    if outcome is None:
-        raise DemoError(f"no pending records in {ctx.records_path} to settle")
+        if outcome is None:
+            raise DemoError(f"no pending records in {ctx.records_path} to settle")
+        export = canonical_export(log_, outcome.epoch)
     ctx.epoch = outcome.epoch
     ctx.epoch_line = (f"epoch {outcome.epoch}: {outcome.record_count} records, cumulative total "
                       f"{outcome.cumulative_total}, rewards root {outcome.rewards_root[:18]}..., tx {outcome.tx_hash}")
-    return ctx.epoch_line
+    # what anyone can check with `loraledger audit`: the export against the chain, recomputed independently
+    contracts = ctx.contracts_as(DEV_OPERATOR)
+    report = audit_epoch(AuditChain(contracts), contracts.ledger.client.address, outcome.epoch, export)
+    verdict = "PASS" if report.ok else "FAIL: " + "; ".join(report.lines()[:3])
+    return f"{ctx.epoch_line}; audit from its export and the chain: {verdict}"
 
 
 def _roles(ctx: DemoContext) -> dict[Address, str]:
@@ -732,7 +745,7 @@ STAGES: tuple[tuple[str, Callable[[DemoContext], str]], ...] = (
 
 
 def run_demo(state_dir: str | os.PathLike[str], *, sizes: DemoSizes = FULL, port: int | None = None,
-             node_port: int | None = None, out: TextIO | None = None) -> DemoContext:
+             node_port: int | None = None, out: TextIO | None = None, model: str = "tiny") -> DemoContext:
     """Run every stage in order with a progress line each (`[n/N] stage: what happened (seconds)`); returns
     the filled context. Text streamed from the node goes to `out` as it arrives."""
     stream = out if out is not None else sys.stdout
@@ -742,13 +755,18 @@ def run_demo(state_dir: str | os.PathLike[str], *, sizes: DemoSizes = FULL, port
         stream.flush()
 
     ctx = DemoContext(state_dir=Path(state_dir), sizes=sizes, port=port, node_port=node_port, write=write)
+    stages = STAGES
+    if model != "tiny":  # a real model: its own sizes, adapters and stages (node/demo/smollm2.py)
+        from loraledger.node.demo import smollm2
+
+        stages = smollm2.configure(ctx, model, STAGES)
     ctx.state.mkdir(parents=True, exist_ok=True)
     t_all = time.perf_counter()
-    for n, (name, stage) in enumerate(STAGES, 1):
-        write(f"[{n}/{len(STAGES)}] {name} ...\n")
+    for n, (name, stage) in enumerate(stages, 1):
+        write(f"[{n}/{len(stages)}] {name} ...\n")
         t0 = time.perf_counter()
         message = stage(ctx)
-        write(f"[{n}/{len(STAGES)}] {name}: {message} ({time.perf_counter() - t0:.1f}s)\n")
+        write(f"[{n}/{len(stages)}] {name}: {message} ({time.perf_counter() - t0:.1f}s)\n")
     write(f"demo done in {time.perf_counter() - t_all:.1f}s\n")
     return ctx
 

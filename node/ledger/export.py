@@ -4,11 +4,13 @@ built, whose sha256 the operator submits on chain with the epoch (`exportHash`).
     data = canonical_export(log, n)           # bytes; sha256(data) == the chain's exportHash of epoch n
     export_sha256(log, n)                     # "0x" + sha256 hex
     ex = parse_export(data, domain=RecordDomain(chain_id, ledger, operator), epoch=n)   # validated, or ExportError
+    ex.record_proof(i), ex.reward_proof(i)    # a record's / an account's proof, from the trees parse_export rebuilt
 
 It holds everything needed to recompute the epoch's two roots and its amounts without the operator's database.
-Written as JSON with sorted keys, no whitespace, ASCII only, so the same log always gives the same bytes:
+Written as JSON with sorted keys, no whitespace, ASCII only, so the same log always gives the same bytes. Bulk
+data is in rows (one JSON array per record or account, its columns named once):
 
-    {"format": "loraledger-epoch-export-v1",
+    {"format": "loraledger-epoch-export-v2",
      "domain": {"chainId", "ledger", "operator"},        # whose stream the record leaves belong to
      "epoch": n,
      "previousEpoch": p,                                 # the live epoch n builds on (0: none)
@@ -16,17 +18,28 @@ Written as JSON with sorted keys, no whitespace, ASCII only, so the same log alw
                                                          #   "block": shares, adapter owner + feePerToken,
                                                          #   contributor payout + active, and the domain
      "records": {"leafEncoding": [...], "root", "count", "feesTotal",
-                 "entries": [{"leaf", "proof", "record": {...}}, ...]},      # sorted by leaf (the tree's order)
+                 "columns": ["leaf", "requestId", "adapterIds", "weightsBps", "promptTokens",
+                             "completionTokens", "fee", "outputHash", "attributionHash"],
+                 "entries": [[leaf, requestId, [adapterId, ...], [weightBps, ...], promptTokens,
+                              completionTokens, fee, outputHash, attributionHash], ...],   # ascending by leaf
+                 "contributorLists": [[attributionHash, [[account, weight], ...]], ...]},  # ascending by hash
      "rewards": {"leafEncoding": [...], "root", "cumulativeTotal", "previousTotal",
-                 "previous": [[account, cumulative before], ...],            # sorted by address
-                 "entries": [{"account", "amount", "cumulative", "leaf", "proof"}, ...]}}   # sorted by address
+                 "columns": ["account", "amount", "cumulative", "leaf"],
+                 "previous": [[account, cumulative before], ...],                # ascending by address
+                 "entries": [[account, amount, cumulative, leaf], ...]}}         # ascending by address
 
-`records.entries` are the records tree's leaves with each record's fields (its contributor list included: the
-lineage weights the node used for it, committed by its attributionHash) and its proof; `rewards.entries` the
-leaves of the cumulative rewards tree (what each account earned this epoch, `amount`, and its new cumulative
-amount) with proofs; `rewards.previous` every account's cumulative amount under the previous live epoch, so
-the rewards tree of `previousEpoch` can be rebuilt and checked against the chain. Uint256 values are decimal
-strings. Both trees are given by their leaves, proofs and roots (the inner nodes follow from the leaves).
+`records.entries` are the records tree's leaves in the tree's order (entry k is tree node 2n-2-k), each with the
+record's fields; every record is of epoch n. A record's contributor list (the lineage weights the node used for
+it) is the `contributorLists` row its attributionHash names: each distinct list once, every one used by some
+record, its hash recomputed by the parser. `rewards.entries` are the leaves of the cumulative rewards tree: what
+each account earned this epoch (`amount`) and its new cumulative amount; `rewards.previous` every account's
+cumulative amount under the previous live epoch, so the rewards tree of `previousEpoch` can be rebuilt and
+checked against the chain. Uint256 values are decimal strings, small integers JSON numbers, hashes 0x + 64
+lowercase hex, addresses EIP-55 checksummed.
+
+Both trees are given by their leaves and roots; a proof follows from the leaves (every inner node does), so the
+export carries none: `parse_export` rebuilds both trees and `record_proof` / `reward_proof` read proofs off them
+(what `AttributionLedger.verifyRecord` and `claim` take).
 
 Lineage. Records carry their contributor weights; the per-adapter lineage weights they were computed from
 (lineage.json's `lineage_weights`) are not in the record log, so the export holds them only when the terms
@@ -34,17 +47,23 @@ snapshot does (`terms["lineage"]`: {adapterId: {"trainingConfigHash", "weights":
 auditor otherwise takes the adapters' lineage.json files from their owners (`loraledger audit --lineage`).
 
 `parse_export` validates an export on its own (no chain): canonical bytes, the domain and epoch asked for,
-every record's fields, attributionHash, leaf, order and proof, both roots, counts and totals. Its `ExportError`
-says where: the byte range, the entry (leaf, record or account) and the field.
+every record's fields, attributionHash, leaf and order, both roots, counts and totals. Its `ExportError` says
+where: the byte range, the entry (leaf, record or account) and the field. Speed: the records are checked in bulk
+(C-level maps over whole columns, one tree build); a row that fails a bulk check is re-read field by field to
+name what is wrong.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from functools import lru_cache
+from itertools import islice
+from operator import attrgetter, itemgetter
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from loraledger.node.errors import NodeError
 from loraledger.node.ledger.epochs import CONFIRMED, SUBMITTED, rebuild_epoch
@@ -53,16 +72,47 @@ from loraledger.node.ledger.merkle import (
     REWARD_LEAF_ENCODING,
     StandardMerkleTree,
     gc_paused,
+    is_checksummed,
     to_hex,
 )
-from loraledger.node.ledger.records import AttributionRecord, RecordDomain, RecordError, records_tree
+from loraledger.node.ledger.records import (
+    AttributionRecord,
+    Contributor,
+    RecordDomain,
+    RecordError,
+    attribution_hash,
+    records_tree,
+)
 from loraledger.node.ledger.rewards import rewards_tree
-from loraledger.node.types import Address, Bytes32, as_address
+from loraledger.node.types import AdapterId, Address, Bytes32, Wei, as_address
 
 if TYPE_CHECKING:
     from loraledger.node.ledger.record_log import RecordLog
 
-EXPORT_FORMAT = "loraledger-epoch-export-v1"
+EXPORT_FORMAT = "loraledger-epoch-export-v2"
+
+RECORD_COLUMNS: tuple[str, ...] = ("leaf", "requestId", "adapterIds", "weightsBps", "promptTokens", "completionTokens",
+                                   "fee", "outputHash", "attributionHash")
+"""The fields of one `records.entries` row, in order."""
+REWARD_COLUMNS: tuple[str, ...] = ("account", "amount", "cumulative", "leaf")
+"""The fields of one `rewards.entries` row, in order."""
+
+_LEAF, _REQUEST_ID, _ADAPTER_IDS, _WEIGHTS, _PROMPT, _COMPLETION, _FEE, _OUTPUT_HASH, _ATTRIBUTION_HASH = range(9)
+_COLUMN_NAMES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("records", "entries"): RECORD_COLUMNS,
+    ("records", "contributorLists"): ("attributionHash", "contributors"),
+    ("rewards", "entries"): REWARD_COLUMNS,
+    ("rewards", "previous"): ("account", "cumulative"),
+}
+_FIELDS: dict[tuple[str, ...], frozenset[str]] = {
+    (): frozenset({"format", "domain", "epoch", "previousEpoch", "terms", "records", "rewards"}),
+    ("records",): frozenset({"leafEncoding", "columns", "root", "count", "feesTotal", "entries", "contributorLists"}),
+    ("rewards",): frozenset({"leafEncoding", "columns", "root", "cumulativeTotal", "previousTotal", "previous",
+                             "entries"}),
+}
+_HEX32 = re.compile(r"0x[0-9a-f]{64}").fullmatch
+_HEX32_RUN = re.compile(r"(?:0x[0-9a-f]{64})*").fullmatch
+_INT_ONLY = {int}
 
 
 class ExportError(NodeError, ValueError):
@@ -75,6 +125,28 @@ class ExportError(NodeError, ValueError):
 def dump_export(doc: Mapping[str, Any]) -> bytes:
     """The canonical bytes of an export document: sorted keys, no whitespace, ASCII, no NaN."""
     return json.dumps(doc, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False).encode("ascii")
+
+
+def _record_rows(records: Sequence[AttributionRecord], leaves: Sequence[bytes]
+                 ) -> tuple[list[list[Any]], list[list[Any]]]:
+    """`records.entries` (by leaf) and `records.contributorLists` (each distinct list once, by hash)."""
+    lists: dict[str, tuple[Contributor, ...]] = {}
+    rows: list[list[Any]] = []
+    for i in sorted(range(len(records)), key=leaves.__getitem__):
+        r = records[i]
+        h = r.attribution_hash
+        if lists.setdefault(h, r.contributors) != r.contributors:
+            raise ExportError(f"record {r.request_id}: its attributionHash {h} is another record's, with another "
+                              "contributor list (the record does not commit to its list)")
+        rows.append([to_hex(leaves[i]), r.request_id, [str(a) for a in r.adapter_ids], list(r.weights_bps),
+                     r.prompt_tokens, r.completion_tokens, str(int(r.fee)), r.output_hash, h])
+    table: list[list[Any]] = []
+    for h in sorted(lists):
+        contributors = lists[h]
+        if attribution_hash(contributors) != h:
+            raise ExportError(f"attributionHash {h} does not commit to the contributor list its records carry")
+        table.append([h, [[a, str(int(w))] for a, w in contributors]])
+    return rows, table
 
 
 def export_document(
@@ -93,19 +165,20 @@ def export_document(
 
     The trees are built here unless given: records tree over `records` in `domain`, rewards tree over
     previous + amounts. Callers that forge exports for tests hand in whatever parts they want to publish.
+    Every record must be of `epoch` (the rows leave the epoch out).
     """
+    wrong = next((r for r in records if r.epoch != epoch), None)
+    if wrong is not None:
+        raise ExportError(f"record {wrong.request_id} is of epoch {wrong.epoch}, the export of epoch {epoch}")
     rtree = records_tree_ if records_tree_ is not None else records_tree(records, domain)
+    amounts_ = {as_address(str(a)): int(v) for a, v in amounts.items()}
     cumulative: dict[Address, int] = {a: int(v) for a, v in previous.items()}
-    for a, v in amounts.items():
-        cumulative[a] = cumulative.get(a, 0) + int(v)
+    for a, v in amounts_.items():
+        cumulative[a] = cumulative.get(a, 0) + v
     wtree = rewards_tree_ if rewards_tree_ is not None else rewards_tree(cumulative, domain.operator)
     with gc_paused():
-        leaves = [rtree.tree[ti] for ti in rtree.tree_indices]
-        order = sorted(range(len(records)), key=leaves.__getitem__)
-        entries = [{"leaf": to_hex(leaves[i]), "proof": rtree.get_proof_hex(i), "record": records[i].to_json()}
-                   for i in order]
-        rewards = [{"account": str(a), "amount": str(int(amounts.get(as_address(str(a)), 0))), "cumulative": str(int(v)),
-                    "leaf": to_hex(wtree.tree[wtree.tree_indices[i]]), "proof": wtree.get_proof_hex(i)}
+        entries, lists = _record_rows(records, [rtree.tree[ti] for ti in rtree.tree_indices])
+        rewards = [[str(a), str(amounts_.get(a, 0)), str(int(v)), to_hex(wtree.tree[wtree.tree_indices[i]])]
                    for i, (a, v) in enumerate(wtree.values)]
     prev_items = sorted(((str(a), int(v)) for a, v in previous.items() if int(v) > 0), key=lambda av: int(av[0], 16))
     return {
@@ -116,13 +189,16 @@ def export_document(
         "terms": dict(terms),
         "records": {
             "leafEncoding": list(RECORD_LEAF_ENCODING),
+            "columns": list(RECORD_COLUMNS),
             "root": rtree.root_hex,
             "count": len(records),
             "feesTotal": str(sum(int(r.fee) for r in records)),
             "entries": entries,
+            "contributorLists": lists,
         },
         "rewards": {
             "leafEncoding": list(REWARD_LEAF_ENCODING),
+            "columns": list(REWARD_COLUMNS),
             "root": wtree.root_hex,
             "cumulativeTotal": str(sum(int(v) for _, v in wtree.values)),
             "previousTotal": str(sum(v for _, v in prev_items)),
@@ -153,7 +229,8 @@ def canonical_export(log_: RecordLog, n: int) -> bytes:
                           rewards_tree_=t.rewards_tree)
     if doc["rewards"]["root"] != row.rewards_root or doc["records"]["root"] != row.records_root:
         raise ExportError(f"epoch {n}: the export's roots differ from the roots the log stored")
-    return dump_export(doc)
+    with gc_paused():
+        return dump_export(doc)
 
 
 def export_sha256(log_: RecordLog, n: int) -> Bytes32:
@@ -173,92 +250,72 @@ def chunks(data: bytes, size: int = 1 << 20) -> list[bytes]:
     return [data[i:i + size] for i in range(0, len(data), size)] or [b""]
 
 
-# ----------------------------------------------------------------------------------------------------- reading
+# ----------------------------------------------------------------------------------------------------- locating
 
 
-@dataclass(frozen=True)
-class RewardEntry:
-    account: Address
-    amount: int
-    cumulative: int
-    leaf: str
-    proof: list[str]
+class _Offsets:
+    """Byte offsets of the values of a canonical export document (what `dump_export(doc)` would write), each
+    container's child offsets computed once, on first use: naming the byte range of many rows of one large list
+    costs one pass over it, not one per row."""
 
+    def __init__(self, doc: Any) -> None:
+        self.doc = doc
+        self._starts: dict[tuple[str | int, ...], Any] = {}
 
-@dataclass
-class EpochExport:
-    """A parsed export whose internal consistency `parse_export` checked (trees, leaves, proofs, totals)."""
-
-    data: bytes
-    sha256: Bytes32
-    doc: dict[str, Any]
-    domain: RecordDomain
-    epoch: int
-    previous_epoch: int
-    terms: dict[str, Any]
-    records: list[AttributionRecord]
-    records_root: Bytes32
-    record_count: int
-    fees_total: int
-    rewards: list[RewardEntry]
-    rewards_root: Bytes32
-    cumulative_total: int
-    previous: dict[Address, int]
-    previous_total: int
-
-    def where(self, *path: str | int) -> str:
-        """`path` with its byte range in the export, e.g. "records.entries[3] (bytes 812-1544)"."""
-        return locate(self.doc, path)
-
-    @property
-    def cumulative(self) -> dict[Address, int]:
-        return {e.account: e.cumulative for e in self.rewards}
-
-    @property
-    def amounts(self) -> dict[Address, int]:
-        return {e.account: e.amount for e in self.rewards if e.amount}
-
-
-def _span(doc: Any, path: Sequence[str | int]) -> tuple[int, int]:
-    """Byte offsets [start, end) of the value at `path` inside `dump_export(doc)` (computed by re-serialising the
-    siblings before it; used on error paths only)."""
-    start = 0
-    node = doc
-    for key in path:
-        if isinstance(node, dict):
-            start += 1  # "{"
-            for k in sorted(node):
-                head = json.dumps(k) + ":"
-                if k == key:
-                    start += len(head)
-                    break
-                start += len(head) + len(dump_export(node[k])) + 1
+    def _children(self, prefix: tuple[str | int, ...], node: Any) -> Any:
+        """{key: offset} of a dict's values / [offset] of a list's items, relative to `node`'s first byte."""
+        got = self._starts.get(prefix)
+        if got is None:
+            pos = 1  # "{" or "["
+            if isinstance(node, dict):
+                got = {}
+                for k in sorted(node):
+                    pos += len(json.dumps(k)) + 1
+                    got[k] = pos
+                    pos += len(dump_export(node[k])) + 1
             else:
-                raise KeyError(key)
+                got = []
+                for item in node:
+                    got.append(pos)
+                    pos += len(dump_export(item)) + 1
+            self._starts[prefix] = got
+        return got
+
+    def span(self, path: Sequence[str | int]) -> tuple[int, int]:
+        """[start, end) of the value at `path`; KeyError / IndexError / TypeError when there is none."""
+        start = 0
+        node = self.doc
+        for depth, key in enumerate(path):
+            if isinstance(node, dict) != isinstance(key, str) or not isinstance(node, (dict, list)):
+                raise TypeError(f"no {key!r} in a {type(node).__name__}")
+            start += self._children(tuple(path[:depth]), node)[key]
             node = node[key]
-        else:
-            assert isinstance(key, int)
-            start += 1  # "["
-            for item in node[:key]:
-                start += len(dump_export(item)) + 1
-            node = node[key]
-    return start, start + len(dump_export(node))
+        return start, start + len(dump_export(node))
 
 
 def _path_text(path: Sequence[str | int]) -> str:
+    """`records.entries[3].fee`: the row fields of the bulk lists named by their column."""
     out = ""
-    for k in path:
-        out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else k)
+    for depth, k in enumerate(path):
+        names = _COLUMN_NAMES.get((str(path[0]), str(path[1]))) if depth == 3 and len(path) > 3 else None
+        if isinstance(k, int) and names is not None and 0 <= k < len(names) and isinstance(path[2], int):
+            out += f".{names[k]}"
+        else:
+            out += f"[{k}]" if isinstance(k, int) else (f".{k}" if out else k)
     return out or "(document)"
+
+
+def _locate(offsets: _Offsets, path: Sequence[str | int]) -> str:
+    try:
+        a, b = offsets.span(path)
+    except (KeyError, IndexError, TypeError):
+        return _path_text(path)
+    return f"{_path_text(path)} (bytes {a}-{b - 1})"
 
 
 def locate(doc: Any, path: Sequence[str | int]) -> str:
     """ "<path> (bytes a-b)" for a value of a canonical export document."""
-    try:
-        a, b = _span(doc, path)
-    except (KeyError, IndexError, TypeError):
-        return _path_text(path)
-    return f"{_path_text(path)} (bytes {a}-{b - 1})"
+    return _locate(_Offsets(doc), path)
 
 
 def _path_at(doc: Any, offset: int) -> list[str | int]:
@@ -287,6 +344,76 @@ def _path_at(doc: Any, offset: int) -> list[str | int]:
         if not found:
             break
     return path
+
+
+# ----------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass(frozen=True)
+class RewardEntry:
+    account: Address
+    amount: int
+    cumulative: int
+    leaf: str
+
+
+@dataclass
+class EpochExport:
+    """A parsed export whose internal consistency `parse_export` checked (trees, leaves, order, totals)."""
+
+    data: bytes
+    sha256: Bytes32
+    doc: dict[str, Any]
+    domain: RecordDomain
+    epoch: int
+    previous_epoch: int
+    terms: dict[str, Any]
+    records: list[AttributionRecord]
+    records_root: Bytes32
+    record_count: int
+    fees_total: int
+    rewards: list[RewardEntry]
+    rewards_root: Bytes32
+    cumulative_total: int
+    previous: dict[Address, int]
+    previous_total: int
+    records_tree: StandardMerkleTree
+    rewards_tree: StandardMerkleTree
+    contributor_lists: dict[str, tuple[Contributor, ...]]
+    _offsets: _Offsets | None = field(default=None, repr=False, compare=False)
+
+    def where(self, *path: str | int) -> str:
+        """`path` with its byte range in the export, e.g. "records.entries[3].fee (bytes 812-819)"."""
+        if self._offsets is None:
+            self._offsets = _Offsets(self.doc)
+        return _locate(self._offsets, path)
+
+    def record_where(self, i: int, column: str | None = None) -> str:
+        """`where` of record i (its row in `records.entries`, the order of `records`) or of one of its fields."""
+        if column is None:
+            return self.where("records", "entries", i)
+        if column == "contributors":
+            return self.where("records", "contributorLists", self._list_index(self.records[i].attribution_hash))
+        return self.where("records", "entries", i, RECORD_COLUMNS.index(column))
+
+    def _list_index(self, h: str) -> int:
+        return next(j for j, row in enumerate(self.doc["records"]["contributorLists"]) if row[0] == h)
+
+    def record_proof(self, i: int) -> list[str]:
+        """The proof of record i under the records root (entry i of the export), as 0x hex."""
+        return self.records_tree.get_proof_hex(i)
+
+    def reward_proof(self, i: int) -> list[str]:
+        """The proof of reward entry i (`rewards[i]`: account, cumulative) under the rewards root, as 0x hex."""
+        return self.rewards_tree.get_proof_hex(i)
+
+    @property
+    def cumulative(self) -> dict[Address, int]:
+        return {e.account: e.cumulative for e in self.rewards}
+
+    @property
+    def amounts(self) -> dict[Address, int]:
+        return {e.account: e.amount for e in self.rewards if e.amount}
 
 
 def _fail(doc: Any, path: Sequence[str | int], msg: str) -> ExportError:
@@ -318,21 +445,44 @@ def _uint(doc: Any, path: Sequence[str | int]) -> int:
 
 def _hash32(doc: Any, path: Sequence[str | int]) -> str:
     s = _get(doc, path, str)
-    if len(s) != 66 or not s.startswith("0x") or s[2:] != s[2:].lower() or any(c not in "0123456789abcdef"
-                                                                                  for c in s[2:]):
+    if not _HEX32(s):
         raise _fail(doc, path, f"must be 0x + 64 lowercase hex digits, got {s[:80]!r}")
     return s
 
 
+def _all_hex32(values: list[Any]) -> bool:
+    """Every value is 0x + 64 lowercase hex: each 66 characters long, and all of them joined one run of such
+    (one regex pass over the joined column instead of one call per value)."""
+    try:
+        return set(map(len, values)) == {66} and _HEX32_RUN("".join(values)) is not None
+    except TypeError:  # a value that is not a string
+        return False
+
+
+@lru_cache(maxsize=1 << 16)
+def _is_checksummed_address(s: str) -> bool:
+    """`s` is 0x + 40 hex digits in its EIP-55 form (contributor sets repeat across lists: memoised)."""
+    return len(s) == 42 and s.startswith("0x") and s[2:].isalnum() and s.isascii() and is_checksummed(s[2:])
+
+
 def _addr(doc: Any, path: Sequence[str | int]) -> Address:
     s = _get(doc, path, str)
-    try:
-        a = as_address(s)
-    except (ValueError, NodeError) as e:
-        raise _fail(doc, path, f"not an address ({e})") from None
-    if a != s:
+    if not _is_checksummed_address(s):
+        try:
+            a = as_address(s)
+        except (ValueError, NodeError) as e:
+            raise _fail(doc, path, f"not an address ({e})") from None
         raise _fail(doc, path, f"address must be written checksummed as {a}")
-    return a
+    return Address(s)  # type: ignore[arg-type]
+
+
+def _fields(doc: Any, path: Sequence[str], node: Mapping[str, Any]) -> None:
+    """The object at `path` has exactly the fields of its kind."""
+    want = _FIELDS[tuple(path)]
+    if node.keys() != want:
+        extra, missing = sorted(set(node) - want), sorted(want - set(node))
+        raise _fail(doc, path, "; ".join(([f"unknown field(s) {extra}"] if extra else [])
+                                         + ([f"missing field(s) {missing}"] if missing else [])))
 
 
 def parse_export(data: bytes, *, domain: RecordDomain | None = None, epoch: int | None = None) -> EpochExport:
@@ -349,13 +499,20 @@ def parse_export(data: bytes, *, domain: RecordDomain | None = None, epoch: int 
     except UnicodeDecodeError as bad:
         raise ExportError(f"byte {bad.start} (0x{data[bad.start]:02x}) is not ASCII: a canonical export is ASCII JSON "
                           "(forged or corrupted)") from None
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as je:
-        if je.pos >= size - 1 or "Unterminated" in je.msg or "Expecting" in je.msg and je.pos >= size - 2:
-            raise ExportError(f"the export is truncated: its JSON ends at byte {size} of what should be more "
-                              f"({je.msg}); fetch it again") from None
-        raise ExportError(f"not JSON at byte {je.pos} of {size}: {je.msg}") from None
+    with gc_paused():  # millions of acyclic lists and strings: collector passes would free nothing
+        try:
+            doc = json.loads(text)
+        except json.JSONDecodeError as je:
+            if je.pos >= size - 1 or "Unterminated" in je.msg or "Expecting" in je.msg and je.pos >= size - 2:
+                raise ExportError(f"the export is truncated: its JSON ends at byte {size} of what should be more "
+                                  f"({je.msg}); fetch it again") from None
+            raise ExportError(f"not JSON at byte {je.pos} of {size}: {je.msg}") from None
+        del text
+        return _parse_document(data, doc, domain, epoch)
+
+
+def _parse_document(data: bytes, doc: Any, domain: RecordDomain | None, epoch: int | None) -> EpochExport:
+    size = len(data)
     if not isinstance(doc, dict):
         raise ExportError(f"bytes 0-{size - 1}: an export is a JSON object, got {type(doc).__name__}")
     fmt = doc.get("format")
@@ -368,6 +525,8 @@ def parse_export(data: bytes, *, domain: RecordDomain | None = None, epoch: int 
         path = _path_at(doc, at)
         raise ExportError(f"byte {at}: the export is not in canonical form (sorted keys, no whitespace) near "
                           f"{locate(doc, path)}; its sha256 would not be reproducible (reformatted or forged)")
+    del canonical
+    _fields(doc, [], doc)
 
     # ----- domain and epoch
     dom = _get(doc, ["domain"], dict)
@@ -381,9 +540,13 @@ def parse_export(data: bytes, *, domain: RecordDomain | None = None, epoch: int 
             if have != want:
                 raise ExportError(f"{locate(doc, ['domain'])}: this export is for {name} {have}, not {name} {want} "
                                   f"(an export of another stream is refused)")
+    if dom != got.to_json():
+        raise _fail(doc, ["domain"], f"must be written {json.dumps(got.to_json())}")
     n = _get(doc, ["epoch"], int)
     if epoch is not None and n != epoch:
         raise _fail(doc, ["epoch"], f"this export is of epoch {n}, not epoch {epoch}")
+    if not 0 < n < 2**64:
+        raise _fail(doc, ["epoch"], f"epoch {n} must be in 1..2**64-1")
     prev_epoch = _get(doc, ["previousEpoch"], int)
     if not 0 <= prev_epoch < n:
         raise _fail(doc, ["previousEpoch"], f"previous epoch {prev_epoch} must be in 0..{n - 1}")
@@ -393,63 +556,22 @@ def parse_export(data: bytes, *, domain: RecordDomain | None = None, epoch: int 
             raise _fail(doc, ["terms", key], f"the terms name {key} {terms.get(key)!r}, the domain {want!r}")
     _get(doc, ["terms", "block"], int)
 
-    # ----- records
-    rec = _get(doc, ["records"], dict)
-    if rec.get("leafEncoding") != list(RECORD_LEAF_ENCODING):
-        raise _fail(doc, ["records", "leafEncoding"], f"must be {list(RECORD_LEAF_ENCODING)}")
-    entries = _get(doc, ["records", "entries"], list)
-    count = _get(doc, ["records", "count"], int)
-    if count != len(entries):
-        raise _fail(doc, ["records", "count"], f"says {count} records, the export lists {len(entries)}")
-    if not entries:
-        raise _fail(doc, ["records", "entries"], "an epoch has at least one record")
-    records: list[AttributionRecord] = []
-    fees = 0
-    with gc_paused():
-        for i, e in enumerate(entries):
-            if not isinstance(e, dict) or not isinstance(e.get("record"), dict):
-                raise _fail(doc, ["records", "entries", i], "each entry is {leaf, proof, record}")
-            try:
-                r = AttributionRecord.from_json(e["record"])
-                r.validate()
-            except RecordError as err:
-                raise _fail(doc, ["records", "entries", i, "record"], str(err)) from None
-            if r.epoch != n:
-                raise _fail(doc, ["records", "entries", i, "record", "epoch"],
-                            f"record {r.request_id} names epoch {r.epoch}, the export is of epoch {n}")
-            records.append(r)
-            fees += int(r.fee)
-        tree = records_tree(records, got)
-        leaves = [tree.tree[ti] for ti in tree.tree_indices]
-        prev_leaf = b""
-        for i, (e, leaf) in enumerate(zip(entries, leaves, strict=True)):
-            given = e.get("leaf")
-            if given != to_hex(leaf):
-                raise _fail(doc, ["records", "entries", i, "leaf"],
-                            f"record {records[i].request_id}: its fields hash to leaf {to_hex(leaf)} in this domain, "
-                            f"the export says {str(given)[:80]} (forged record or leaf)")
-            if leaf <= prev_leaf:
-                raise _fail(doc, ["records", "entries", i],
-                            f"leaf {to_hex(leaf)} is not above the previous entry's leaf {to_hex(prev_leaf)}: the "
-                            "records are reordered or repeated (an export lists them by leaf, ascending)")
-            prev_leaf = leaf
-        # the entries are in leaf order, so entry i sits at tree index 2n-2-i: its proof is read off the tree
-        for i, e in enumerate(entries):
-            proof = e.get("proof")
-            if proof != tree.get_proof_hex(i):
-                raise _fail(doc, ["records", "entries", i, "proof"],
-                            f"record {records[i].request_id}: the proof does not lead to the records root")
+    records, tree, lists = _parse_records(doc, got, n)
     root = _hash32(doc, ["records", "root"])
     if root != tree.root_hex:
         raise _fail(doc, ["records", "root"], f"the listed records give root {tree.root_hex}, the export says {root}")
+    fees = sum(map(attrgetter("fee"), records))
     fees_total = _uint(doc, ["records", "feesTotal"])
     if fees_total != fees:
         raise _fail(doc, ["records", "feesTotal"], f"says {fees_total}, the records' fees sum to {fees}")
 
     # ----- rewards
     rw = _get(doc, ["rewards"], dict)
-    if rw.get("leafEncoding") != list(REWARD_LEAF_ENCODING):
+    _fields(doc, ["rewards"], rw)
+    if rw["leafEncoding"] != list(REWARD_LEAF_ENCODING):
         raise _fail(doc, ["rewards", "leafEncoding"], f"must be {list(REWARD_LEAF_ENCODING)}")
+    if rw["columns"] != list(REWARD_COLUMNS):
+        raise _fail(doc, ["rewards", "columns"], f"must be {list(REWARD_COLUMNS)}")
     previous: dict[Address, int] = {}
     last = -1
     for i, item in enumerate(_get(doc, ["rewards", "previous"], list)):
@@ -460,6 +582,8 @@ def parse_export(data: bytes, *, domain: RecordDomain | None = None, epoch: int 
             raise _fail(doc, ["rewards", "previous", i], f"account {a} is out of order or repeated (sorted by address)")
         last = int(a, 16)
         previous[a] = _uint(doc, ["rewards", "previous", i, 1])
+        if not previous[a]:
+            raise _fail(doc, ["rewards", "previous", i, 1], "zero amounts are left out of the previous amounts")
     prev_total = _uint(doc, ["rewards", "previousTotal"])
     if prev_total != sum(previous.values()):
         raise _fail(doc, ["rewards", "previousTotal"], f"says {prev_total}, the previous amounts sum to "
@@ -468,27 +592,22 @@ def parse_export(data: bytes, *, domain: RecordDomain | None = None, epoch: int 
     last = -1
     for i, item in enumerate(_get(doc, ["rewards", "entries"], list)):
         base: list[str | int] = ["rewards", "entries", i]
-        if not isinstance(item, dict):
-            raise _fail(doc, base, "each entry is {account, amount, cumulative, leaf, proof}")
-        a = _addr(doc, [*base, "account"])
+        if not isinstance(item, list) or len(item) != len(REWARD_COLUMNS):
+            raise _fail(doc, base, f"each entry is [{', '.join(REWARD_COLUMNS)}]")
+        a = _addr(doc, [*base, 0])
         if int(a, 16) <= last:
             raise _fail(doc, base, f"account {a} is out of order or repeated (the export lists accounts by address)")
         last = int(a, 16)
-        proof = _get(doc, [*base, "proof"], list)
-        rewards.append(RewardEntry(a, _uint(doc, [*base, "amount"]), _uint(doc, [*base, "cumulative"]),
-                                   _hash32(doc, [*base, "leaf"]), [str(p) for p in proof]))
+        rewards.append(RewardEntry(a, _uint(doc, [*base, 1]), _uint(doc, [*base, 2]), _hash32(doc, [*base, 3])))
     if not rewards:
         raise _fail(doc, ["rewards", "entries"], "the rewards tree has at least the operator's leaf")
     wtree = StandardMerkleTree.of([[r.account, r.cumulative] for r in rewards], REWARD_LEAF_ENCODING)
     for i, rw_entry in enumerate(rewards):
         leaf_hex = to_hex(wtree.tree[wtree.tree_indices[i]])
         if rw_entry.leaf != leaf_hex:
-            raise _fail(doc, ["rewards", "entries", i, "leaf"],
+            raise _fail(doc, ["rewards", "entries", i, 3],
                         f"account {rw_entry.account} cumulative {rw_entry.cumulative} hashes to leaf {leaf_hex}, "
                         f"the export says {rw_entry.leaf}")
-        if rw_entry.proof != wtree.get_proof_hex(i):
-            raise _fail(doc, ["rewards", "entries", i, "proof"],
-                        f"account {rw_entry.account}: the proof does not lead to the rewards root")
     wroot = _hash32(doc, ["rewards", "root"])
     if wroot != wtree.root_hex:
         raise _fail(doc, ["rewards", "root"], f"the listed cumulative amounts give root {wtree.root_hex}, the export "
@@ -498,6 +617,157 @@ def parse_export(data: bytes, *, domain: RecordDomain | None = None, epoch: int 
         raise _fail(doc, ["rewards", "cumulativeTotal"],
                     f"says {cum_total}, the cumulative amounts sum to {sum(x.cumulative for x in rewards)}")
     return EpochExport(data=data, sha256=sha256_hex(data), doc=doc, domain=got, epoch=n, previous_epoch=prev_epoch,
-                       terms=terms, records=records, records_root=Bytes32(root), record_count=count,
+                       terms=terms, records=records, records_root=Bytes32(root), record_count=len(records),
                        fees_total=fees_total, rewards=rewards, rewards_root=Bytes32(wroot),
-                       cumulative_total=cum_total, previous=previous, previous_total=prev_total)
+                       cumulative_total=cum_total, previous=previous, previous_total=prev_total, records_tree=tree,
+                       rewards_tree=wtree, contributor_lists=lists)
+
+
+# ----------------------------------------------------------------------------------------------------- records
+
+
+def _parse_records(doc: dict[str, Any], domain: RecordDomain, n: int
+                   ) -> tuple[list[AttributionRecord], StandardMerkleTree, dict[str, tuple[Contributor, ...]]]:
+    """`records`: the rows as records (in the export's order, the tree's), their tree, the contributor lists.
+
+    Bulk first: each row unpacked and range-checked in one pass, the hex columns matched in C, the leaves
+    computed by `records_tree` and compared as one list. A row that fails is re-read by `_raise_row`, which
+    names the field.
+    """
+    rec = _get(doc, ["records"], dict)
+    _fields(doc, ["records"], rec)
+    if rec["leafEncoding"] != list(RECORD_LEAF_ENCODING):
+        raise _fail(doc, ["records", "leafEncoding"], f"must be {list(RECORD_LEAF_ENCODING)}")
+    if rec["columns"] != list(RECORD_COLUMNS):
+        raise _fail(doc, ["records", "columns"], f"must be {list(RECORD_COLUMNS)}")
+    entries = _get(doc, ["records", "entries"], list)
+    count = _get(doc, ["records", "count"], int)
+    if count != len(entries):
+        raise _fail(doc, ["records", "count"], f"says {count} records, the export lists {len(entries)}")
+    if not entries:
+        raise _fail(doc, ["records", "entries"], "an epoch has at least one record")
+    lists = _contributor_lists(doc)
+
+    records: list[AttributionRecord] = []
+    append = records.append
+    make = AttributionRecord
+    for i, row in enumerate(entries):
+        try:
+            _, request_id, ids, weights, prompt, completion, fee, output_hash, ahash = row
+            fee_v = int(fee)
+            ids_v = tuple(map(int, ids))
+            if (type(row) is not list or type(prompt) is not int or type(completion) is not int
+                    or str(fee_v) != fee or list(map(str, ids_v)) != ids or set(map(type, weights)) != _INT_ONLY):
+                raise ValueError(i)
+            r = make(n, request_id, ids_v, tuple(weights), prompt, completion, Wei(fee_v), output_hash, ahash,
+                     lists[ahash])
+            r._validate_fields()
+        except (ValueError, TypeError, KeyError, RecordError):
+            _raise_row(doc, i, n, lists, domain)
+        append(r)
+    for column in (_LEAF, _REQUEST_ID, _OUTPUT_HASH):
+        values = list(map(itemgetter(column), entries))
+        if not _all_hex32(values):
+            _raise_row(doc, next(i for i, v in enumerate(values) if not (isinstance(v, str) and _HEX32(v))), n,
+                       lists, domain)
+    try:
+        tree = records_tree(records, domain)
+    except RecordError:
+        for i, r in enumerate(records):
+            try:
+                r.abi_encode(domain)
+            except RecordError:
+                _raise_row(doc, i, n, lists, domain)
+        raise
+    computed = list(map(to_hex, map(tree.tree.__getitem__, tree.tree_indices)))
+    given = list(map(itemgetter(_LEAF), entries))
+    if computed != given:
+        i = next(i for i, (c, g) in enumerate(zip(computed, given, strict=True)) if c != g)
+        raise _fail(doc, ["records", "entries", i, _LEAF],
+                    f"record {records[i].request_id}: its fields hash to leaf {computed[i]} in this domain, the "
+                    f"export says {given[i]} (forged record or leaf)")
+    if not all(map(str.__lt__, given, islice(given, 1, None))):
+        i = next(i for i in range(1, len(given)) if given[i] <= given[i - 1])
+        raise _fail(doc, ["records", "entries", i],
+                    f"leaf {given[i]} is not above the previous entry's leaf {given[i - 1]}: the records are "
+                    "reordered or repeated (an export lists them by leaf, ascending)")
+    used = set(map(attrgetter("attribution_hash"), records))
+    if len(used) != len(lists):
+        j = next(j for j, h in enumerate(lists) if h not in used)
+        raise _fail(doc, ["records", "contributorLists", j],
+                    "no record names this contributor list (an export lists only the lists its records use)")
+    return records, tree, lists
+
+
+def _contributor_lists(doc: dict[str, Any]) -> dict[str, tuple[Contributor, ...]]:
+    """`records.contributorLists` as {attributionHash: contributors}, each hash recomputed (in the table's
+    order: ascending by hash). A row that is not canonical goes to `_raise_list` for a precise error."""
+    table = _get(doc, ["records", "contributorLists"], list)
+    lists: dict[str, tuple[Contributor, ...]] = {}
+    last = ""
+    for j, item in enumerate(table):
+        try:
+            h, pairs = item
+            contributors = tuple((a, int(w)) for a, w in pairs)
+            if (type(item) is not list or type(h) is not str or h <= last or not _HEX32(h)
+                    or [[a, str(w)] for a, w in contributors] != pairs
+                    or not all(map(_is_checksummed_address, map(itemgetter(0), contributors)))
+                    or attribution_hash(contributors) != h):
+                raise ValueError(j)
+        except (ValueError, TypeError, RecordError):
+            _raise_list(doc, j, last)
+        lists[h] = contributors
+        last = h
+    return lists
+
+
+def _raise_list(doc: dict[str, Any], j: int, last: str) -> NoReturn:
+    """The precise error of contributor list row j (it failed the bulk check)."""
+    base: list[str | int] = ["records", "contributorLists", j]
+    item = _get(doc, base, list)
+    if len(item) != 2:
+        raise _fail(doc, base, "each entry is [attributionHash, [[account, weight], ...]]")
+    h = _hash32(doc, [*base, 0])
+    if h <= last:
+        raise _fail(doc, base, f"attributionHash {h} is not above the previous list's {last}: the lists are "
+                               "reordered or repeated (an export lists them by attributionHash, ascending)")
+    contributors: list[Contributor] = []
+    for k, pair in enumerate(_get(doc, [*base, 1], list)):
+        if not isinstance(pair, list) or len(pair) != 2:
+            raise _fail(doc, [*base, 1, k], "each contributor is [account, weight]")
+        contributors.append((_addr(doc, [*base, 1, k, 0]), _uint(doc, [*base, 1, k, 1])))
+    try:
+        want = attribution_hash(contributors)
+    except RecordError as e:
+        raise _fail(doc, [*base, 1], str(e)) from None
+    raise _fail(doc, [*base, 0], f"the contributor list hashes to {want}, the export says {h}: the attributionHash "
+                                 "does not commit to its contributor list (forged list or hash)")
+
+
+def _raise_row(doc: dict[str, Any], i: int, n: int, lists: Mapping[str, tuple[Contributor, ...]],
+               domain: RecordDomain) -> NoReturn:
+    """The precise error of record row i (it failed a bulk check): which field, and what is wrong with it."""
+    base: list[str | int] = ["records", "entries", i]
+    row = _get(doc, base, list)
+    if len(row) != len(RECORD_COLUMNS):
+        raise _fail(doc, base, f"a record row has {len(RECORD_COLUMNS)} fields ({', '.join(RECORD_COLUMNS)}), "
+                               f"this one {len(row)}")
+    for k in (_LEAF, _REQUEST_ID, _OUTPUT_HASH, _ATTRIBUTION_HASH):
+        _hash32(doc, [*base, k])
+    ids = tuple(AdapterId(_uint(doc, [*base, _ADAPTER_IDS, k])) for k in range(len(_get(doc, [*base, _ADAPTER_IDS],
+                                                                                       list))))
+    weights = tuple(_get(doc, [*base, _WEIGHTS, k], int) for k in range(len(_get(doc, [*base, _WEIGHTS], list))))
+    prompt, completion = _get(doc, [*base, _PROMPT], int), _get(doc, [*base, _COMPLETION], int)
+    fee = _uint(doc, [*base, _FEE])
+    ahash = row[_ATTRIBUTION_HASH]
+    if ahash not in lists:
+        raise _fail(doc, [*base, _ATTRIBUTION_HASH], f"attributionHash {ahash} names no list of "
+                                                     "records.contributorLists")
+    r = AttributionRecord(n, row[_REQUEST_ID], ids, weights, prompt, completion, Wei(fee), row[_OUTPUT_HASH], ahash,
+                          lists[ahash])
+    try:
+        r._validate_fields()
+        r.abi_encode(domain)
+    except RecordError as e:
+        raise _fail(doc, base, str(e)) from None
+    raise _fail(doc, base, "malformed record row")

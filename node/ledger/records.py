@@ -40,7 +40,7 @@ import json
 import struct
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from functools import lru_cache
+from functools import cached_property, lru_cache
 from typing import Any
 
 from loraledger.node.errors import NodeError
@@ -93,9 +93,10 @@ class RecordDomain:
         object.__setattr__(self, "ledger", as_address(self.ledger))
         object.__setattr__(self, "operator", as_address(self.operator))
 
-    @property
+    @cached_property
     def prefix(self) -> bytes:
-        """abi.encode(chainId, ledger, operator): the first three words of every leaf of this domain."""
+        """abi.encode(chainId, ledger, operator): the first three words of every leaf of this domain (computed
+        once per domain: every record's leaf starts with it)."""
         return (_word(self.chain_id) + bytes(12) + bytes.fromhex(self.ledger[2:])
                 + bytes(12) + bytes.fromhex(self.operator[2:]))
 

@@ -484,7 +484,9 @@ class Settler:
                     self._step("confirmed", n)
                     return
             elif self._pending_tx(row.tx_hash):
-                if row.submitted_at is not None and time.time() - row.submitted_at >= opts.replace_after:
+                if self._fill_nonce_gap(row):
+                    pass  # it waited behind a nonce no transaction of ours held; it can land now
+                elif row.submitted_at is not None and time.time() - row.submitted_at >= opts.replace_after:
                     self._replace(row, "pending too long")
             else:
                 mined_nonce = int(self.w3.eth.get_transaction_count(self.operator, "latest"))
@@ -494,6 +496,7 @@ class Settler:
                     self.log.mark_failed(n, f"nonce {row.tx_nonce} taken by another transaction; resending")
                     self.client.nonces.resync()
                     return
+                self._fill_nonce_gap(row, mined_nonce)
                 err = self._broadcast(n, row.raw_tx, row.tx_hash)
                 if err is not None:
                     if "underpriced" in err or "fee" in err or "base fee" in err:
@@ -508,6 +511,40 @@ class Settler:
                     f"epoch {n}: transaction {row.tx_hash} not final after {opts.receipt_timeout:g}s; the epoch "
                     "stays submitted and the next `loraledger epoch settle` picks it up")
             time.sleep(opts.poll_interval)
+
+    def _fill_nonce_gap(self, row: EpochRow, mined: int | None = None) -> bool:
+        """When the stored transaction waits behind nonces that no transaction of ours holds any more (a reorg
+        took the approve sent before it, or the pool dropped one), fill them: the ledger's approval when the
+        allowance went too, 0-value transfers to ourselves otherwise. The stored transaction itself can then
+        land; it is never re-signed under another nonce. True when something was sent."""
+        assert row.tx_nonce is not None and row.cumulative_total is not None
+        if mined is None:
+            mined = int(self.w3.eth.get_transaction_count(self.operator, "latest"))
+        if mined >= row.tx_nonce:
+            return False
+        first_free = max(mined, int(self.w3.eth.get_transaction_count(self.operator, "pending")))
+        if first_free >= row.tx_nonce:
+            return False  # the nonces below ours are held by pending transactions: they land first
+        c = self.contracts
+        need = int(row.cumulative_total) - (int(c.ledger.funded_total(self.operator))
+                                            - int(c.ledger.refunded_total(self.operator)))
+        approve = need > 0 and int(c.token.allowance(self.operator, c.ledger.address)) < need
+        log.warning("epoch %d: %s (nonce %d) waits behind nonces %d..%d that no transaction of ours holds (a reorg "
+                    "or a dropped transaction); filling them%s", row.epoch, row.tx_hash, row.tx_nonce, first_free,
+                    row.tx_nonce - 1, " (the approval included)" if approve else "")
+        with self.client.nonces.lock:
+            for k in range(first_free, row.tx_nonce):
+                if approve and k == row.tx_nonce - 1:
+                    tx = self.client.build(c.token.contract.functions.approve(c.ledger.address, need))
+                else:
+                    tx = self.client.build({"to": self.operator, "value": 0}, gas=21_000)
+                signed = self.client.account.sign_transaction({**tx, "nonce": k})
+                err = self._broadcast(row.epoch, "0x" + bytes(signed.raw_transaction).hex(),
+                                      TxHash("0x" + bytes(signed.hash).hex()))
+                if err is not None:
+                    break  # the nonce is taken after all (the next round sees it) or the node refuses: retry later
+            self.client.nonces.invalidate()
+        return True
 
     def _final(self, receipt: Any) -> bool:
         """True when the receipt's block is `confirmations` deep and still canonical."""

@@ -7,9 +7,17 @@
         order = torch.randperm(n, generator=Generator().manual_seed(seed * 1000 + epoch))
         for batch of batch_size in order: AdamW step on mean token cross-entropy (right-padded, masked)
 
-The base is loaded in float32 ("lora") or 4-bit nf4 through bitsandbytes ("qlora", float32 compute; runs on
-CPU). LoRA A is initialised from `torch.manual_seed(seed)`, B at zero, dropout 0. During the run (set at train
-time, restored after):
+Gradient accumulation (`grad_accum` = k > 1): one AdamW step per k consecutive micro-batches of the same order
+(the last group of an epoch may be shorter); each micro-batch's mean loss is weighted by its share of the
+group's completion tokens, so the step follows the token-mean cross-entropy of the whole group, as one batch of
+k * batch_size would (up to float summation order). The training config records
+`gradient_accumulation_steps` only when k > 1, so configs of runs without it keep their hash.
+
+The base is loaded in float32 or bfloat16 (`dtype`; "auto" = bfloat16 on a CUDA device that supports it, else
+float32; the LoRA weights themselves stay float32) for "lora", or in 4-bit nf4 through bitsandbytes ("qlora",
+compute in `dtype`; runs on CPU). `device` "auto" = "cuda" when torch sees one, else "cpu". LoRA A is
+initialised from `torch.manual_seed(seed)`, B at zero, dropout 0. During the run (set at train time, restored
+after):
 
     torch.use_deterministic_algorithms(True); torch.set_num_threads(threads)
     torch.set_float32_matmul_precision("highest")                          # no TF32 on CUDA
@@ -60,6 +68,7 @@ LOSS_PLOT_FILE = "loss.png"
 LINEAGE_VERSION = 1
 TRAINING_FORMAT = "loraledger.training.v2"
 METHODS = ("lora", "qlora")
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 IGNORE_INDEX = -100
 
 # Short target names of the Llama family -> module names peft matches.
@@ -122,11 +131,15 @@ class TrainingArgs:
     seed: int
     max_seq_len: int
     batch_size: int
+    grad_accum: int = 1
+    dtype: str = "float32"
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {METHODS}, got {self.method!r}")
-        for name in ("rank", "epochs", "max_seq_len", "batch_size"):
+        if self.dtype not in DTYPES:
+            raise ConfigError(f"dtype must be one of {', '.join(DTYPES)} (or auto), got {self.dtype!r}")
+        for name in ("rank", "epochs", "max_seq_len", "batch_size", "grad_accum"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ConfigError(f"{name} must be a positive integer, got {v!r}")
@@ -224,14 +237,14 @@ def collate(batch: Sequence[Example], pad: int) -> dict[str, torch.Tensor]:
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}
 
 
-def _load_base(base_dir: Path, method: str, device: str) -> torch.nn.Module:
-    """The base model: float32 on CPU (moved to `device` after peft wraps it), or nf4 via bitsandbytes
-    (float32 compute) on `device`, prepared for k-bit training."""
+def _load_base(base_dir: Path, method: str, device: str, dtype: str = "float32") -> torch.nn.Module:
+    """The base model: in `dtype` on CPU (moved to `device` after peft wraps it), or nf4 via bitsandbytes
+    (compute in `dtype`) on `device`, prepared for k-bit training."""
     from transformers import AutoModelForCausalLM
 
     attn = _attention(device)
     if method == "lora":
-        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32, attn_implementation=attn)
+        return AutoModelForCausalLM.from_pretrained(base_dir, dtype=DTYPES[dtype], attn_implementation=attn)
     try:
         import bitsandbytes  # noqa: F401 - fail early with the fix when the quant extra is missing
         from transformers import BitsAndBytesConfig
@@ -242,14 +255,14 @@ def _load_base(base_dir: Path, method: str, device: str) -> torch.nn.Module:
     quant = BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type="nf4",
-        bnb_4bit_compute_dtype=torch.float32,
+        bnb_4bit_compute_dtype=DTYPES[dtype],
         bnb_4bit_use_double_quant=False,
     )
     model = AutoModelForCausalLM.from_pretrained(
         base_dir,
         quantization_config=quant,
         device_map={"": device},
-        dtype=torch.float32,
+        dtype=DTYPES[dtype],
         attn_implementation=attn,
     )
     return prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
@@ -273,6 +286,27 @@ def _attention(device: str) -> str:
     """Attention implementation: SDPA on CPU (deterministic there), eager on CUDA (SDPA's flash / efficient
     backward kernels are not)."""
     return "sdpa" if device == "cpu" else "eager"
+
+
+def resolve_device(device: str) -> str:
+    """ "auto" -> "cuda" when torch sees a CUDA device, else "cpu"; anything else as `check_device` checks it."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return check_device(device)
+
+
+def resolve_dtype(dtype: str, device: str) -> str:
+    """ "auto" -> "bfloat16" on a CUDA device that supports it, else "float32"; "bfloat16" on a CUDA device
+    without bf16 is a ConfigError."""
+    if dtype == "auto":
+        if device != "cpu" and torch.cuda.is_bf16_supported():
+            return "bfloat16"
+        return "float32"
+    if dtype not in DTYPES:
+        raise ConfigError(f"dtype must be auto, float32 or bfloat16, got {dtype!r}")
+    if dtype == "bfloat16" and device != "cpu" and not torch.cuda.is_bf16_supported():
+        raise ConfigError(f"{torch.cuda.get_device_name(device)} does not support bfloat16; use --dtype float32")
+    return dtype
 
 
 def check_device(device: str) -> str:
@@ -305,25 +339,25 @@ def device_class(device: str) -> dict[str, Any]:
     }
 
 
-def determinism_settings(device: str, threads: int) -> dict[str, Any]:
+def determinism_settings(device: str, threads: int, dtype: str = "float32") -> dict[str, Any]:
     """The settings `train_adapter` runs under (module docstring)."""
     return {
         "deterministic_algorithms": True,
         "torch_threads": threads,
-        "dtype": "float32",
+        "dtype": dtype,
         "float32_matmul_precision": "highest",
         "attention": _attention(device),
         "cublas_workspace_config": CUBLAS_WORKSPACE if device != "cpu" else None,
     }
 
 
-def run_environment(method: str, device: str, threads: int) -> dict[str, Any]:
+def run_environment(method: str, device: str, threads: int, dtype: str = "float32") -> dict[str, Any]:
     """The software stack, device class and determinism settings of a run: the part of the training config a
     reproducer cannot choose, only match."""
     return {
         "software": library_versions(method),
         "device": device_class(device),
-        "determinism": determinism_settings(device, threads),
+        "determinism": determinism_settings(device, threads, dtype),
     }
 
 
@@ -336,7 +370,7 @@ def training_config(
 ) -> dict[str, Any]:
     """The dict whose canonical-JSON sha256 is the training config hash: every input that shapes the
     weights, and the stack they were shaped on (`run_environment`)."""
-    return {
+    config: dict[str, Any] = {
         "format": TRAINING_FORMAT,
         "method": args.method,
         "rank": args.rank,
@@ -350,7 +384,7 @@ def training_config(
         "batch_size": args.batch_size,
         "optimizer": {"name": "adamw", "betas": list(_ADAM_BETAS), "eps": _ADAM_EPS, "weight_decay": 0.0},
         "loss": "mean cross-entropy over completion tokens and eos",
-        "quantization": {"type": "nf4", "compute_dtype": "float32", "double_quant": False}
+        "quantization": {"type": "nf4", "compute_dtype": args.dtype, "double_quant": False}
         if args.method == "qlora"
         else None,
         "base_model_hash": base_hash,
@@ -361,6 +395,9 @@ def training_config(
         "device": environment["device"],
         "determinism": environment["determinism"],
     }
+    if args.grad_accum > 1:  # absent means 1: configs of runs before accumulation existed keep their hash
+        config["gradient_accumulation_steps"] = args.grad_accum
+    return config
 
 
 def _plot_losses(losses: Sequence[float], path: Path, title: str) -> None:
@@ -404,7 +441,8 @@ def _run(
 
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=args.lr, betas=_ADAM_BETAS, eps=_ADAM_EPS, weight_decay=0.0)
-    steps_per_epoch = (len(examples) + args.batch_size - 1) // args.batch_size
+    micro_per_epoch = (len(examples) + args.batch_size - 1) // args.batch_size
+    steps_per_epoch = (micro_per_epoch + args.grad_accum - 1) // args.grad_accum
     losses: list[float] = []
     model.train()
     bar = tqdm(
@@ -415,21 +453,53 @@ def _run(
             gen = torch.Generator().manual_seed(args.seed * 1000 + epoch)
             order = torch.randperm(len(examples), generator=gen).tolist()
             for s in range(steps_per_epoch):
-                rows = [examples[j] for j in order[s * args.batch_size : (s + 1) * args.batch_size]]
-                batch = {k: v.to(device) for k, v in collate(rows, pad).items()}
-                out = model(**batch)
-                loss = out.loss
-                if not torch.isfinite(loss):
-                    raise TrainingError(f"loss became {loss.item()} at epoch {epoch} step {s}; lower the lr")
-                loss.backward()
+                first = s * args.grad_accum
+                micro = [
+                    [examples[j] for j in order[m * args.batch_size : (m + 1) * args.batch_size]]
+                    for m in range(first, min(first + args.grad_accum, micro_per_epoch))
+                ]
+                if len(micro) == 1:  # no accumulation: the plain step (and its exact float path)
+                    batch = {k: v.to(device) for k, v in collate(micro[0], pad).items()}
+                    loss = model(**batch).loss
+                    if not torch.isfinite(loss):
+                        raise TrainingError(f"loss became {loss.item()} at epoch {epoch} step {s}; lower the lr")
+                    loss.backward()
+                    step_loss = float(loss.item())
+                else:
+                    step_loss = _accumulate(model, micro, pad, device, epoch, s)
                 opt.step()
                 opt.zero_grad(set_to_none=True)
-                losses.append(float(loss.item()))
+                losses.append(step_loss)
                 bar.update(1)
                 bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}")
     finally:
         bar.close()
     return losses
+
+
+def _target_tokens(rows: Sequence[Example]) -> int:
+    """Tokens a batch's loss is the mean over: labels after the one-position shift that are not ignored."""
+    return sum(sum(1 for x in e.labels[1:] if x != IGNORE_INDEX) for e in rows)
+
+
+def _accumulate(
+    model: torch.nn.Module, micro: Sequence[Sequence[Example]], pad: int, device: str, epoch: int, step: int
+) -> float:
+    """Backward over each micro-batch, its mean loss weighted by its share of the group's target tokens;
+    returns the group's token-mean loss."""
+    counts = [_target_tokens(rows) for rows in micro]
+    total = sum(counts)
+    group_loss = 0.0
+    for rows, n in zip(micro, counts, strict=True):
+        if n == 0:
+            continue
+        batch = {k: v.to(device) for k, v in collate(rows, pad).items()}
+        loss = model(**batch).loss
+        if not torch.isfinite(loss):
+            raise TrainingError(f"loss became {loss.item()} at epoch {epoch} step {step}; lower the lr")
+        (loss * (n / total)).backward()
+        group_loss += float(loss.item()) * n / total
+    return group_loss
 
 
 def train_adapter(
@@ -450,12 +520,15 @@ def train_adapter(
     threads: int | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    grad_accum: int = 1,
+    dtype: str = "float32",
 ) -> TrainingResult:
     """Train a LoRA (or QLoRA) adapter of `base_dir` on the datanets at `manifests`; write it with its
     lineage.
 
-    `device`: "cpu", "cuda" or "cuda:N"; `threads`: torch intra-op threads for the run (default: torch's
-    current number); both are recorded in the training config. Each manifest is verified (file hashes,
+    `device`: "cpu", "cuda", "cuda:N" or "auto"; `dtype`: "float32", "bfloat16" or "auto" (the base's dtype);
+    `grad_accum`: micro-batches per optimizer step; `threads`: torch intra-op threads for the run (default:
+    torch's current number); all are recorded in the training config. Each manifest is verified (file hashes,
     signatures, root) before use. Raises ConfigError for bad arguments, DatanetError for a bad datanet,
     TrainingError when training yields nothing usable. See the module docstring.
     """
@@ -463,6 +536,7 @@ def train_adapter(
 
     from loraledger.inference.identity import base_model_hash, config_hash, weights_hash
 
+    device = resolve_device(device)
     args = TrainingArgs(
         method,
         rank,
@@ -473,8 +547,9 @@ def train_adapter(
         seed,
         max_seq_len,
         batch_size,
+        grad_accum,
+        resolve_dtype(dtype, device),
     )
-    device = check_device(device)
     threads = torch.get_num_threads() if threads is None else threads
     if not isinstance(threads, int) or threads <= 0:
         raise ConfigError(f"threads must be a positive integer, got {threads!r}")
@@ -506,7 +581,7 @@ def train_adapter(
         raise TrainingError("no trainable example in the datanets (every prompt fills max_seq_len?)")
     base_hash = base_model_hash(base)
     cfg = training_config(
-        args, base_hash, loaded, counter.sha256, run_environment(args.method, device, threads)
+        args, base_hash, loaded, counter.sha256, run_environment(args.method, device, threads, args.dtype)
     )
 
     det_before = torch.are_deterministic_algorithms_enabled()
@@ -521,7 +596,7 @@ def train_adapter(
     torch.set_float32_matmul_precision("highest")
     try:
         torch.manual_seed(args.seed)
-        model = _load_base(base, args.method, device)
+        model = _load_base(base, args.method, device, args.dtype)
         # peft annotates lora_alpha as int but computes scaling = alpha / r, which a float serves as well
         lora = LoraConfig(
             r=args.rank,

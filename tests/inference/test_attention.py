@@ -78,6 +78,22 @@ def test_reference_matches_loop_oracle(block_size: int, hq: int, hkv: int, d: in
     assert (out - run_loop(case)).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize(("block_size", "hq", "hkv"), [(4, 4, 2), (16, 9, 3), (1, 2, 1)])
+def test_torch_backend_decode_step_equals_the_reference(block_size: int, hq: int, hkv: int) -> None:
+    """The torch backend's decode-only path (one index_select per cache) gives the reference's values exactly."""
+    from loraledger.inference.attention import _decode_attention
+    from loraledger.kernels.paged_attention_ref import plan_paged_attention
+
+    case = make_case([(13, 1), (1, 1), (40, 1), (7, 1)], block_size, hq, hkv, 16)
+    q: torch.Tensor = case["q"]  # type: ignore[assignment]
+    plan = plan_paged_attention(case["block_tables"], case["query_start"], case["context_lens"],  # type: ignore[arg-type]
+                                q.shape[0], 1, case["max_context_len"], block_size)  # type: ignore[arg-type]
+    assert plan.decode_only
+    out = _decode_attention(q, case["k_cache"], case["v_cache"], plan, case["scale"])  # type: ignore[arg-type]
+    assert torch.equal(out, run_ref(case))
+    assert (out - run_loop(case)).abs().max() < 1e-5
+
+
 def test_reference_sees_only_its_own_sequence_and_the_past() -> None:
     """Changing the keys of one sequence, or a key after a query's position, leaves the other outputs alone."""
     case = make_case([(8, 8), (8, 8)], 4, 2, 2, 16)

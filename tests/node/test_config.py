@@ -59,3 +59,48 @@ def test_bad_values_name_the_key_and_the_fix(tmp_path: Path, text: str, env: dic
 def test_missing_file_says_what_to_do(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found; pass --config PATH"):
         load_config(tmp_path / "absent.toml", environ={})
+
+
+def test_paths_in_the_toml_are_relative_to_the_file_not_the_current_directory(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    site = tmp_path / "site"
+    (site / "tls").mkdir(parents=True)
+    for name in ("cert.pem", "key.pem", "ca.pem"):
+        (site / "tls" / name).write_text("pem")
+    toml = site / "node.toml"
+    toml.write_text(
+        '[auth]\nkeys_file = "api_keys.json"\n'
+        '[tls]\ncert_file = "tls/cert.pem"\nkey_file = "./tls/key.pem"\nclient_ca_file = "tls/ca.pem"\n'
+        '[model]\ndir = "model"\n'
+        '[adapters]\ndir = "adapters"\nroots = ["adapters", "/srv/shared-adapters", "../elsewhere"]\n'
+        'aliases = { support = "adapters/support", abs = "/opt/a" }\n'
+        '[chain]\ndeployment = "deployment.json"\nkey_file = "keys/operator.json"\n'
+        '[records]\npath = "records.sqlite"\n'
+        '[settlement]\nexport_uri = "exports/{epoch}.json"\n')
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    env = {"LORALEDGER_RECORDS_PATH": "from-env.sqlite"}
+    cfg = load_config("../site/node.toml", environ=env)
+    s = str(site.resolve())
+    assert cfg.auth.keys_file == f"{s}/api_keys.json"
+    assert (cfg.tls.cert_file, cfg.tls.key_file, cfg.tls.client_ca_file) == (
+        f"{s}/tls/cert.pem", f"{s}/tls/key.pem", f"{s}/tls/ca.pem")
+    assert cfg.model.dir == f"{s}/model" and cfg.adapters.dir == f"{s}/adapters"
+    assert cfg.adapters.roots == [f"{s}/adapters", "/srv/shared-adapters", f"{s}/../elsewhere"]
+    assert cfg.adapters.aliases == {"support": f"{s}/adapters/support", "abs": "/opt/a"}
+    assert cfg.chain.deployment == f"{s}/deployment.json" and cfg.chain.key_file == f"{s}/keys/operator.json"
+    assert cfg.settlement.export_uri == f"{s}/exports/{{epoch}}.json"
+    # the environment and the command line stay relative to the current directory
+    assert cfg.records.path == "from-env.sqlite"
+    cfg = load_config(toml, overrides={"model": {"dir": "cli-model"}}, environ={})
+    assert cfg.records.path == f"{s}/records.sqlite" and cfg.model.dir == "cli-model"
+
+
+def test_uris_home_paths_and_empty_values_in_the_toml_stay_as_written(tmp_path: Path) -> None:
+    toml = tmp_path / "node.toml"
+    toml.write_text('[settlement]\nexport_uri = "https://mirror.example/{chainId}/{epoch}.json"\n'
+                    '[chain]\nkey_file = ""\n[model]\ndir = "~/models/tiny"\n')
+    cfg = load_config(toml, environ={})
+    assert cfg.settlement.export_uri == "https://mirror.example/{chainId}/{epoch}.json"
+    assert cfg.chain.key_file == "" and cfg.model.dir == "~/models/tiny"

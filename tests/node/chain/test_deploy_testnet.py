@@ -1,5 +1,6 @@
 """`loraledger deploy` for a public chain, on the session anvil: the journal resumes a deploy that failed after
-its second contract without deploying those again; the RPC URL (with its credentials) never reaches
+its second contract without deploying those again, and one that failed during its `--mint-to` mints (one landed,
+one left pending) without minting twice; the RPC URL (with its credentials) never reaches
 deployment.json; `--mint-to` funds the operator and `operator status` / `token mint` report and fund it; a zero
 challenge delay is refused off dev chains, with the reason."""
 
@@ -15,11 +16,12 @@ from typing import Any
 import pytest
 from eth_account import Account
 
+from loraledger.node.chain.artifacts import CORE_CONTRACTS
 from loraledger.node.chain.bindings import Contracts
 from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.deploy import SAFE_CHALLENGE_DELAY, deploy_all, safe_challenge_delay
 from loraledger.node.config import load_config
-from loraledger.node.errors import ConfigError
+from loraledger.node.errors import ChainError, ConfigError
 
 
 def funded(w3: Any) -> Any:
@@ -60,6 +62,56 @@ def test_a_deploy_that_fails_after_two_contracts_resumes_without_redeploying_the
     again = deploy_all(w3, deployer, journal=journal, operator=operator)
     assert again.addresses == dep.addresses
     assert w3.eth.get_transaction_count(deployer.address) - nonce_before == 4
+
+
+def test_mints_are_journal_steps_a_rerun_after_a_failure_during_minting_mints_nothing_twice(
+        w3: Any, tmp_path: Path) -> None:
+    deployer, op, other = funded(w3), funded(w3), funded(w3)
+    journal = tmp_path / "deployment.journal.json"
+    mints = [(op.address, 1000), (other.address, 22), (op.address, 300)]
+
+    def fail_after_first_mint(step: str) -> None:
+        if step == "mint:0":
+            raise Boom(step)
+
+    # 1. the process dies right after the first mint landed
+    with pytest.raises(Boom):
+        deploy_all(w3, deployer, journal=journal, on_step=fail_after_first_mint, mint_to=mints)
+    doc = json.loads(journal.read_text())
+    assert "mint:0" in doc["steps"] and "mint:1" not in doc["steps"]
+    assert doc["params"]["mintTo"] == [[op.address, "1000"], [other.address, "22"], [op.address, "300"]]
+    addresses = {n: doc["steps"][n]["address"] for n in CORE_CONTRACTS}
+    token = Contracts.at(ChainClient(w3, deployer), addresses).token
+    assert int(token.balance_of(op.address)) == 1000
+    # other amounts are another deploy: refused, not mixed in
+    with pytest.raises(ConfigError, match="re-run with the same arguments"):
+        deploy_all(w3, deployer, journal=journal, mint_to=[(op.address, 1000)])
+
+    # 2. the second mint is sent but its receipt does not come in time (blocks stop): it stays pending
+    nonce_before = w3.eth.get_transaction_count(deployer.address)
+    w3.provider.make_request("evm_setAutomine", [False])
+    try:
+        with pytest.raises(ChainError, match="no receipt"):
+            deploy_all(w3, deployer, journal=journal, mint_to=mints, receipt_timeout=1.0)
+        pending = json.loads(journal.read_text())["pending"]
+        assert set(pending) == {"mint:1"}
+    finally:
+        w3.provider.make_request("evm_setAutomine", [True])
+    w3.provider.make_request("evm_mine", [])  # ... and lands while no deploy process runs
+
+    # 3. the re-run adopts the landed mint by its hash and sends only the third
+    dep = deploy_all(w3, deployer, journal=journal, mint_to=mints)
+    assert w3.eth.get_transaction_count(deployer.address) - nonce_before == 2
+    assert int(token.balance_of(op.address)) == 1300 and int(token.balance_of(other.address)) == 22
+    done = json.loads(journal.read_text())
+    assert {"mint:0", "mint:1", "mint:2"} <= set(done["steps"]) and not done["pending"]
+    assert done["steps"]["mint:1"]["tx"] == pending["mint:1"]
+    # a finished journal: nothing more is minted
+    again = deploy_all(w3, deployer, journal=journal, mint_to=mints)
+    assert again.addresses == dep.addresses and int(token.balance_of(op.address)) == 1300
+    assert w3.eth.get_transaction_count(deployer.address) - nonce_before == 2
+    with pytest.raises(ConfigError, match="external token"):
+        deploy_all(w3, deployer, token=dep.addresses["RewardToken"], mint_to=mints)
 
 
 def test_zero_challenge_delay_is_refused_off_dev_chains_and_the_default_is_a_day() -> None:
