@@ -119,7 +119,7 @@ def _adopt(args: argparse.Namespace) -> int:
     cfg = _config(args)
     dep, w3 = _chain(args, cfg)
     ledger = _reader(w3, dep).ledger
-    operator = as_address(args.operator) if args.operator else _key(args, cfg).address
+    operator = as_address(args.operator if args.operator else _key(args, cfg).address)
     n = int(args.n)
     if not 0 < n <= ledger.last_epoch(operator):
         raise ConfigError(f"operator {operator} has no epoch {n} on chain")
