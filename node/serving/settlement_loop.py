@@ -89,11 +89,16 @@ class SettlementLoop:
         `lineage_terms`, recorded in each epoch's terms for auditors."""
         from loraledger.node.ledger.settler import SettlementOptions, Settler
 
+        from loraledger.node.ledger.publish import ExportPublisher
+        from loraledger.node.ledger.records import RecordDomain
+
         s = cfg.settlement
         chain_id = int(contracts.ledger.client.chain_id)
+        domain = RecordDomain(chain_id, contracts.ledger.address, contracts.ledger.client.address)
+        self.publisher = ExportPublisher.for_template(s.export_uri, domain)
         self.settler = Settler(records, contracts, SettlementOptions(
             epoch_seconds=s.epoch_seconds, epoch_records=s.epoch_records, receipt_timeout=receipt_timeout,
-            confirmations=cfg.chain.confirmations_for(chain_id)), lineage=lineage)
+            confirmations=cfg.chain.confirmations_for(chain_id)), lineage=lineage, on_step=self._on_step)
         self.records = records
         self.role = role
         if role is not None:
@@ -111,6 +116,15 @@ class SettlementLoop:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="loraledger-settlement", daemon=True)
+
+    def _on_step(self, step: str, n: int) -> None:
+        """After an epoch is built, publish its export where `[settlement] export_uri` says (a local template)."""
+        if step == "built" and self.publisher is not None:
+            try:
+                self.publisher.publish(self.records, n)
+            except OSError as e:  # the epoch still settles; auditors can fetch it over GetEpochExport meanwhile
+                log.error("epoch %d: could not publish its export to %s (%s); auditors will not find it there",
+                          n, self.publisher.path(n), e)
 
     def start(self) -> None:
         self._thread.start()

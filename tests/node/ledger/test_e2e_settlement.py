@@ -48,6 +48,7 @@ class Served:
     app: NodeApp
     address: str
     world: Any  # ChainWorld
+    tmp: Path  # the node's folder (records, published exports under mirror/)
 
 
 def _flip_one_weight_byte(adapter_dir: Path) -> None:
@@ -71,7 +72,8 @@ def node_config(world: Any, model_dir: Path, tmp: Path, **sections: dict[str, An
         "adapters": {"dir": str(adapters_dir), "slots": 4, "max_rank": 8},
         "chain": {"deployment": str(world.deployment_file), "key_env": KEY_ENV},
         "records": {"path": str(tmp / "records.sqlite")},
-        "settlement": {"enabled": True, "epoch_seconds": 2.0, "epoch_records": EPOCH_RECORDS},
+        "settlement": {"enabled": True, "epoch_seconds": 2.0, "epoch_records": EPOCH_RECORDS,
+                       "export_uri": str(tmp / "mirror" / "{chainId}" / "epoch-{epoch}.json")},
     }
     for name, values in sections.items():
         base.setdefault(name, {}).update(values)
@@ -81,9 +83,10 @@ def node_config(world: Any, model_dir: Path, tmp: Path, **sections: dict[str, An
 @pytest.fixture(scope="module")
 def served(chain_world: Any, tiny_model_dir: Path, tmp_path_factory: pytest.TempPathFactory,
            server_loop: Any, start_app: Callable[..., Any]) -> Iterator[Served]:
-    cfg = node_config(chain_world, tiny_model_dir, tmp_path_factory.mktemp("e2e-node"))
+    node_dir = tmp_path_factory.mktemp("e2e-node")
+    cfg = node_config(chain_world, tiny_model_dir, node_dir)
     app, port = start_app(server_loop, cfg, chain_world.operator_key())
-    yield Served(app, f"127.0.0.1:{port}", chain_world)
+    yield Served(app, f"127.0.0.1:{port}", chain_world, node_dir)
     server_loop.run(app.stop(1.0))
 
 
@@ -207,6 +210,14 @@ def test_200_requests_settle_and_every_account_claims(served: Served, tmp_path: 
                            check=False, capture_output=True, text=True, timeout=300)
     assert audit.returncode == 0, audit.stdout + audit.stderr
     assert audit.stdout.count("PASS") == len(epochs) and "no lineage document" not in audit.stdout, audit.stdout
+    # the node published every export where its config says mirrors keep them: the audit needs only that folder
+    mirror = served.tmp / "mirror" / str(world.w3.eth.chain_id) / "epoch-{epoch}.json"
+    assert all((served.tmp / "mirror" / str(world.w3.eth.chain_id) / f"epoch-{e.epoch}.json").is_file()
+               for e in epochs)
+    audit = subprocess.run([sys.executable, "-m", "loraledger.node.cli", "audit", "--deployment",
+                            str(world.deployment_file), "--operator", operator, "--all", "--export-uri",
+                            str(mirror)], check=False, capture_output=True, text=True, timeout=300)
+    assert audit.returncode == 0 and audit.stdout.count("PASS") == len(epochs), audit.stdout + audit.stderr
 
     # every account claims: contributor 0 through the CLI (proof from the node over gRPC), the others here
     owners = {world.owners[1], world.owners[2]}
