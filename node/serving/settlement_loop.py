@@ -87,10 +87,9 @@ class SettlementLoop:
         """`role`: in a fleet on one PostgreSQL log, the settler role; the loop then ticks only while this node
         holds it (`SettlerRole.guard`), and the log's epoch transitions are fenced by it. `lineage`: the catalog's
         `lineage_terms`, recorded in each epoch's terms for auditors."""
-        from loraledger.node.ledger.settler import SettlementOptions, Settler
-
         from loraledger.node.ledger.publish import ExportPublisher
         from loraledger.node.ledger.records import RecordDomain
+        from loraledger.node.ledger.settler import SettlementOptions, Settler
 
         s = cfg.settlement
         chain_id = int(contracts.ledger.client.chain_id)
