@@ -7,8 +7,8 @@ its database, and say what is wrong, one line per violation.
 
 Checks of one epoch N of operator O (`audit_epoch`), each a `Violation` with a code, the entry and the amount:
 
-    export      the export parses (export.parse_export: canonical bytes, leaves, order, proofs, roots, totals)
-                and names this chain, ledger, operator and epoch
+    export      the export parses (export.parse_export: canonical bytes, leaves, order, contributor lists,
+                both trees rebuilt, roots, totals) and names this chain, ledger, operator and epoch
     hash        sha256(export) == the chain's exportHash of (O, N)
     records     records root and count == the chain's
     terms       the terms snapshot == the chain at the snapshot block (`terms.block`): the ledger's shares, each
@@ -20,7 +20,8 @@ Checks of one epoch N of operator O (`audit_epoch`), each a `Violation` with a c
                 its registered datanets; each record's contributor weights == rewards.contributor_weights over
                 the lineage weights (or, for token-level nodes, name only lineage contributors)
     amounts     each account's epoch amount == rewards.epoch_amounts(records, terms) (the ledger's shares with
-                largest-remainder rounding, the node's own code), and they sum to the epoch's fees
+                largest-remainder rounding, the node's own split_record and largest_remainder, each distinct
+                record split once: `epoch_amounts_grouped`), and they sum to the epoch's fees
     previous    the export's previous epoch == the chain's previousLive; its previous cumulative amounts give
                 that epoch's rewards root and cumulative total on chain
     decrease    no account's cumulative amount falls below its previous one; cumulative == previous + amount
@@ -52,8 +53,8 @@ from loraledger.node.chain.bindings import Contracts
 from loraledger.node.chain.client import CONNECTION_ERRORS
 from loraledger.node.errors import ContractRevertError, NodeError
 from loraledger.node.ledger.export import EpochExport, ExportError, parse_export
-from loraledger.node.ledger.records import BPS, RecordDomain
-from loraledger.node.ledger.rewards import contributor_weights, epoch_amounts, rewards_tree
+from loraledger.node.ledger.records import BPS, AttributionRecord, RecordDomain
+from loraledger.node.ledger.rewards import contributor_weights, largest_remainder, rewards_tree, split_record
 from loraledger.node.ledger.terms import AdapterTerms, ContributorStatus, EpochTerms, RewardsError, Shares
 from loraledger.node.types import AdapterId, Address, as_address
 
@@ -269,7 +270,7 @@ def _check_terms(chain: AuditChain, ex: EpochExport, terms: EpochTerms, sink: _S
     if s != mine:
         sink.add("terms", ex.where("terms", "shares"),
                  f"shares {list(mine)} but the ledger's shares at block {block} are {list(s)}")
-    used = sorted({i for r in ex.records for i in r.adapter_ids})
+    used = _adapters_used(ex)
     onchain: dict[int, tuple[Any, ...]] = {}
     for i in used:
         a = chain.adapter_at(i, block)
@@ -284,7 +285,8 @@ def _check_terms(chain: AuditChain, ex: EpochExport, terms: EpochTerms, sink: _S
             sink.add("terms", ex.where("terms", "adapters", str(i)),
                      f"owner {t.owner} feePerToken {t.fee_per_token}, but at block {block} the registry says owner "
                      f"{a[0]} feePerToken {a[1]}")
-    for account in sorted({c for r in ex.records for c, _ in r.contributors}, key=lambda a: int(a, 16)):
+    named = {c for contributors in ex.contributor_lists.values() for c, _ in contributors}
+    for account in sorted(named, key=_address_int):
         got = chain.contributor_at(account, block)
         st = terms.contributors.get(account)
         want = ContributorStatus(got[0], got[1]) if got is not None else None
@@ -300,15 +302,30 @@ def _check_terms(chain: AuditChain, ex: EpochExport, terms: EpochTerms, sink: _S
     return onchain
 
 
+def _address_int(a: str) -> int:
+    return int(a, 16)
+
+
+def _adapters_used(ex: EpochExport) -> list[int]:
+    """The adapter ids the epoch's records name, ascending."""
+    return sorted(set().union(*{r.adapter_ids for r in ex.records}))
+
+
 def _check_fees(ex: EpochExport, onchain: Mapping[int, tuple[Any, ...]], sink: _Sink) -> None:
     block = int(ex.terms["block"])
+    per_token: dict[tuple[tuple[AdapterId, ...], tuple[int, ...]], int | None] = {}  # sum(weight*feePerToken)
     for i, r in enumerate(ex.records):
-        if any(a not in onchain for a in r.adapter_ids):
+        key = (r.adapter_ids, r.weights_bps)
+        rate = per_token.get(key, -1)
+        if rate == -1:
+            rate = per_token[key] = (None if any(a not in onchain for a in r.adapter_ids) else
+                                     sum(w * int(onchain[a][1]) for a, w in zip(*key, strict=True)))
+        if rate is None:
             continue
         tokens = r.prompt_tokens + r.completion_tokens
-        want = sum(w * int(onchain[a][1]) for a, w in zip(r.adapter_ids, r.weights_bps, strict=True)) * tokens // BPS
+        want = rate * tokens // BPS
         if int(r.fee) != want:
-            sink.add("fee", f"record {r.request_id} ({ex.where('records', 'entries', i, 'record', 'fee')})",
+            sink.add("fee", f"record {r.request_id} ({ex.record_where(i, 'fee')})",
                      f"fee {int(r.fee)} but sum(weight*feePerToken)*{tokens}/{BPS} with the adapters' terms at "
                      f"block {block} is {want} (difference {int(r.fee) - want})")
 
@@ -333,36 +350,74 @@ def _check_lineage(chain: AuditChain, ex: EpochExport, onchain: Mapping[int, tup
             ok = False
         if ok:
             usable[AdapterId(aid)] = lin.weights
-    used = sorted({i for r in ex.records for i in r.adapter_ids})
+    used = _adapters_used(ex)
     missing = [i for i in used if i not in lineage]
     if missing:
         notes.append(f"no lineage document for adapters {missing}: their records' contributor split was not "
                      "checked (pass --lineage ID=lineage.json)")
+    # a record's expected list depends on its adapters and weights only, its list is named by its attributionHash:
+    # each (adapters, weights, attributionHash) is checked once, and every record of a failing one is listed
+    verdicts: dict[tuple[tuple[AdapterId, ...], tuple[int, ...], str], tuple[str, str] | None] = {}
     for i, r in enumerate(ex.records):
-        if not all(a in usable for a in r.adapter_ids):
-            continue
-        have = dict(r.contributors)
-        if token_level:
-            allowed = {c for a in r.adapter_ids for c in usable[a]}
-            extra = sorted(set(have) - allowed)
-            if extra:
-                sink.add("lineage", f"record {r.request_id} ({ex.where('records', 'entries', i, 'record')})",
-                         f"contributors {extra} are in none of its adapters' lineage")
-            continue
-        fees = [int(onchain[a][1]) for a in r.adapter_ids]
-        want = contributor_weights(r.adapter_ids, r.weights_bps, fees, usable)
-        if have != want:
-            diff = sorted(set(have) | set(want), key=lambda x: int(x, 16))
-            bad = [(c, have.get(c, 0), want.get(c, 0)) for c in diff if have.get(c, 0) != want.get(c, 0)]
-            c, h, w = bad[0]
-            sink.add("lineage", f"record {r.request_id} ({ex.where('records', 'entries', i, 'record', 'contributors')})",
-                     f"contributor split differs from the adapters' lineage: {c} has weight {h}, lineage gives "
-                     f"{w}" + (f" ({len(bad) - 1} more account(s) differ)" if len(bad) > 1 else ""))
+        key = (r.adapter_ids, r.weights_bps, r.attribution_hash)
+        if key not in verdicts:
+            verdicts[key] = (None if not all(a in usable for a in r.adapter_ids) else
+                             _lineage_verdict(r.adapter_ids, r.weights_bps, r.contributors, onchain, usable,
+                                              token_level))
+        bad = verdicts[key]
+        if bad is not None:
+            column, message = bad
+            sink.add("lineage", f"record {r.request_id} ({ex.record_where(i, column or None)})", message)
+
+
+def _lineage_verdict(adapter_ids: tuple[AdapterId, ...], weights_bps: tuple[int, ...],
+                     contributors: Sequence[tuple[Address, int]], onchain: Mapping[int, tuple[Any, ...]],
+                     usable: Mapping[AdapterId, Mapping[Address, int]], token_level: bool) -> tuple[str, str] | None:
+    """What is wrong with a record's contributor list against its adapters' lineage: (the record's column to
+    name, or "" for the whole record; the message), or None when it agrees."""
+    have = dict(contributors)
+    if token_level:
+        allowed = {c for a in adapter_ids for c in usable[a]}
+        extra = sorted(set(have) - allowed)
+        return ("", f"contributors {extra} are in none of its adapters' lineage") if extra else None
+    fees = [int(onchain[a][1]) for a in adapter_ids]
+    want = contributor_weights(adapter_ids, weights_bps, fees, usable)
+    if have == want:
+        return None
+    diff = sorted(set(have) | set(want), key=_address_int)
+    bad = [(c, have.get(c, 0), want.get(c, 0)) for c in diff if have.get(c, 0) != want.get(c, 0)]
+    c, h, w = bad[0]
+    return "contributors", (f"contributor split differs from the adapters' lineage: {c} has weight {h}, lineage "
+                            f"gives {w}" + (f" ({len(bad) - 1} more account(s) differ)" if len(bad) > 1 else ""))
+
+
+def epoch_amounts_grouped(records: Sequence[AttributionRecord], terms: EpochTerms) -> dict[Address, int]:
+    """`rewards.epoch_amounts(records, terms)`, with `split_record` run once per distinct (fee, attributionHash,
+    adapters, weights): a record's split depends on nothing else (its contributor list is the one its
+    attributionHash names), so records that repeat one are added as split * count. Sums exactly, as the
+    node's own function does; tests hold the two equal."""
+    groups: dict[tuple[int, str, tuple[AdapterId, ...], tuple[int, ...]], list[Any]] = {}
+    total = 0
+    for r in records:
+        total += r.fee
+        key = (r.fee, r.attribution_hash, r.adapter_ids, r.weights_bps)
+        g = groups.get(key)
+        if g is None:
+            groups[key] = [r, 1]
+        else:
+            g[1] += 1
+    if total == 0:
+        return {}
+    subunits: dict[Address, int] = {}
+    for r, count in groups.values():
+        for a, v in split_record(r, terms).items():
+            subunits[a] = subunits.get(a, 0) + v * count
+    return largest_remainder(total, subunits, _address_int)
 
 
 def _check_amounts(ex: EpochExport, terms: EpochTerms, sink: _Sink) -> None:
     try:
-        want = {a: int(v) for a, v in epoch_amounts(ex.records, terms).items()}
+        want = epoch_amounts_grouped(ex.records, terms)
     except RewardsError as e:
         sink.add("amounts", "terms", f"the epoch's amounts cannot be computed from its terms: {e}")
         return

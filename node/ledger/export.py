@@ -112,6 +112,7 @@ _FIELDS: dict[tuple[str, ...], frozenset[str]] = {
 }
 _HEX32 = re.compile(r"0x[0-9a-f]{64}").fullmatch
 _HEX32_RUN = re.compile(r"(?:0x[0-9a-f]{64})*").fullmatch
+_ADDRESS = re.compile(r"0x[0-9a-fA-F]{40}").fullmatch
 _INT_ONLY = {int}
 
 
@@ -132,20 +133,23 @@ def _record_rows(records: Sequence[AttributionRecord], leaves: Sequence[bytes]
     """`records.entries` (by leaf) and `records.contributorLists` (each distinct list once, by hash)."""
     lists: dict[str, tuple[Contributor, ...]] = {}
     rows: list[list[Any]] = []
+    append = rows.append
     for i in sorted(range(len(records)), key=leaves.__getitem__):
         r = records[i]
         h = r.attribution_hash
-        if lists.setdefault(h, r.contributors) != r.contributors:
+        contributors = r.contributors
+        known = lists.setdefault(h, contributors)
+        if known is not contributors and known != contributors:
             raise ExportError(f"record {r.request_id}: its attributionHash {h} is another record's, with another "
                               "contributor list (the record does not commit to its list)")
-        rows.append([to_hex(leaves[i]), r.request_id, [str(a) for a in r.adapter_ids], list(r.weights_bps),
-                     r.prompt_tokens, r.completion_tokens, str(int(r.fee)), r.output_hash, h])
+        append(["0x" + leaves[i].hex(), r.request_id, list(map(str, r.adapter_ids)), list(r.weights_bps),
+                r.prompt_tokens, r.completion_tokens, str(int(r.fee)), r.output_hash, h])
     table: list[list[Any]] = []
-    for h in sorted(lists):
-        contributors = lists[h]
-        if attribution_hash(contributors) != h:
-            raise ExportError(f"attributionHash {h} does not commit to the contributor list its records carry")
-        table.append([h, [[a, str(int(w))] for a, w in contributors]])
+    for key in sorted(lists):
+        listed = lists[key]
+        if attribution_hash(listed) != key:
+            raise ExportError(f"attributionHash {key} does not commit to the contributor list its records carry")
+        table.append([key, [[a, str(int(w))] for a, w in listed]])
     return rows, table
 
 
@@ -289,7 +293,7 @@ class _Offsets:
             if isinstance(node, dict) != isinstance(key, str) or not isinstance(node, (dict, list)):
                 raise TypeError(f"no {key!r} in a {type(node).__name__}")
             start += self._children(tuple(path[:depth]), node)[key]
-            node = node[key]
+            node = node[key]  # type: ignore[index]  # a str key for a dict, an int for a list (checked above)
         return start, start + len(dump_export(node))
 
 
@@ -462,7 +466,7 @@ def _all_hex32(values: list[Any]) -> bool:
 @lru_cache(maxsize=1 << 16)
 def _is_checksummed_address(s: str) -> bool:
     """`s` is 0x + 40 hex digits in its EIP-55 form (contributor sets repeat across lists: memoised)."""
-    return len(s) == 42 and s.startswith("0x") and s[2:].isalnum() and s.isascii() and is_checksummed(s[2:])
+    return _ADDRESS(s) is not None and is_checksummed(s[2:])
 
 
 def _addr(doc: Any, path: Sequence[str | int]) -> Address:
@@ -655,7 +659,7 @@ def _parse_records(doc: dict[str, Any], domain: RecordDomain, n: int
         try:
             _, request_id, ids, weights, prompt, completion, fee, output_hash, ahash = row
             fee_v = int(fee)
-            ids_v = tuple(map(int, ids))
+            ids_v: tuple[AdapterId, ...] = tuple(map(AdapterId, map(int, ids)))
             if (type(row) is not list or type(prompt) is not int or type(completion) is not int
                     or str(fee_v) != fee or list(map(str, ids_v)) != ids or set(map(type, weights)) != _INT_ONLY):
                 raise ValueError(i)

@@ -7,12 +7,15 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+import re
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from loraledger.node.ledger.export import (
+    RECORD_COLUMNS,
     ExportError,
     canonical_export,
     chunks,
@@ -21,6 +24,7 @@ from loraledger.node.ledger.export import (
     export_sha256,
     parse_export,
 )
+from loraledger.node.ledger.merkle import RECORD_LEAF_ENCODING, REWARD_LEAF_ENCODING, verify
 from loraledger.node.ledger.record_log import RecordLog
 from loraledger.node.ledger.records import AttributionRecord, RecordDomain, records_tree
 from loraledger.node.ledger.rewards import add_cumulative, epoch_amounts, rewards_tree
@@ -100,55 +104,85 @@ def _doc(data: bytes) -> dict[str, Any]:
     return d
 
 
+def _bad(data: bytes, change: Callable[[dict[str, Any]], object], pattern: str) -> None:
+    """`change` applied to the parsed export, written canonically again: parse_export names it by `pattern`."""
+    d = _doc(data)
+    change(d)
+    with pytest.raises(ExportError, match=pattern):
+        parse_export(dump_export(d))
+
+
+def _entry(d: dict[str, Any], i: int) -> list[Any]:
+    row: list[Any] = d["records"]["entries"][i]
+    return row
+
+
+def _swap(rows: list[Any], i: int, j: int) -> None:
+    rows[i], rows[j] = rows[j], rows[i]
+
+
 def test_bad_exports_get_precise_errors(tmp_path: Path) -> None:
     log_ = _built_log(tmp_path / "a.sqlite")
     data = canonical_export(log_, 2)
     log_.close()
+    fee = RECORD_COLUMNS.index("fee")
 
     with pytest.raises(ExportError, match=rf"truncated: its JSON ends at byte {len(data) - 7}"):
         parse_export(data[:-7])
     with pytest.raises(ExportError, match="empty"):
         parse_export(b"")
 
-    d = _doc(data)
-    d["records"]["entries"][4], d["records"]["entries"][5] = d["records"]["entries"][5], d["records"]["entries"][4]
-    with pytest.raises(ExportError, match=r"records\.entries\[5\] \(bytes \d+-\d+\): leaf 0x[0-9a-f]{64} is not above "
-                                          r"the previous .*reordered"):
-        parse_export(dump_export(d))
-
-    d = _doc(data)
-    rec = d["records"]["entries"][3]["record"]
-    rec["fee"] = str(int(rec["fee"]) + 1)
-    with pytest.raises(ExportError, match=rf"records\.entries\[3\]\.leaf \(bytes \d+-\d+\): record {rec['requestId']}: "
-                                          r"its fields hash to leaf"):
-        parse_export(dump_export(d))
-
-    d = _doc(data)
-    d["records"]["entries"][1]["record"]["contributors"][0][1] = "999"
-    with pytest.raises(ExportError, match=r"records\.entries\[1\]\.record \(bytes .*does not commit to its "
-                                          r"contributor list"):
-        parse_export(dump_export(d))
-
-    d = _doc(data)
-    d["records"]["entries"][0]["proof"][0] = "0x" + "00" * 32
-    with pytest.raises(ExportError, match=r"records\.entries\[0\]\.proof .*does not lead to the records root"):
-        parse_export(dump_export(d))
-
-    d = _doc(data)
-    d["rewards"]["entries"][0]["cumulative"] = str(int(d["rewards"]["entries"][0]["cumulative"]) + 5)
-    with pytest.raises(ExportError, match=r"rewards\.entries\[0\]\.leaf .*hashes to leaf"):
-        parse_export(dump_export(d))
-
-    d = _doc(data)
-    d["records"]["count"] += 1
-    with pytest.raises(ExportError, match=r"records\.count \(bytes \d+-\d+\): says 13 records, the export lists 12"):
-        parse_export(dump_export(d))
+    _bad(data, lambda d: _swap(d["records"]["entries"], 4, 5),
+         r"records\.entries\[5\] \(bytes \d+-\d+\): leaf 0x[0-9a-f]{64} is not above the previous .*reordered")
+    _bad(data, lambda d: _entry(d, 3).__setitem__(fee, str(int(_entry(d, 3)[fee]) + 1)),
+         r"records\.entries\[3\]\.leaf \(bytes \d+-\d+\): record 0x[0-9a-f]{64}: its fields hash to leaf")
+    _bad(data, lambda d: _entry(d, 2).__setitem__(0, "0x" + "00" * 32),
+         r"records\.entries\[2\]\.leaf .*its fields hash to leaf .* the export says 0x0{64} \(forged")
+    # a forged contributor list: its attributionHash no longer commits to it
+    _bad(data, lambda d: d["records"]["contributorLists"][0][1][0].__setitem__(1, "999"),
+         r"records\.contributorLists\[0\]\.attributionHash \(bytes \d+-\d+\): the contributor list hashes to "
+         r".*does not commit")
+    _bad(data, lambda d: _swap(d["records"]["contributorLists"][0][1], 0, 1),
+         r"records\.contributorLists\[0\]\.contributors .*sorted by address")
+    _bad(data, lambda d: d["records"]["contributorLists"].append(d["records"]["contributorLists"][-1]),
+         r"records\.contributorLists\[\d+\] .*reordered or repeated")
+    # non-canonical values that decode to the same numbers or hashes: refused, so one epoch has one export
+    _bad(data, lambda d: _entry(d, 1).__setitem__(fee, "0" + _entry(d, 1)[fee]),
+         r"records\.entries\[1\]\.fee \(bytes \d+-\d+\): must be a decimal uint256 string, got '0")
+    _bad(data, lambda d: _entry(d, 1).__setitem__(1, _entry(d, 1)[1].upper().replace("0X", "0x")),
+         r"records\.entries\[1\]\.requestId .*must be 0x \+ 64 lowercase hex")
+    _bad(data, lambda d: _entry(d, 6).__setitem__(RECORD_COLUMNS.index("promptTokens"), True),
+         r"records\.entries\[6\]\.promptTokens .*must be int, got bool")
+    _bad(data, lambda d: _entry(d, 6).__setitem__(RECORD_COLUMNS.index("weightsBps"), [5000]),
+         r"records\.entries\[6\] .*adapter weights \(5000,\) sum to 5000, not 10000")
+    _bad(data, lambda d: _entry(d, 7).pop(),
+         r"records\.entries\[7\] .*a record row has 9 fields \(leaf, requestId, .*this one 8")
+    _bad(data, lambda d: _entry(d, 0).__setitem__(8, "0x" + "ee" * 32),
+         r"records\.entries\[0\]\.attributionHash .*names no list of records\.contributorLists")
+    _bad(data, lambda d: d["records"]["contributorLists"].insert(0, [
+        "0x" + "00" * 32, d["records"]["contributorLists"][0][1]]),
+         r"records\.contributorLists\[0\]\.attributionHash .*hashes to 0x")
+    _bad(data, lambda d: d["records"]["contributorLists"][1][1][0].__setitem__(0, "0x" + "g" * 40),
+         r"records\.contributorLists\[1\]\.contributors\[0\]\[0\] .*not an address")
+    _bad(data, lambda d: d["records"]["columns"].reverse(), r"records\.columns .*must be \['leaf', 'requestId'")
+    _bad(data, lambda d: d["records"].__setitem__("proofs", []), r"records \(bytes .*unknown field\(s\) \['proofs'\]")
+    _bad(data, lambda d: d["rewards"]["entries"][0].__setitem__(2, str(int(d["rewards"]["entries"][0][2]) + 5)),
+         r"rewards\.entries\[0\]\.leaf .*hashes to leaf")
+    mixed = next(i for i, row in enumerate(_doc(data)["rewards"]["entries"]) if row[0] != row[0].lower())
+    _bad(data, lambda d: d["rewards"]["entries"][mixed].__setitem__(0, d["rewards"]["entries"][mixed][0].lower()),
+         rf"rewards\.entries\[{mixed}\]\.account .*address must be written checksummed as 0x")
+    _bad(data, lambda d: d["records"].__setitem__("count", d["records"]["count"] + 1),
+         r"records\.count \(bytes \d+-\d+\): says 13 records, the export lists 12")
+    _bad(data, lambda d: d["records"].__setitem__("root", "0x" + "00" * 32),
+         r"records\.root .*the listed records give root 0x[0-9a-f]{64}, the export says 0x0{64}")
 
     spaced = data.replace(b'"epoch":2,', b'"epoch": 2,', 1)
     with pytest.raises(ExportError, match=r"byte \d+: the export is not in canonical form .* near epoch \(bytes"):
         parse_export(spaced)
     with pytest.raises(ExportError, match=r"byte \d+ \(0xff\) is not ASCII"):
         parse_export(data[:100] + b"\xff" + data[101:])
+    with pytest.raises(ExportError, match=r"format 'loraledger-epoch-export-v1' is not"):
+        parse_export(data.replace(b"export-v2", b"export-v1", 1))
 
     # another stream or epoch, refused by name
     for other, name in ((RecordDomain(1, DOMAIN.ledger, DOMAIN.operator), "chain 31337, not chain 1"),
@@ -158,6 +192,28 @@ def test_bad_exports_get_precise_errors(tmp_path: Path) -> None:
             parse_export(data, domain=other)
     with pytest.raises(ExportError, match="this export is of epoch 2, not epoch 3"):
         parse_export(data, domain=DOMAIN, epoch=3)
+
+
+def test_byte_ranges_name_the_bytes_and_proofs_follow_from_the_leaves(tmp_path: Path) -> None:
+    """`where` gives the exact bytes of a field; the proofs read off the rebuilt trees verify against the roots
+    (the export carries leaves, not proofs)."""
+    log_ = _built_log(tmp_path / "a.sqlite")
+    data = canonical_export(log_, 2)
+    log_.close()
+    ex = parse_export(data, domain=DOMAIN, epoch=2)
+    for i in (0, 5, 11):
+        where = ex.record_where(i, "fee")
+        a, b = (int(x) for x in re.search(r"bytes (\d+)-(\d+)", where).groups())  # type: ignore[union-attr]
+        assert data[a:b + 1].decode() == f'"{ex.records[i].fee}"'
+        assert where.startswith(f"records.entries[{i}].fee ")
+        r = ex.records[i]
+        assert verify(ex.records_root, RECORD_LEAF_ENCODING, r.leaf_values(DOMAIN), ex.record_proof(i))
+        assert not verify(ex.records_root, RECORD_LEAF_ENCODING, r.leaf_values(DOMAIN), ex.record_proof((i + 1) % 12))
+    for i, e in enumerate(ex.rewards):
+        assert verify(ex.rewards_root, REWARD_LEAF_ENCODING, [e.account, e.cumulative], ex.reward_proof(i))
+    # each record's contributor list is the one its attributionHash names, listed once
+    assert {r.attribution_hash for r in ex.records} == set(ex.contributor_lists)
+    assert len(ex.contributor_lists) == 12  # random weights: every list distinct here
 
 
 def test_export_document_of_forged_parts_is_self_consistent() -> None:
@@ -215,6 +271,6 @@ def test_grpc_stream_and_cli_write_the_same_bytes(tmp_path: Path) -> None:
     out = tmp_path / "e2.json"
     res = subprocess.run([sys.executable, "-m", "loraledger.node.cli", "epoch", "export", "2", "--canonical", "--out",
                           str(out), "--records", str(tmp_path / "a.sqlite"), "--deployment", str(tmp_path / "none")],
-                         capture_output=True, text=True, timeout=120)
+                         check=False, capture_output=True, text=True, timeout=120)
     assert res.returncode == 0, res.stdout + res.stderr
     assert out.read_bytes() == data
