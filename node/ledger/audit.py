@@ -202,6 +202,7 @@ class AdapterLineage:
     training_config_hash: str | None
     datanet_roots: tuple[str, ...]
     source: str
+    token_level: bool = False  # the node re-weighted this adapter's contributors per token (terms "tokenLevel")
 
 
 def lineage_from_document(adapter_id: int, doc: Mapping[str, Any], source: str) -> AdapterLineage:
@@ -361,9 +362,10 @@ def _check_lineage(chain: AuditChain, ex: EpochExport, onchain: Mapping[int, tup
     for i, r in enumerate(ex.records):
         key = (r.adapter_ids, r.weights_bps, r.attribution_hash)
         if key not in verdicts:
+            per_token = token_level or any(lineage[a].token_level for a in r.adapter_ids if a in lineage)
             verdicts[key] = (None if not all(a in usable for a in r.adapter_ids) else
                              _lineage_verdict(r.adapter_ids, r.weights_bps, r.contributors, onchain, usable,
-                                              token_level))
+                                              per_token))
         bad = verdicts[key]
         if bad is not None:
             column, message = bad
@@ -548,7 +550,7 @@ def audit_epoch(chain: AuditChain, operator: str, n: int, data: bytes | None, *,
                     lin[int(k)] = AdapterLineage(int(k), {as_address(a): int(t) for a, t in
                                                           dict(v.get("weights", {})).items()},
                                                  v.get("trainingConfigHash"), tuple(v.get("datanetRoots", ())),
-                                                 "export terms.lineage")
+                                                 "export terms.lineage", bool(v.get("tokenLevel", False)))
         _check_lineage(chain, ex, onchain, lin, token_level, sink, report.notes)
         _check_amounts(ex, terms, sink)
     _check_cumulative(chain, ex, info, op, sink, previous_data)
