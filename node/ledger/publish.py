@@ -5,7 +5,7 @@
 
 `[settlement] export_uri` is a template with `{epoch}` (and optionally `{chainId}`, `{ledger}`, `{operator}`),
 the same one `loraledger audit` reads. When it names a local path or a `file://` URI the node writes each epoch's
-canonical export there as soon as the epoch is built, before its submission (auditors and the guardian's
+canonical export there when its submission is signed, before it is broadcast (auditors and the guardian's
 watcher need it during the challenge delay). The write is atomic (a temporary file renamed into place), so a
 mirror syncing the folder never copies half an export. An `http(s)://` template is read by auditors only: the
 operator uploads there (the node also serves every export over gRPC `GetEpochExport`).
@@ -51,12 +51,12 @@ class ExportPublisher:
             raise ConfigError(f"settlement.export_uri {self.template!r} is malformed ({e}); it may use {{chainId}}, "
                               "{ledger}, {operator} and {epoch}") from None
 
-    def publish(self, log_: RecordLog, n: int) -> Path:
-        """Write epoch `n`'s canonical export (atomically) and return where."""
+    def publish(self, log_: RecordLog, n: int, data: bytes | None = None) -> Path:
+        """Write epoch `n`'s canonical export (`data` when the caller has it) atomically; return where."""
         out = self.path(n)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-        tmp.write_bytes(canonical_export(log_, n))
+        tmp.write_bytes(canonical_export(log_, n) if data is None else data)
         tmp.replace(out)
         log.info("epoch %d: export published to %s", n, out)
         return out

@@ -21,7 +21,9 @@ Crash safety and idempotence (every step re-reads the log and the chain):
   same nonce and fees bumped by `fee_bump_percent`; if the node lost it and the nonce is still free, the same raw
   bytes are broadcast again; if the nonce was used by another transaction, it is sent anew with a fresh nonce.
   A transaction is never re-sent with a new nonce while the old one can still land.
-- a receipt that disappears (reorg) before `confirmations` blocks is treated like a lost transaction.
+- a receipt that disappears (reorg) before `confirmations` blocks is treated like a lost transaction; when the
+  reorg also took an earlier transaction of ours (the approve before it), the nonce gap is filled first
+  (`_fill_nonce_gap`), so that the stored transaction itself lands.
 - reverted: the epoch goes back to built with `last_error` and SettlementError stops the caller; records stay.
 
 Revocations (every `resume` first compares the chain's live tip with the log, two reads in the common case):
@@ -47,6 +49,7 @@ from typing import Any
 import rlp
 from hexbytes import HexBytes
 from web3.exceptions import TransactionNotFound, Web3RPCError
+from web3.types import TxParams
 
 from loraledger.node.chain.bindings import Contracts, EpochInfo
 from loraledger.node.chain.client import CONNECTION_ERRORS
@@ -60,7 +63,7 @@ from loraledger.node.ledger.epochs import (
     EpochRow,
     SettlementError,
 )
-from loraledger.node.ledger.export import export_sha256, previous_live_epoch
+from loraledger.node.ledger.export import canonical_export, previous_live_epoch, sha256_hex
 from loraledger.node.ledger.record_log import RecordLog
 from loraledger.node.ledger.records import AttributionRecord, RecordDomain, records_tree
 from loraledger.node.ledger.rewards import add_cumulative, epoch_amounts, rewards_tree
@@ -174,6 +177,7 @@ class Settler:
         self.options = options or SettlementOptions()
         self.on_step = on_step
         self.lineage = lineage
+        self._export: tuple[tuple[int, str | None, str | None], bytes] | None = None
         self.proofs = EpochProofs(log_)
         self.domain = RecordDomain(self.client.chain_id, contracts.ledger.address, self.operator)
 
@@ -347,6 +351,14 @@ class Settler:
             f"published export (checked against the chain's export sha256) into this log; "
             f"(3) resettle: once an epoch of ours is revoked, `loraledger epoch resettle N` puts its records back.")
 
+    def export_bytes(self, row: EpochRow) -> bytes:
+        """The canonical export of built epoch `row` (what its exportHash hashes), kept for the last epoch asked:
+        the submission and the publisher share one rebuild."""
+        key = (row.epoch, row.records_root, row.rewards_root)
+        if self._export is None or self._export[0] != key:
+            self._export = (key, canonical_export(self.log, row.epoch))
+        return self._export[1]
+
     def _submit(self, row: EpochRow) -> int:
         """Send a built epoch (or adopt it if the chain already has our roots). Returns the epoch's number, which
         changes when the chain holds revoked epochs this log did not build (it is renumbered after them)."""
@@ -379,7 +391,8 @@ class Settler:
         self._ensure_funding(n, int(row.cumulative_total))
         fn = ledger.contract.functions.submitEpoch(
             n, bytes32_to_bytes(row.records_root), row.record_count, bytes32_to_bytes(row.rewards_root),
-            bytes32_to_bytes(export_sha256(self.log, n)), int(row.cumulative_total), previous_live_epoch(self.log, n))
+            bytes32_to_bytes(sha256_hex(self.export_bytes(row))), int(row.cumulative_total),
+            previous_live_epoch(self.log, n))
         try:
             tx = self.client.build(fn)
         except ContractRevertError as e:
@@ -537,7 +550,8 @@ class Settler:
                 if approve and k == row.tx_nonce - 1:
                     tx = self.client.build(c.token.contract.functions.approve(c.ledger.address, need))
                 else:
-                    tx = self.client.build({"to": self.operator, "value": 0}, gas=21_000)
+                    to_self: TxParams = {"to": self.operator}
+                    tx = self.client.build(to_self, gas=21_000)
                 signed = self.client.account.sign_transaction({**tx, "nonce": k})
                 err = self._broadcast(row.epoch, "0x" + bytes(signed.raw_transaction).hex(),
                                       TxHash("0x" + bytes(signed.hash).hex()))

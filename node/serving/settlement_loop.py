@@ -117,10 +117,12 @@ class SettlementLoop:
         self._thread = threading.Thread(target=self._run, name="loraledger-settlement", daemon=True)
 
     def _on_step(self, step: str, n: int) -> None:
-        """After an epoch is built, publish its export where `[settlement] export_uri` says (a local template)."""
-        if step == "built" and self.publisher is not None:
+        """Once an epoch's submission is signed, publish its export where `[settlement] export_uri` says (a local
+        template): the same bytes the transaction's exportHash hashes, before the transaction is broadcast."""
+        if step == "signed" and self.publisher is not None:
+            row = self.records.epoch(n)
             try:
-                self.publisher.publish(self.records, n)
+                self.publisher.publish(self.records, n, self.settler.export_bytes(row) if row else None)
             except OSError as e:  # the epoch still settles; auditors can fetch it over GetEpochExport meanwhile
                 log.error("epoch %d: could not publish its export to %s (%s); auditors will not find it there",
                           n, self.publisher.path(n), e)
