@@ -34,13 +34,12 @@ Parsers = argparse._SubParsersAction  # type: ignore[type-arg]
 
 
 def _chain_args(p: argparse.ArgumentParser, *, default: str | None = DEFAULT_DEPLOYMENT) -> None:
-    p.add_argument(
-        "--deployment",
-        default=default,
-        metavar="PATH",
-        help=f"deployment.json of the contracts (default: {default or 'none: no chain check'})",
-    )
-    p.add_argument("--rpc-url", help="JSON-RPC endpoint (default: the one recorded in the deployment)")
+    where = (f"$LORALEDGER_DEPLOYMENT, else ./deployment.json, else {default}" if default
+             else "none: no chain check")
+    p.add_argument("--deployment", default=default, metavar="PATH",
+                   help=f"deployment.json of the contracts (default: {where})")
+    p.add_argument("--rpc-url", help="JSON-RPC endpoint (default: $LORALEDGER_CHAIN_RPC_URL, else the one recorded "
+                                     "in the deployment)")
 
 
 def _key_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
@@ -227,16 +226,20 @@ def _contracts(args: argparse.Namespace, account: Any | None = None) -> Any:
     from loraledger.node.chain.bindings import Contracts
     from loraledger.node.chain.client import ChainClient
     from loraledger.node.chain.devnet_setup import read_deployment, web3_for
+    from loraledger.node.config import load_config
 
-    dep = read_deployment(args.deployment)
-    rpc = args.rpc_url or dep.extra.get("rpcUrl")
+    cfg = load_config(None)  # the environment's deployment and RPC URL ($LORALEDGER_DEPLOYMENT, ...)
+    path = args.deployment
+    if path == DEFAULT_DEPLOYMENT:  # not given: $LORALEDGER_DEPLOYMENT, then ./deployment.json, then the devnet's
+        path = cfg.chain.deployment
+    dep = read_deployment(path)
+    rpc = args.rpc_url or cfg.chain.rpc_url or dep.extra.get("rpcUrl")
     if not rpc:
-        raise ConfigError(f"{args.deployment} records no RPC URL; pass --rpc-url")
+        raise ConfigError(f"{path} records no RPC URL (a public chain's deployment never does); pass --rpc-url or "
+                          "set $LORALEDGER_CHAIN_RPC_URL")
     w3 = web3_for(str(rpc))
     if int(w3.eth.chain_id) != dep.chain_id:
-        raise ConfigError(
-            f"{rpc} serves chain {w3.eth.chain_id}, but {args.deployment} is for chain {dep.chain_id}"
-        )
+        raise ConfigError(f"{rpc} serves chain {w3.eth.chain_id}, but {path} is for chain {dep.chain_id}")
     return Contracts.at(ChainClient(w3, account if account is not None else Account.create()), dep.addresses)
 
 

@@ -68,3 +68,25 @@ def test_node_refuses_a_squatted_registration(chain_world: ChainWorld, tiny_mode
     # and the squatter cannot register it under the owner's lineage either
     with pytest.raises(Exception, match="names owner"):
         register_adapter(path, squatter, fee_per_token=1)
+
+
+def test_lineage_commands_find_the_deployment_and_rpc_from_the_environment(
+        chain_world: ChainWorld, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A public chain's deployment.json records no RPC URL: the lineage commands take $LORALEDGER_DEPLOYMENT (or
+    ./deployment.json) and $LORALEDGER_CHAIN_RPC_URL, like the node's own commands."""
+    from loraledger.node.cli import main as cli
+    from loraledger.node.types import as_address
+
+    dep = json.loads(chain_world.deployment_file.read_text())
+    dep.get("extra", {}).pop("rpcUrl", None)
+    (tmp_path / "public.json").write_text(json.dumps(dep))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LORALEDGER_CHAIN_RPC_URL", raising=False)
+    monkeypatch.setenv("LORALEDGER_DEPLOYMENT", str(tmp_path / "public.json"))
+    payout = ["contributor", "payout", "--dev-account", "9", "0x" + "cd" * 20]
+    assert cli(payout) == 1  # no RPC URL anywhere: the error says where to give one
+    monkeypatch.setenv("LORALEDGER_CHAIN_RPC_URL", chain_world.rpc_url)
+    assert cli(["contributor", "register", "--dev-account", "9", "--profile", "ipfs://p9"]) == 0
+    assert cli(payout) == 0
+    reader = chain_world.bind(dev_account(0)).contributors
+    assert reader.payout_of(dev_account(9).address) == as_address("0x" + "cd" * 20)
