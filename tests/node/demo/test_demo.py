@@ -40,7 +40,7 @@ def _rewards_show(address: str, config: Path, capsys: pytest.CaptureFixture[str]
     """(owed, claimed) as `loraledger rewards show ADDRESS --config node.toml` prints them."""
     assert main(["rewards", "show", address, "--config", str(config)]) == 0
     out = capsys.readouterr().out
-    owed = re.search(r"owed \(cumulative, epoch \d+\): (\d+)", out)
+    owed = re.search(r"cumulative under epoch \d+ \(in effect\): (\d+)", out)
     claimed = re.search(r"^\s+claimed: (\d+)$", out, re.MULTILINE)
     assert owed and claimed, out
     return int(owed.group(1)), int(claimed.group(1))
