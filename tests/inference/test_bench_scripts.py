@@ -65,3 +65,28 @@ def test_bench_lora_runs_with_static_steps_ahead(tmp_path: Path) -> None:
     # every adapter of the run fits the slots here (N = 2): the load times come from spare keys, not skipped
     load = tiny["adapter_load"]
     assert load["page_cache_to_slot_ms"] > 0 and load["cpu_tier_to_slot_ms"] > 0 and load["weights_hash_ms"] > 0
+
+
+@pytest.mark.slow
+def test_bench_serving_and_real_model_engine_bench_run_on_a_local_checkpoint(
+    tmp_path: Path, tiny_model_dir: Path
+) -> None:
+    """bench_serving.py end to end (node over gRPC from another process, transformers static batches) and
+    bench_engine.py on a checkpoint folder (the path `--model smollm2` takes after fetching), on the tiny model."""
+    out = tmp_path / "serving.json"
+    run_script("bench_serving.py", "--model-dir", str(tiny_model_dir), "--rates", "4", "--requests", "6",
+               "--adapters", "2", "--batch", "4", "--max-prompt", "24", "--max-output", "8", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["complete"] and out.with_suffix(".png").is_file()
+    row = report["rates"][0]
+    for system in ("node", "transformers"):
+        assert row[system]["requests"] == 6 and row[system]["completion_tokens"] > 0
+        assert 0 < row[system]["ttft_p50_s"] <= row[system]["ttft_p99_s"]
+    lengths = report["workload"]["lengths"]
+    assert lengths["records"] > 1000 and lengths["sigma"] > 0  # fitted to the sample contributions
+    engine_out = tmp_path / "engine.json"
+    run_script("bench_engine.py", "--device", "cpu", "--model-dir", str(tiny_model_dir), "--batch", "2",
+               "--prompt-len", "8", "--new-tokens", "4", "--repeats", "1", "--out", str(engine_out))
+    engine = json.loads(engine_out.read_text())
+    assert engine["model"]["real"] and engine["ratio"]["decode"] > 0
+    assert engine["results"]["engine"]["tokens_agreeing_with_engine"] == 1.0
