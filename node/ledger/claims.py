@@ -24,7 +24,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -59,13 +59,19 @@ class ClaimResult:
 
 @dataclass(frozen=True)
 class PushResult:
-    """What `push_claims` did: accounts paid (amounts), skipped (nothing new), the batches' transactions."""
+    """What `push_claims` did: accounts paid (amounts), skipped (nothing new), the batches' transactions, and the
+    accounts the ledger could not pay (`ClaimSkipped`: a refused transfer or a bad proof -> the reason), whose
+    claims stay open for them to make themselves."""
 
     paid: dict[Address, Wei]
     skipped: list[Address]
     tx_hashes: list[TxHash]
     gas_used: list[int]
     batch_size: int
+    failed: dict[Address, str] = field(default_factory=dict)
+
+
+_SKIP_REASONS = {1: "its proof does not verify", 2: "the token refused the transfer"}  # IAttributionLedger.SkipReason
 
 
 def load_epoch_file(path: str | Path) -> dict[str, Any]:
@@ -204,6 +210,7 @@ def push_claims(ledger: LedgerClient, proofs: Sequence[RewardProofData], *, thre
     if max_batch is not None:
         size = max(1, min(size, max_batch))
     paid: dict[Address, Wei] = {}
+    failed: dict[Address, str] = {}
     hashes: list[TxHash] = []
     gas: list[int] = []
     for start in range(0, len(owed), size):
@@ -216,8 +223,13 @@ def push_claims(ledger: LedgerClient, proofs: Sequence[RewardProofData], *, thre
             if e["event"] == "Claimed":
                 a = as_address(str(e["args"]["account"]))
                 paid[a] = Wei(int(paid.get(a, 0)) + int(str(e["args"]["amount"])))
+            elif e["event"] == "ClaimSkipped":
+                a = as_address(str(e["args"]["account"]))
+                failed[a] = _SKIP_REASONS.get(int(str(e["args"]["reason"])), "unknown reason")
     log.info("pushed claims to %d accounts in %d transactions (batch %d)", len(paid), len(hashes), size)
-    return PushResult(paid, skipped, hashes, gas, size)
+    for a, why in sorted(failed.items()):
+        log.warning("push: the ledger could not pay %s (%s); its claim stays open for it to make itself", a, why)
+    return PushResult(paid, skipped, hashes, gas, size, failed)
 
 
 # ---------------------------------------------------------------------------------------------- the root in effect
