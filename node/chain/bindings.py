@@ -26,7 +26,7 @@ from web3.types import TxReceipt
 
 from loraledger.node.chain.artifacts import load_artifact
 from loraledger.node.chain.client import ChainClient
-from loraledger.node.errors import ChainError
+from loraledger.node.errors import ChainError, ContractRevertError
 from loraledger.node.types import (
     AdapterId,
     Address,
@@ -276,9 +276,16 @@ class AdapterRegistryClient(BoundContract):
                                    [as_address(owner), bytes32_to_bytes(weights_hash),
                                     bytes32_to_bytes(training_config_hash), salt])))
 
-    def commit_adapter(self, commitment: bytes) -> TxResult:
-        """Step 1 of registration: commit (the reveal must land in a later block)."""
-        return self._write("commitAdapter", commitment)
+    def commit_adapter(self, commitment: bytes) -> TxResult | None:
+        """Step 1 of registration: commit (the reveal must land in a later block). None when the commitment is
+        already pending: someone copied our commit transaction and it landed first, which stores our own
+        commitment (it binds our address), so the reveal goes ahead."""
+        try:
+            return self._write("commitAdapter", commitment)
+        except ContractRevertError as e:
+            if e.error_name != "AdapterAlreadyCommitted":
+                raise
+            return None
 
     def register_adapter_tx(
         self,
