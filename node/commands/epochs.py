@@ -17,7 +17,14 @@ import argparse
 
 from loraledger.node.chain.bindings import Contracts
 from loraledger.node.chain.client import ChainClient
-from loraledger.node.commands.rewards import _chain, _config, _key, _open_log
+from loraledger.node.commands.context import (
+    chain_of,
+    chain_options,
+    load_cfg,
+    open_log,
+    reader,
+    signing_key,
+)
 from loraledger.node.errors import ConfigError
 from loraledger.node.ledger.epochs import REVOKED
 from loraledger.node.types import as_address
@@ -36,27 +43,20 @@ def _epoch_actions(subparsers: argparse._SubParsersAction[argparse.ArgumentParse
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="node config TOML (default: built-in defaults + env)")
-        p.add_argument("--records", help="record log: SQLite path or postgresql:// DSN (default: from config)")
-        p.add_argument("--deployment", help="deployment.json (default: $LORALEDGER_DEPLOYMENT, [chain] deployment, "
-                                            "./deployment.json)")
-        p.add_argument("--rpc-url", help="JSON-RPC endpoint (default: $LORALEDGER_CHAIN_RPC_URL / [chain] rpc_url)")
-
     actions = _epoch_actions(subparsers)
     ls = actions.add_parser("list", help="every epoch in the record log: state, records, fees, roots")
-    common(ls)
+    chain_options(ls)
     ls.set_defaults(handler=_list)
     rv = actions.add_parser("revoke", help="guardian: revoke an operator's pending epoch N and every later one")
     rv.add_argument("n", type=int, metavar="N", help="the first epoch to revoke")
     rv.add_argument("--operator", required=True, help="the operator whose epochs are revoked")
     rv.add_argument("--key-file", help="guardian keystore (default: config chain.key_file / chain.key_env)")
     rv.add_argument("--password-file", help="file whose first line is the keystore password")
-    common(rv)
+    chain_options(rv)
     rv.set_defaults(handler=_revoke)
     rs = actions.add_parser("resettle", help="put a revoked epoch's quarantined records back to pending")
     rs.add_argument("n", type=int, metavar="N", help="a revoked epoch of this node's log")
-    common(rs)
+    chain_options(rs)
     rs.set_defaults(handler=_resettle)
     ad = actions.add_parser("adopt", help="take in epoch N that another log of this operator built, from its "
                                           "published export (checked against the chain's export sha256)")
@@ -65,13 +65,13 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     ad.add_argument("--operator", help="the operator (default: the address of the configured key)")
     ad.add_argument("--key-file", help="operator keystore, for its address (default: config chain.key_file)")
     ad.add_argument("--password-file", help="file whose first line is the keystore password")
-    common(ad)
+    chain_options(ad)
     ad.set_defaults(handler=_adopt)
 
 
 def _list(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    with _open_log(args, cfg) as log_:
+    cfg = load_cfg(args)
+    with open_log(args, cfg) as log_:
         rows = log_.epochs()
     if not rows:
         print("the record log has no epoch yet")
@@ -84,9 +84,9 @@ def _list(args: argparse.Namespace) -> int:
 
 
 def _revoke(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    dep, w3 = _chain(args, cfg)
-    ledger = Contracts.at(ChainClient(w3, _key(args, cfg)), dep.addresses).ledger
+    cfg = load_cfg(args)
+    dep, w3 = chain_of(args, cfg)
+    ledger = Contracts.at(ChainClient(w3, signing_key(args, cfg)), dep.addresses).ledger
     operator = as_address(args.operator)
     last = ledger.last_epoch(operator)
     res = ledger.revoke_root(operator, args.n)
@@ -96,8 +96,8 @@ def _revoke(args: argparse.Namespace) -> int:
 
 
 def _resettle(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    with _open_log(args, cfg) as log_:
+    cfg = load_cfg(args)
+    with open_log(args, cfg) as log_:
         row = log_.epoch(args.n)
         if row is None:
             raise ConfigError(f"epoch {args.n} is not in the record log")
@@ -112,14 +112,13 @@ def _resettle(args: argparse.Namespace) -> int:
 def _adopt(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from loraledger.node.commands.rewards import _reader
     from loraledger.node.ledger.export import parse_export, sha256_hex
     from loraledger.node.ledger.records import RecordDomain
 
-    cfg = _config(args)
-    dep, w3 = _chain(args, cfg)
-    ledger = _reader(w3, dep).ledger
-    operator = as_address(args.operator if args.operator else _key(args, cfg).address)
+    cfg = load_cfg(args)
+    dep, w3 = chain_of(args, cfg)
+    ledger = reader(w3, dep).ledger
+    operator = as_address(args.operator if args.operator else signing_key(args, cfg).address)
     n = int(args.n)
     if not 0 < n <= ledger.last_epoch(operator):
         raise ConfigError(f"operator {operator} has no epoch {n} on chain")
@@ -129,7 +128,7 @@ def _adopt(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.export} has sha256 {sha256_hex(data)}, but epoch {n} on chain commits to "
                           f"{info.export_hash}: not this epoch's export")
     ex = parse_export(data, domain=RecordDomain(dep.chain_id, ledger.address, operator), epoch=n)
-    with _open_log(args, cfg) as log_:
+    with open_log(args, cfg) as log_:
         live = [r.epoch for r in log_.epochs() if r.state not in (REVOKED, "resettled") and r.epoch < n]
         if ex.previous_epoch != (live[-1] if live else 0):
             raise ConfigError(f"epoch {n} builds on epoch {ex.previous_epoch}, but this log's last live epoch "

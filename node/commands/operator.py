@@ -17,27 +17,27 @@ from contextlib import ExitStack
 from loraledger.node.chain.bindings import Contracts
 from loraledger.node.chain.client import ChainClient
 from loraledger.node.chain.keys import load_account
-from loraledger.node.commands.rewards import _chain, _config, _key, _open_log, _reader_account
+from loraledger.node.commands.context import (
+    chain_of,
+    chain_options,
+    load_cfg,
+    open_log,
+    reader_account,
+    signing_key,
+)
 from loraledger.node.errors import ConfigError
 from loraledger.node.ledger.funding import funding_report
 from loraledger.node.types import as_address
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="node config TOML (default: built-in defaults + env)")
-        p.add_argument("--records", help="record log: SQLite path or postgresql:// DSN (default: from config)")
-        p.add_argument("--deployment", help="deployment.json (default: $LORALEDGER_DEPLOYMENT, [chain] deployment, "
-                                            "./deployment.json)")
-        p.add_argument("--rpc-url", help="JSON-RPC endpoint (default: $LORALEDGER_CHAIN_RPC_URL / [chain] rpc_url)")
-
     op = subparsers.add_parser("operator", help="the operator's funding: ETH, tokens, what settling pulls")
     osub = op.add_subparsers(dest="operator_command", metavar="ACTION", required=True)
     st = osub.add_parser("status", help="ETH, reward tokens, allowance, next pull, epochs left")
     st.add_argument("--address", help="operator address (default: the operator key's, else the deployment's)")
     st.add_argument("--key-file", help="operator keystore, to name the operator (default: config / env)")
     st.add_argument("--password-file", help="file whose first line is the keystore password")
-    common(st)
+    chain_options(st)
     st.set_defaults(handler=_status)
 
     tok = subparsers.add_parser("token", help="the demo RewardToken: mint")
@@ -47,26 +47,26 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     mint.add_argument("--amount", required=True, type=int, help="amount in reward-token base units")
     mint.add_argument("--key-file", help="minter keystore (default: $LORALEDGER_PRIVATE_KEY)")
     mint.add_argument("--password-file", help="file whose first line is the keystore password")
-    common(mint)
+    chain_options(mint)
     mint.set_defaults(handler=_mint)
 
 
 def _status(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    dep, w3 = _chain(args, cfg)
+    cfg = load_cfg(args)
+    dep, w3 = chain_of(args, cfg)
     if args.address:
         operator = as_address(args.address)
     else:
         try:
-            operator = as_address(_key(args, cfg).address)
+            operator = as_address(signing_key(args, cfg).address)
         except ConfigError:
             if not dep.operator:
                 raise ConfigError("no operator: pass --address ADDR or the operator's --key-file") from None
             operator = as_address(dep.operator)
-    contracts = Contracts.at(ChainClient(w3, _reader_account()), dep.addresses)
+    contracts = Contracts.at(ChainClient(w3, reader_account()), dep.addresses)
     with ExitStack() as stack:
         try:
-            log_ = stack.enter_context(_open_log(args, cfg))
+            log_ = stack.enter_context(open_log(args, cfg))
         except ConfigError as e:
             print(f"(no record log: {e}; balances only)")
             log_ = None
@@ -77,8 +77,8 @@ def _status(args: argparse.Namespace) -> int:
 
 
 def _mint(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    dep, w3 = _chain(args, cfg)
+    cfg = load_cfg(args)
+    dep, w3 = chain_of(args, cfg)
     if dep.external_token:
         raise ConfigError(f"this deployment pays in the external token {dep.address('RewardToken')}: mint or "
                           "transfer with that token's own tools")

@@ -29,22 +29,18 @@ from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
-from eth_account import Account
-from eth_account.signers.local import LocalAccount
-from web3 import Web3
-
 from loraledger.node.chain.bindings import Contracts, LedgerClient
 from loraledger.node.chain.client import ChainClient
-from loraledger.node.chain.deploy import Deployment
-from loraledger.node.chain.devnet_setup import read_deployment, web3_for
-from loraledger.node.chain.keys import (
-    PASSWORD_ENV,
-    account_from_hex,
-    load_account,
-    load_keystore,
-    read_password,
+from loraledger.node.chain.devnet_setup import read_deployment
+from loraledger.node.commands.context import (
+    chain_of,
+    chain_options,
+    load_cfg,
+    open_log,
+    reader,
+    signing_key,
 )
-from loraledger.node.config import NodeConfig, load_config
+from loraledger.node.config import NodeConfig
 from loraledger.node.errors import ConfigError
 from loraledger.node.ledger.claims import (
     EpochFileSource,
@@ -62,13 +58,6 @@ from loraledger.node.types import Wei, as_address, as_bytes32
 
 
 def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("--config", help="node config TOML (default: built-in defaults + env)")
-        p.add_argument("--records", help="record log: SQLite path or postgresql:// DSN (default: from config)")
-        p.add_argument("--deployment", help="deployment.json (default: $LORALEDGER_DEPLOYMENT, [chain] deployment, "
-                                            "./deployment.json)")
-        p.add_argument("--rpc-url", help="JSON-RPC endpoint (default: $LORALEDGER_CHAIN_RPC_URL / [chain] rpc_url)")
-
     def sources(p: argparse.ArgumentParser) -> None:
         p.add_argument("--server", help="read proofs from the node at HOST:PORT (gRPC GetRewardProof)")
         p.add_argument("--epoch-file", action="append", default=[], metavar="PATH",
@@ -82,7 +71,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     epoch = subparsers.add_parser("epoch", help="settle and export reward epochs")
     esub = epoch.add_subparsers(dest="epoch_command", metavar="ACTION", required=True)
     settle = esub.add_parser("settle", help="close the pending records into an epoch and submit it on chain")
-    common(settle)
+    chain_options(settle)
     settle.add_argument("--key-file", help="operator keystore (default: config chain.key_file / chain.key_env)")
     settle.add_argument("--password-file", help="file whose first line is the keystore password")
     settle.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the transaction")
@@ -93,7 +82,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     exp.add_argument("--canonical", action="store_true",
                      help="write the canonical export instead (the bytes whose sha256 is on chain; what gRPC "
                           "GetEpochExport serves and `loraledger audit` checks)")
-    common(exp)
+    chain_options(exp)
     exp.set_defaults(handler=_export)
 
     rewards = subparsers.add_parser("rewards", help="show, claim and push contributor rewards")
@@ -101,7 +90,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     show = rsub.add_parser("show", help="claimable now, pending (until when), claimed; history from the log")
     show.add_argument("address", metavar="ADDRESS")
     show.add_argument("--operator", help="operator whose stream pays (default: the one the proofs name)")
-    common(show)
+    chain_options(show)
     sources(show)
     show.set_defaults(handler=_show)
     cl = rsub.add_parser("claim", help="claim what an account is owed (proof checked against the chain first)")
@@ -109,7 +98,7 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     cl.add_argument("--password-file", help="file whose first line is the keystore password")
     cl.add_argument("--operator", help="operator whose stream pays (default: the one the proofs name)")
     cl.add_argument("--account", help="account to claim for (default: the key's own address)")
-    common(cl)
+    chain_options(cl)
     sources(cl)
     cl.set_defaults(handler=_claim)
     push = rsub.add_parser("push", help="pay every account owed more than --threshold with claimMany")
@@ -117,47 +106,8 @@ def add_commands(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]
     push.add_argument("--threshold", type=int, default=None, help="skip accounts owed this much or less")
     push.add_argument("--key-file", help="keystore of the sender (default: the operator key)")
     push.add_argument("--password-file", help="file whose first line is the keystore password")
-    common(push)
+    chain_options(push)
     push.set_defaults(handler=_push)
-
-
-# ----- context
-
-
-def _config(args: argparse.Namespace) -> NodeConfig:
-    return load_config(getattr(args, "config", None))
-
-
-def _open_log(args: argparse.Namespace, cfg: NodeConfig) -> RecordLog:
-    target = args.records or cfg.records.postgres_dsn or cfg.records.path
-    if target.startswith(("postgresql://", "postgres://")):
-        return RecordLog.open(dsn=target)
-    if not Path(target).exists():
-        raise ConfigError(f"no record log at {target}; pass --records PATH (or set records.path in the config)")
-    return RecordLog.open(target)
-
-
-def _chain(args: argparse.Namespace, cfg: NodeConfig) -> tuple[Deployment, Web3]:
-    dep = read_deployment(args.deployment or cfg.chain.deployment)
-    rpc = args.rpc_url or cfg.chain.rpc_url or str(dep.extra.get("rpcUrl", ""))
-    if not rpc:
-        raise ConfigError("no RPC endpoint: pass --rpc-url URL, or set $LORALEDGER_CHAIN_RPC_URL or [chain] rpc_url "
-                          "(deployment.json never holds one for a public chain)")
-    w3 = web3_for(rpc)
-    if int(w3.eth.chain_id) != dep.chain_id:
-        raise ConfigError(f"the RPC endpoint serves chain {w3.eth.chain_id}, but the deployment is for chain "
-                          f"{dep.chain_id}; pass the matching --rpc-url or --deployment")
-    return dep, w3
-
-
-def _key(args: argparse.Namespace, cfg: NodeConfig) -> LocalAccount:
-    key_file = getattr(args, "key_file", None) or cfg.chain.key_file or None
-    if key_file:
-        env = {PASSWORD_ENV: os.environ[cfg.chain.password_env]} if cfg.chain.password_env in os.environ else {}
-        return load_keystore(key_file, read_password(password_file=getattr(args, "password_file", None), environ=env))
-    if os.environ.get(cfg.chain.key_env):
-        return account_from_hex(os.environ[cfg.chain.key_env], f"${cfg.chain.key_env}")
-    return load_account()
 
 
 # ----- handlers
@@ -188,12 +138,12 @@ def _settler_role(log_: RecordLog, args: argparse.Namespace, cfg: NodeConfig) ->
 
 
 def _settle(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    dep, w3 = _chain(args, cfg)
-    contracts = Contracts.at(ChainClient(w3, _key(args, cfg)), dep.addresses)
+    cfg = load_cfg(args)
+    dep, w3 = chain_of(args, cfg)
+    contracts = Contracts.at(ChainClient(w3, signing_key(args, cfg)), dep.addresses)
     opts = SettlementOptions(epoch_seconds=cfg.settlement.epoch_seconds, epoch_records=cfg.settlement.epoch_records,
                              receipt_timeout=args.timeout, confirmations=cfg.chain.confirmations_for(dep.chain_id))
-    with _open_log(args, cfg) as log_, _settler_role(log_, args, cfg):
+    with open_log(args, cfg) as log_, _settler_role(log_, args, cfg):
         settler = Settler(log_, contracts, opts)
         resumed = settler.resume()
         for o in resumed:
@@ -217,7 +167,7 @@ def _settle(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = load_cfg(args)
     ledger: str | None = None
     chain_id: int | None = None
     dep_path = Path(args.deployment or cfg.chain.deployment)
@@ -227,13 +177,13 @@ def _export(args: argparse.Namespace) -> int:
     if args.canonical:
         from loraledger.node.ledger.export import canonical_export, sha256_hex
 
-        with _open_log(args, cfg) as log_:
+        with open_log(args, cfg) as log_:
             data = canonical_export(log_, args.n)
         Path(args.out).write_bytes(data)
         print(f"wrote the canonical export of epoch {args.n} ({len(data)} bytes, sha256 {sha256_hex(data)}) to "
               f"{args.out}")
         return 0
-    with _open_log(args, cfg) as log_:
+    with open_log(args, cfg) as log_:
         out = export_epoch(log_, args.n, args.out, ledger=ledger, chain_id=chain_id)
         row = log_.epoch(args.n)
     assert row is not None
@@ -333,25 +283,21 @@ def _source(args: argparse.Namespace, cfg: NodeConfig, account: str, stack: Exit
     if args.epoch_file:
         return EpochFileSource(args.epoch_file), None
     try:
-        log_ = stack.enter_context(_open_log(args, cfg))
+        log_ = stack.enter_context(open_log(args, cfg))
     except ConfigError as e:
         raise ConfigError(f"{e}. Without the operator's record log, read proofs from its node (--server HOST:PORT) "
                           "or from its published epoch files (--epoch-file FILE or FOLDER)") from e
     return LogProofSource(log_), log_
 
 
-def _reader(w3: Web3, dep: Deployment) -> Contracts:
-    return Contracts.at(ChainClient(w3, _reader_account()), dep.addresses)
-
-
 def _show(args: argparse.Namespace) -> int:
-    cfg = _config(args)
+    cfg = load_cfg(args)
     account = as_address(args.address)
-    dep, w3 = _chain(args, cfg)
+    dep, w3 = chain_of(args, cfg)
     with ExitStack() as stack:
         source, log_ = _source(args, cfg, account, stack)
         operator = args.operator or (dep.operator if source.latest_epoch() is None else None)
-        st = reward_status(_reader(w3, dep).ledger, source, account, operator=operator, epoch=args.epoch)
+        st = reward_status(reader(w3, dep).ledger, source, account, operator=operator, epoch=args.epoch)
         for line in st.lines():
             print(line)
         if log_ is not None:
@@ -364,16 +310,10 @@ def _show(args: argparse.Namespace) -> int:
     return 0
 
 
-def _reader_account() -> LocalAccount:
-    """A throw-away local account for read-only calls (no key needed to read the chain)."""
-    acct: LocalAccount = Account.create()
-    return acct
-
-
 def _claim(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    dep, w3 = _chain(args, cfg)
-    sender = _key(args, cfg)
+    cfg = load_cfg(args)
+    dep, w3 = chain_of(args, cfg)
+    sender = signing_key(args, cfg)
     account = as_address(args.account or sender.address)
     contracts = Contracts.at(ChainClient(w3, sender), dep.addresses)
     with ExitStack() as stack:
@@ -390,13 +330,13 @@ def _claim(args: argparse.Namespace) -> int:
 
 
 def _push(args: argparse.Namespace) -> int:
-    cfg = _config(args)
-    dep, w3 = _chain(args, cfg)
-    contracts = Contracts.at(ChainClient(w3, _key(args, cfg)), dep.addresses)
+    cfg = load_cfg(args)
+    dep, w3 = chain_of(args, cfg)
+    contracts = Contracts.at(ChainClient(w3, signing_key(args, cfg)), dep.addresses)
     if args.epoch_file:
         proof_list = proofs_from_epoch_file(args.epoch_file)
     else:
-        with _open_log(args, cfg) as log_:
+        with open_log(args, cfg) as log_:
             proof_list = _log_proofs(log_, contracts.ledger)
         if not proof_list:
             print("no epoch of this operator is in effect yet: nothing to push")
