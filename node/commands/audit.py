@@ -75,15 +75,8 @@ def _run(args: argparse.Namespace) -> int:
     from loraledger.node.chain.client import ChainClient
     from loraledger.node.chain.devnet_setup import read_deployment
     from loraledger.node.config import load_config
-    from loraledger.node.ledger.audit import (
-        AuditChain,
-        AuditError,
-        Watcher,
-        WatchOptions,
-        audit_epoch,
-        load_lineage_files,
-        make_fetch,
-    )
+    from loraledger.node.ledger.audit import AuditChain, AuditError, audit_epoch, load_lineage_files
+    from loraledger.node.ledger.watch import Watcher, WatchOptions, make_fetch
     from loraledger.node.types import as_address
 
     cfg = load_config(args.config)

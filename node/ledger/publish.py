@@ -19,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from loraledger.node.errors import ConfigError
 from loraledger.node.ledger.export import canonical_export
 from loraledger.node.ledger.records import RecordDomain
 
@@ -44,12 +43,12 @@ class ExportPublisher:
         return cls(template.removeprefix("file://"), domain)
 
     def path(self, n: int) -> Path:
+        """Where epoch `n`'s export goes: the template filled in as auditors fill it (`watch.expand_template`)."""
+        from loraledger.node.ledger.watch import expand_template
+
         d = self.domain
-        try:
-            return Path(self.template.format(chainId=d.chain_id, ledger=d.ledger, operator=d.operator, epoch=n))
-        except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(f"settlement.export_uri {self.template!r} is malformed ({e}); it may use {{chainId}}, "
-                              "{ledger}, {operator} and {epoch}") from None
+        return Path(expand_template(self.template, chain_id=d.chain_id, ledger=d.ledger, operator=d.operator,
+                                    epoch=n))
 
     def publish(self, log_: RecordLog, n: int, data: bytes | None = None) -> Path:
         """Write epoch `n`'s canonical export (`data` when the caller has it) atomically; return where."""

@@ -29,8 +29,6 @@ from loraledger.node.ledger.audit import (
     AdapterLineage,
     AuditChain,
     AuditReport,
-    Watcher,
-    WatchOptions,
     audit_epoch,
     lineage_from_document,
 )
@@ -40,6 +38,7 @@ from loraledger.node.ledger.records import AttributionRecord, RecordDomain
 from loraledger.node.ledger.rewards import contributor_weights, epoch_amounts, record_fee
 from loraledger.node.ledger.settler import Settler
 from loraledger.node.ledger.terms import terms_to_json
+from loraledger.node.ledger.watch import Watcher, WatchOptions
 from loraledger.node.types import Address
 
 REPO = Path(__file__).resolve().parents[3]

@@ -233,7 +233,7 @@ def test_grpc_stream_and_cli_write_the_same_bytes(tmp_path: Path) -> None:
 
     import grpc
 
-    from loraledger.node.ledger.audit import fetch_grpc
+    from loraledger.node.ledger.watch import fetch_grpc
     from loraledger.node.serving.queries import LogQueries
     from loraledger.node.serving.servicers import AttributionServicer
     from loraledger.proto.loraledger.v1 import loraledger_pb2 as pb

@@ -9,7 +9,13 @@ import pytest
 from eth_abi import encode
 
 from loraledger.node.ledger.merkle import StandardMerkleTree
-from loraledger.node.ledger.records import RECORD_LEAF_TYPES, AttributionRecord, RecordDomain, RecordError, records_tree
+from loraledger.node.ledger.records import (
+    RECORD_LEAF_TYPES,
+    AttributionRecord,
+    RecordDomain,
+    RecordError,
+    records_tree,
+)
 from loraledger.node.types import Bytes32, Wei
 
 _EXTREMES = {"uint64": 2**64 - 1, "uint32": 2**32 - 1, "uint16": 2**16 - 1, "uint256": 2**256 - 1}
