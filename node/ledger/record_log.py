@@ -584,6 +584,12 @@ class RecordLog:
                                                  "cumulative_total": None, "terms": None})
             conn.execute(self._backend.sql("DELETE FROM balances WHERE epoch = ?"), (n,))
 
+    def last_sent(self) -> EpochRow | None:
+        """The latest epoch whose submission was signed (submitted or confirmed), or None."""
+        rows = self._q(f"SELECT {', '.join(_EPOCH_COLUMNS)} FROM epochs WHERE state IN (?, ?) ORDER BY epoch DESC "
+                       "LIMIT 1", (SUBMITTED, CONFIRMED))
+        return _epoch_row(rows[0]) if rows else None
+
     def epochs_after(self, n: int) -> list[EpochRow]:
         """Epochs numbered above `n`, oldest first."""
         rows = self._q(f"SELECT {', '.join(_EPOCH_COLUMNS)} FROM epochs WHERE epoch > ? ORDER BY epoch", (n,))

@@ -73,6 +73,7 @@ from loraledger.node.types import AdapterId, Address, Bytes32, TxHash, Wei, as_a
 log = logging.getLogger(__name__)
 
 MAX_RECORDS_PER_EPOCH = 2**32 - 1  # recordCount is a uint32 on chain
+REVOCABLE_MARGIN = 600.0  # s: how far the host's clock may be from the chain's block times
 
 
 @dataclass(frozen=True)
@@ -177,6 +178,7 @@ class Settler:
         self.options = options or SettlementOptions()
         self.on_step = on_step
         self.lineage = lineage
+        self._delay: int | None = None  # the ledger's challenge delay, read once
         self._export: tuple[tuple[int, str | None, str | None], bytes] | None = None
         self.proofs = EpochProofs(log_)
         self.domain = RecordDomain(self.client.chain_id, contracts.ledger.address, self.operator)
@@ -208,8 +210,20 @@ class Settler:
 
     def sync_revocations(self) -> list[int]:
         """Mark the log's sent epochs that the chain revoked as `revoked` (quarantining their records) and reopen a
-        built epoch that would have built on them. Returns the epochs newly marked."""
+        built epoch that would have built on them. Returns the epochs newly marked.
+
+        Only a pending epoch can be revoked, so once the log's latest sent epoch is older than the challenge delay
+        (plus REVOCABLE_MARGIN for the host's clock against the chain's) nothing is read from the chain: an idle
+        tick costs no RPC call."""
         ledger = self.contracts.ledger
+        last = self.log.last_sent()
+        if last is None:
+            return []
+        if self._delay is None:
+            self._delay = ledger.challenge_delay()  # immutable
+        signed = last.submitted_at if last.submitted_at is not None else last.closed_at
+        if time.time() > signed + self._delay + REVOCABLE_MARGIN:
+            return []
         tip = ledger.live_tip(self.operator)
         sent = [r for r in self.log.epochs_after(tip) if r.state in (SUBMITTED, CONFIRMED)]
         if not sent:
