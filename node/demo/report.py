@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
 
 from loraledger.node.chain.keys import ANVIL_DEV_KEYS, DEV_CONTRIBUTORS, DEV_OPERATOR, dev_account
 from loraledger.node.demo.processes import NODE_CONFIG, OPERATOR_KEY_ENV
@@ -22,6 +24,15 @@ def earnings_table(rows: Sequence[EarningsRow]) -> str:
         return "  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(b) for b in body)])
+
+
+def _evaluation(adapter_dir: Path) -> dict[str, Any] | None:
+    """The held-out evaluation the real-model demo wrote into the adapter's lineage.json, if any."""
+    try:
+        ev = json.loads((adapter_dir / "lineage.json").read_text()).get("evaluation")
+    except FileNotFoundError:
+        return None
+    return ev if isinstance(ev, dict) else None
 
 
 def report(ctx: DemoContext) -> str:
@@ -43,6 +54,11 @@ def report(ctx: DemoContext) -> str:
     for a in ctx.adapters:
         lines.append(f"adapter      #{a.adapter_id} {a.plan.name}: {a.plan.method} r={a.plan.rank} "
                      f"fee/token {a.plan.fee_per_token}, weights {a.weights_hash}")
+        ev = _evaluation(a.path)
+        if ev is not None:
+            lines.append(f"             held-out loss {ev['base_loss']:.4f} (base) -> {ev['adapter_loss']:.4f} "
+                         f"(adapter) on {ev['held_out']['records']} records not in the datanet "
+                         f"(lineage.json: evaluation)")
     lines.append(f"node         {addr} (pid {ctx.node_pid}); HTTP API http://{ctx.http_address}/v1")
     lines.append(f"settled      {ctx.epoch_line}")
     lines.append("")
@@ -52,7 +68,8 @@ def report(ctx: DemoContext) -> str:
                  "RewardToken.balanceOf:")
     lines += ["", earnings_table(ctx.earnings), "", "The node and the devnet keep running. Talk to them:"]
     lines.append(f"  loraledger generate --server {addr} --adapter {ids[0]} --stream 'The logging module'")
-    lines.append(f"  loraledger generate --server {addr} --adapter {ids[0]}:0.5 --adapter {ids[1]}:0.5 'Unicode'")
+    if len(ids) > 1:  # two adapters merged for one request
+        lines.append(f"  loraledger generate --server {addr} --adapter {ids[0]}:0.5 --adapter {ids[1]}:0.5 'Unicode'")
     lines.append(f"  grpcurl -plaintext {addr} list")
     lines.append(f"  curl -s http://{ctx.http_address}/v1/completions -H 'content-type: application/json' "
                  f"-d '{{\"model\": \"{ids[0]}\", \"prompt\": \"The logging module\"}}'")

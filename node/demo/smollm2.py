@@ -11,7 +11,9 @@ The same path as the tiny demo (node/demo/stages.py), with these differences:
                tokenized as training tokenizes (bos + text + eos, the loss over text and eos). Written into the
                adapter's lineage.json under "evaluation" and printed; the demo stops (DemoError) when the
                adapter's loss is not lower. Then, for three prompts, the base's greedy continuation beside the
-               adapter's.
+               adapter's (also stored under "evaluation", with the settings; a rerun with the same settings
+               reads them back instead of evaluating again).
+    requests   two per adapter; no merged request (one adapter)
     reproduce  skipped: it would train the adapter a second time (the tiny demo shows it)
 
 Everything else (devnet, contributors, datanet in this tokenizer's tokens, registration, the node, requests,
@@ -37,11 +39,11 @@ from loraledger.node.demo.stages import (
 )
 
 MODEL_NAME = "smollm2"
-SIZES = DemoSizes(records_per_contributor=32, max_seq_len=48, batch_size=4, prompts_per_adapter=1, max_tokens=24)
+SIZES = DemoSizes(records_per_contributor=32, max_seq_len=48, batch_size=4, prompts_per_adapter=2, max_tokens=24)
 PLANS: tuple[AdapterPlan, ...] = (
     AdapterPlan("smol-docs", "lora", 8, 16.0, "q,v", seed=1, lr=2e-3, fee_per_token=TOKEN // 1000),
 )
-MERGE_WEIGHTS: tuple[float, ...] = (1.0,)
+MERGE_WEIGHTS: tuple[float, ...] = (1.0,)  # one adapter: no merged request (stages._request_plan)
 HELD_OUT = 12  # records per contributor after the datanet's, for the held-out loss
 COMPARE_PROMPTS = PROMPTS[:3]
 COMPARE_TOKENS = 24
@@ -134,20 +136,31 @@ def held_out_losses(ctx: DemoContext, adapter_dir: Any) -> dict[str, Any]:
     }
 
 
+def _settings() -> dict[str, Any]:
+    """What an evaluation depends on besides the adapter: a stored one is reused only when these match."""
+    return {"held_out_per_contributor": HELD_OUT, "after_record": SIZES.records_per_contributor,
+            "max_seq_len": SIZES.max_seq_len, "prompts": list(COMPARE_PROMPTS), "new_tokens": COMPARE_TOKENS}
+
+
 def stage_evaluate(ctx: DemoContext) -> str:
-    """Held-out loss of the base and of each adapter, into lineage.json; base vs adapter on three prompts."""
+    """Held-out loss of the base and of each adapter, into lineage.json; base vs adapter on three prompts.
+    An adapter whose lineage.json already holds an evaluation with these settings is not evaluated again."""
     from loraledger.node.lineage.training import load_lineage, write_lineage
 
     notes = []
     for a in ctx.adapters:
         t0 = time.perf_counter()
-        ev = held_out_losses(ctx, a.path)
         lin = load_lineage(a.path)
-        lin["evaluation"] = {k: v for k, v in ev.items() if k != "prompts"}
-        write_lineage(a.path, lin)
+        ev = lin.get("evaluation")
+        reused = isinstance(ev, dict) and ev.get("settings") == _settings() and "prompts" in ev
+        if not reused:
+            ev = {**held_out_losses(ctx, a.path), "settings": _settings()}
+            lin["evaluation"] = ev
+            write_lineage(a.path, lin)
+        assert isinstance(ev, dict)
         ctx.write(f"      {a.plan.name}: held-out loss base {ev['base_loss']:.4f} -> adapter {ev['adapter_loss']:.4f} "
                   f"on {ev['held_out']['records']} records ({ev['held_out']['tokens']} tokens), "
-                  f"written to {a.path / 'lineage.json'}\n")
+                  f"{'read from' if reused else 'written to'} {a.path / 'lineage.json'}\n")
         for ans in ev["prompts"]:
             ctx.write(f"      {ans['prompt']!r}\n        base:    {ans['base']!r}\n"
                       f"        adapter: {ans['adapter']!r}\n")
@@ -155,7 +168,7 @@ def stage_evaluate(ctx: DemoContext) -> str:
             raise DemoError(f"{a.plan.name}: held-out loss {ev['adapter_loss']:.4f} is not below the base's "
                             f"{ev['base_loss']:.4f}: the adapter learned nothing from the datanet")
         notes.append(f"{a.plan.name} held-out loss {ev['base_loss']:.3f} (base) -> {ev['adapter_loss']:.3f} "
-                     f"({time.perf_counter() - t0:.1f}s)")
+                     f"({'reused' if reused else f'{time.perf_counter() - t0:.1f}s'})")
     return "; ".join(notes)
 
 

@@ -580,7 +580,8 @@ def stage_node(ctx: DemoContext) -> str:
 
 
 def _request_plan(ctx: DemoContext) -> list[tuple[str, tuple[tuple[int, float], ...], str]]:
-    """(label, ((adapter id, weight), ...), prompt): `prompts_per_adapter` per adapter, then one merged."""
+    """(label, ((adapter id, weight), ...), prompt): `prompts_per_adapter` per adapter, then one merged
+    when there are two adapters or more."""
     plan: list[tuple[str, tuple[tuple[int, float], ...], str]] = []
     k = 0
     for a in ctx.adapters:
@@ -591,8 +592,8 @@ def _request_plan(ctx: DemoContext) -> list[tuple[str, tuple[tuple[int, float], 
             k += 1
     merged = tuple((int(a.adapter_id), w) for a, w in zip(ctx.adapters, ctx.merge_weights, strict=True)
                    if a.adapter_id is not None)
-    label = "merged " + " + ".join(f"#{i}x{w:g}" for i, w in merged)
-    plan.append((label, merged, PROMPTS[k % len(PROMPTS)]))
+    if len(merged) > 1:  # with one adapter (the real-model demo) a merge would repeat its own request
+        plan.append(("merged " + " + ".join(f"#{i}x{w:g}" for i, w in merged), merged, PROMPTS[k % len(PROMPTS)]))
     return plan
 
 

@@ -16,7 +16,8 @@ record, the base checkpoint and the datanet folders are only inputs, each checke
     stack (any difference -> CANNOT_REPRODUCE_HERE, named; never DIFFERS):
         config.format, .software (torch, transformers, peft, ... versions), .device (cpu arch + kernel capability,
         or GPU name + compute capability + CUDA / cuDNN), .determinism  == this machine's for `device`
-    retrain (train_adapter with the recorded arguments and thread count, into a temp dir):
+    retrain (train_adapter with the recorded arguments, thread count, dtype and gradient accumulation, into a
+    temp dir):
         weights_hash(retrained)                == info.weightsHash                 "weightsHash"
         config_hash(retrained config)          == info.trainingConfigHash          "trainingConfigHash (retrained)"
         tokens per contributor (per datanet and summed) == the lineage's claims   "tokens of <addr>[ in <datanet>]"
@@ -129,13 +130,14 @@ def _registration(contracts: Contracts, adapter_id: int) -> AdapterInfo:
 
 
 def _stack_differences(config: dict[str, Any], device: str) -> dict[str, tuple[Any, Any]]:
-    """Recorded stack vs this machine's, entry by entry (the thread count is applied, not compared)."""
+    """Recorded stack vs this machine's, entry by entry (the thread count and dtype are applied, not compared)."""
     diff: dict[str, tuple[Any, Any]] = {}
     if config.get("format") != TRAINING_FORMAT:
         diff["format"] = (config.get("format"), TRAINING_FORMAT)
         return diff
     recorded_threads = int(config["determinism"]["torch_threads"])
-    here = run_environment(str(config["method"]), device, recorded_threads)
+    recorded_dtype = str(config["determinism"].get("dtype", "float32"))
+    here = run_environment(str(config["method"]), device, recorded_threads, recorded_dtype)
     for section in ("software", "device", "determinism"):
         rec, cur = config.get(section) or {}, here[section]
         for k in sorted(set(rec) | set(cur)):
@@ -264,6 +266,8 @@ def reproduce_adapter(
             device=device,
             threads=int(config["determinism"]["torch_threads"]),
             progress=False,
+            grad_accum=int(config.get("gradient_accumulation_steps", 1)),  # absent in configs of k = 1
+            dtype=str(config["determinism"].get("dtype", "float32")),
         )
         seconds = time.perf_counter() - t0
     if r.weights_hash != info.weights_hash:

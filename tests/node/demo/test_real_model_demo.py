@@ -3,6 +3,7 @@ and the refusal of an unknown model. The run itself is `make run MODEL=smollm2` 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ def test_stages_swap_the_model_add_evaluate_and_skip_reproduce(tmp_path: Path) -
     assert "reproduce" not in names and names.count("model") == 1
     assert dict(smollm2.stages(STAGES))["model"] is smollm2.stage_model
     assert ctx.sizes == smollm2.SIZES and ctx.plans == smollm2.PLANS
-    assert len(ctx.merge_weights) == len(ctx.plans)
+    assert len(ctx.merge_weights) == len(ctx.plans) and sum(ctx.merge_weights) == 1.0
     with pytest.raises(DemoError, match="unknown demo model 'gpt5'"):
         smollm2.configure(DemoContext(state_dir=tmp_path), "gpt5", STAGES)
 
@@ -34,3 +35,30 @@ def test_held_out_records_are_not_in_the_datanet() -> None:
     texts = {r.completion for r in held}
     assert len(texts) == len(held)
     assert not any(t in line for t in texts for line in in_datanet)
+
+
+def test_summary_of_a_one_adapter_demo_shows_its_evaluation(tmp_path: Path) -> None:
+    """The real-model demo trains one adapter: the summary must not assume two (it once indexed a second id),
+    and it prints the held-out losses the evaluate stage wrote into lineage.json."""
+    from loraledger.node.chain.deploy import Deployment
+    from loraledger.node.chain.devnet_setup import DevnetStatus
+    from loraledger.node.demo.report import report
+    from loraledger.node.demo.stages import TrainedAdapter, _request_plan
+
+    adapter_dir = tmp_path / "adapters" / "smol-docs"
+    adapter_dir.mkdir(parents=True)
+    ev = {"base_loss": 4.0592, "adapter_loss": 3.1655, "held_out": {"records": 36, "tokens": 1205}}
+    (adapter_dir / "lineage.json").write_text(json.dumps({"weights_hash": "0x" + "ab" * 32, "evaluation": ev}))
+    deployment = Deployment(chain_id=31337, addresses={"AttributionLedger": "0x" + "11" * 20}, block_number=1,
+                            artifact_sha256={}, deployer="0x" + "22" * 20)
+    ctx = DemoContext(state_dir=tmp_path)
+    smollm2.configure(ctx, "smollm2", STAGES)
+    ctx.devnet = DevnetStatus(tmp_path / "devnet", True, "http://127.0.0.1:8545", 1, 31337, deployment)
+    ctx.deployment = deployment
+    ctx.adapters = [TrainedAdapter(smollm2.PLANS[0], adapter_dir, "0x" + "ab" * 32, 7)]
+    ctx.node_address, ctx.http_address = "127.0.0.1:50051", "127.0.0.1:8080"
+    plan = _request_plan(ctx)  # no merged request: a lone adapter's merge would repeat its own request
+    assert [(label, adapters) for label, adapters, _ in plan] == [("adapter #7 smol-docs", ((7, 1.0),))] * 2
+    out = report(ctx)
+    assert "held-out loss 4.0592 (base) -> 3.1655 (adapter) on 36 records" in out
+    assert "--adapter 7 --stream" in out and "--adapter 7:0.5" not in out  # merge weights must sum to 1

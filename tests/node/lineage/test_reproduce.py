@@ -109,6 +109,21 @@ def test_a_qlora_adapter_reproduces(setup: Setup, tmp_path: Path) -> None:
     assert (rep.verdict, rep.differences) == (REPRODUCED, {})
 
 
+def test_an_accumulated_bfloat16_adapter_reproduces(setup: Setup, tmp_path: Path) -> None:
+    """The retraining takes the recorded dtype and gradient accumulation, not the defaults (float32, k = 1),
+    which would give other weights and report a differing adapter."""
+    out = tmp_path / "acc-bf16"
+    r = train_adapter(
+        setup.base, [setup.world.manifest_dir], "lora", 4, 8, "q,v", 1, 1e-2, 3, out, 64, 2, progress=False,
+        grad_accum=2, dtype="bfloat16",
+    )
+    cfg = r.lineage["training_config"]
+    assert (cfg["gradient_accumulation_steps"], cfg["determinism"]["dtype"]) == (2, "bfloat16")
+    rep = reproduce_adapter(_register(setup.world, out), setup.world.bind(dev_account(0)))
+    assert (rep.verdict, rep.differences) == (REPRODUCED, {})
+    assert rep.reproduced_weights_hash == r.weights_hash
+
+
 def test_registered_weights_that_training_does_not_give_differ(setup: Setup, tmp_path: Path) -> None:
     tampered = tmp_path / "tampered"
     shutil.copytree(setup.adapter_dir, tampered)
