@@ -12,10 +12,16 @@
 #       (issue 4's targets)                                                                          (est. 6 min)
 #   c   bench_engine on the Llama-3-8B shape (the bandwidth check where host time per step is small
 #       against the weights' read time), if time is left                                            (est. 3 min)
+#   d   training on the GPU (issue 21): the CUDA tests of tests/node/lineage/test_training_options.py (bf16
+#       runs repeat bit for bit, float32 follows the CPU's losses, accumulation follows the larger batch),
+#       then bench_training on a 100M random Llama: float32 vs bf16 vs bf16 with accumulation, and the
+#       CPU in float32 per token. Training verifies signed datanets, so it needs eth-account, which the
+#       device lacks: run `bash scripts/gpu_wheels.sh` here first and name `.whl` in the call's carry   (est. 4 min)
 #
 #   bash scripts/gpu_check.sh a        # results and logs go to $OUT if set (the device tool's folder),
 #   bash scripts/gpu_check.sh b        # else to benchmarks/results/
 #   bash scripts/gpu_check.sh c
+#   bash scripts/gpu_check.sh d        # carry: [".whl"]
 #
 # The stage times are estimates, not yet measured on a GPU (a cold Triton cache compiles every kernel variant
 # the tests use, a minute or two): each step has its own timeout, so a slow step leaves the others' results,
@@ -24,7 +30,17 @@ set -uo pipefail
 stage=${1:-a}
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+# The device has no install of this project: `loraledger.node` etc. resolve through a folder of links, the
+# layout pyproject.toml's package-dir installs (`loraledger` is an implicit namespace package).
+src=$(mktemp -d)
+mkdir -p "$src/loraledger"
+for d in node inference kernels proto; do ln -s "$PWD/$d" "$src/loraledger/$d"; done
+if [ -d .whl ]; then  # wheels carried for what the device lacks (scripts/gpu_wheels.sh)
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$src/site" .whl/*.whl \
+    || { echo "installing the carried wheels failed" >&2; exit 1; }
+  export PYTHONPATH="$src/site"
+fi
+export PYTHONPATH="$src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 py=${PYTHON:-python3}
 
 "$py" - <<'EOF' 2>&1 | tee "$out/gpu_env.log"
@@ -53,8 +69,14 @@ case "$stage" in
     timeout 300 "$py" scripts/bench_engine.py --device cuda --size llama3-8b --out "$out/engine_cuda_8b.json" 2>&1 \
       | tee "$out/bench_engine_cuda_8b.log"
     ;;
+  d)
+    timeout 240 "$py" -m pytest -q -p no:cacheprovider -o addopts="-ra --import-mode=importlib" \
+      tests/node/lineage/test_training_options.py 2>&1 | tee "$out/gpu_training_tests.log"
+    timeout 300 "$py" scripts/bench_training.py --device cuda --size 100m --records 96 --seq-len 256 --batch 8 \
+      --cpu-baseline --cpu-records 8 --out "$out/training_cuda.json" 2>&1 | tee "$out/bench_training_cuda.log"
+    ;;
   *)
-    echo "usage: bash scripts/gpu_check.sh a|b|c" >&2
+    echo "usage: bash scripts/gpu_check.sh a|b|c|d" >&2
     exit 2
     ;;
 esac

@@ -123,3 +123,41 @@ def test_train_command_passes_the_options(
     assert lineage["training_config"]["device"]["type"] == ("cuda" if torch.cuda.is_available() else "cpu")
     assert main([*argv[:-1], "--grad-accum", "0", "--force", "--no-progress"]) == 1
     assert "grad_accum must be a positive integer" in capsys.readouterr().err
+
+
+# --- the same on a GPU (scripts/gpu_check.sh, stage d); skipped without CUDA -----------------------------------
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (scripts/gpu_check.sh d)")
+
+
+@cuda
+def test_cuda_bfloat16_training_is_deterministic(tmp_path: Path, base_dir: Path, datanet_dir: Path) -> None:
+    """Twice on the GPU in bf16: the same weights, so an adapter trained there can be reproduced there; the
+    config names the GPU and the settings that make it so (eager attention, the cuBLAS workspace)."""
+    before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+    a = _train(base_dir, datanet_dir, tmp_path / "a", batch_size=4, dtype="auto", device="auto")
+    b = _train(base_dir, datanet_dir, tmp_path / "b", batch_size=4, dtype="auto", device="auto")
+    cfg = a.lineage["training_config"]
+    assert cfg["device"]["type"] == "cuda" and cfg["determinism"]["dtype"] == resolve_dtype("auto", "cuda")
+    assert cfg["determinism"]["attention"] == "eager" and cfg["determinism"]["cublas_workspace_config"]
+    assert a.weights_hash == b.weights_hash
+    assert a.lineage["losses"][-1] < a.lineage["losses"][0]
+    assert all(t.dtype == torch.float32 for t in _weights(a).values())
+    assert os.environ.get("CUBLAS_WORKSPACE_CONFIG") == before  # set for the run only
+
+
+@cuda
+def test_cuda_accumulation_and_float32_follow_the_cpu(tmp_path: Path, base_dir: Path, datanet_dir: Path) -> None:
+    """float32 on the GPU follows the CPU's loss curve (other kernels, so close, not equal), and two
+    accumulated micro-batches follow one batch twice as large there too."""
+    cpu = _train(base_dir, datanet_dir, tmp_path / "cpu", batch_size=4)
+    gpu = _train(base_dir, datanet_dir, tmp_path / "gpu", batch_size=4, device="cuda")
+    acc = _train(base_dir, datanet_dir, tmp_path / "acc", batch_size=2, grad_accum=2, device="cuda")
+    assert gpu.lineage["losses"] == pytest.approx(cpu.lineage["losses"], rel=1e-3)
+    assert acc.lineage["losses"] == pytest.approx(gpu.lineage["losses"], rel=1e-3)
+    wg, wa = _weights(gpu), _weights(acc)
+    for name in wg:
+        assert torch.allclose(wa[name], wg[name], rtol=1e-3, atol=1e-5), name
+    # the device class is part of the config: a GPU run never passes for the CPU's registration
+    assert gpu.lineage["training_config"]["device"] != cpu.lineage["training_config"]["device"]
+    assert gpu.lineage["training_config_hash"] != cpu.lineage["training_config_hash"]
