@@ -343,4 +343,27 @@ class LlamaModel(nn.Module):
     @torch.inference_mode()
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: [B, hidden] (rows at batch.logits_indices) -> logits [B, vocab] float32."""
+        head = self.lm_head
+        if (hidden.device.type == "cpu" and hidden.shape[0] <= _LOGITS_CPU_MAX_ROWS and type(head) is nn.Linear
+                and head.bias is None and head.weight.dtype == torch.float32):
+            return _cpu_logits(hidden, head.weight)
         return self.lm_head(hidden).float()
+
+
+# The CPU logits of a few rows, as vocab-row blocks of the weight times hidden^T (module functions below).
+_LOGITS_CPU_MAX_ROWS = 64
+_LOGITS_CPU_BLOCK = 2048
+
+
+def _cpu_logits(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """hidden [B, H] @ weight[V, H]^T for small B on the CPU, computed as weight blocks @ hidden^T into a
+    [V, B] buffer, returned as its [B, V] transpose. The same dot products as `F.linear` (bit-equal in the
+    tests), but BLAS gets the tall weight as its left operand in blocks of 2048 rows instead of a 16-row
+    matrix against a 49152-row transposed one: on the 2-core EPYC VM with MKL, SmolLM2's lm_head (49152 x 576)
+    took 14.7 ms instead of 29.7 ms at B = 16, 8.6 instead of 23.2 at B = 4, 31.9 instead of 56.2 at B = 64,
+    and the same at B = 1 (medians of 25 interleaved calls)."""
+    out = torch.empty(weight.shape[0], hidden.shape[0], dtype=torch.float32)
+    ht = hidden.t()
+    for k in range(0, weight.shape[0], _LOGITS_CPU_BLOCK):
+        torch.mm(weight[k : k + _LOGITS_CPU_BLOCK], ht, out=out[k : k + _LOGITS_CPU_BLOCK])
+    return out.t()

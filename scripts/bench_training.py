@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "what": "train_adapter: tokens trained on per second of the whole call; LoRA r=16 on q,k,v,o, one epoch, lr 1e-3",
         "machine": machine_info(device), "size": args.size, "shape": SIZES[args.size],
-        "records_per_contributor": args.records, "max_seq_len": args.seq_len, "variants": [], "complete": False,
+        "records_per_contributor": args.records, "max_seq_len": args.seq_len,
+        "note": "random weights: the losses show the variants train alike, not what a real model learns "
+                "(the real-model demo's held-out loss does that)",
+        "variants": [], "complete": False,
     }
 
     def save() -> None:

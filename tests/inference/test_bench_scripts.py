@@ -35,6 +35,7 @@ def test_bench_engine_runs_with_static_steps_waited_for_and_ahead(tmp_path: Path
     assert res["engine_static_ahead"]["tokens_agreeing_with_engine"] == 1.0  # fp32: every variant agrees
     assert res["engine_static"]["tokens_agreeing_with_engine"] == 1.0
     assert report["ratio"]["decode_engine_static_ahead_ahead_over_waited"] > 0
+    assert len(report["ratio_per_round"]) == 1 and report["ratio"]["decode_median_of_rounds"] > 0
     assert set(report["decode_step"]) >= {"bandwidth_bound_s", "engine", "engine_static", "engine_static_ahead"}
     phases = report["host_phases"]
     ahead, waited = phases["engine_static_ahead"], phases["engine_static"]
@@ -90,3 +91,18 @@ def test_bench_serving_and_real_model_engine_bench_run_on_a_local_checkpoint(
     engine = json.loads(engine_out.read_text())
     assert engine["model"]["real"] and engine["ratio"]["decode"] > 0
     assert engine["results"]["engine"]["tokens_agreeing_with_engine"] == 1.0
+
+
+@pytest.mark.slow
+def test_bench_training_runs_its_variants(tmp_path: Path) -> None:
+    """scripts/gpu_check.sh d runs it with --device cuda; here the same variants on the CPU, on a tiny model."""
+    out = tmp_path / "training.json"
+    run_script("bench_training.py", "--device", "cpu", "--size", "tiny", "--records", "4", "--seq-len", "32",
+               "--batch", "4", "--out", str(out))
+    report = json.loads(out.read_text())
+    assert report["complete"] is True
+    variants = report["variants"]
+    assert [(v["dtype"], v["micro_batch"], v["grad_accum"]) for v in variants] == [
+        ("float32", 4, 1), ("bfloat16", 4, 1), ("bfloat16", 2, 2)]
+    assert variants[0]["rate_vs_float32_here"] == 1.0
+    assert all(v["tokens"] > 0 and v["steps"] == 3 and v["tokens_per_s"] > 0 for v in variants)

@@ -295,3 +295,22 @@ def test_lora_hook_replaces_a_projection_and_sees_the_batch(tiny_model_dir: Path
     assert hook.calls == 2
     assert torch.allclose(h_plain[:4], h_plain[4:]) and torch.allclose(h_adapted[:4], h_plain[:4])
     assert (h_adapted[4:] - h_plain[4:]).abs().max() > 1e-3, "the adapter-aware layer did not change its tokens"
+
+
+@pytest.mark.parametrize("rows", [1, 5, 64])
+def test_cpu_logits_of_few_rows_equal_the_plain_projection(rows: int, tiny_model: LlamaModel) -> None:
+    """compute_logits takes a blocked weight @ hidden^T path on the CPU for up to 64 rows (model.py): the same
+    numbers as lm_head itself, across block edges (a vocabulary of 2.5 blocks); the model's own call too."""
+    from loraledger.inference import model as model_module
+
+    vocab = 2 * model_module._LOGITS_CPU_BLOCK + 700
+    head = nn.Linear(96, vocab, bias=False)
+    hidden = torch.randn(rows, 96, generator=torch.Generator().manual_seed(rows))
+    with torch.inference_mode():
+        want = head(hidden)
+        got = model_module._cpu_logits(hidden, head.weight)
+    assert got.shape == (rows, vocab) and torch.allclose(got, want, rtol=1e-6, atol=1e-6)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    h = torch.randn(rows, tiny_model.config.hidden_size)
+    with torch.inference_mode():
+        assert torch.allclose(tiny_model.compute_logits(h), tiny_model.lm_head(h), rtol=1e-6, atol=1e-6)
