@@ -5,6 +5,7 @@ Keep this file generic; area-specific fixtures belong in a conftest.py of the te
 
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
@@ -53,3 +54,20 @@ def chain_snapshot(w3: Web3) -> Iterator[str]:
     yield snap_id
     reverted = w3.provider.make_request("evm_revert", [snap_id])  # type: ignore[arg-type]
     assert reverted.get("result") is True, f"evm_revert({snap_id}) failed: {reverted}"
+
+
+@pytest.fixture(autouse=True)
+def _root_logging_restored() -> Iterator[None]:
+    """A test that runs a command in process (`main([...])`) gets the command's root log handler, bound to the
+    stderr pytest captured for that test; the handler is taken off afterwards, so that a later test's server
+    thread does not write to the closed capture ("--- Logging error ---" in the run's output)."""
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for h in list(root.handlers):
+        if h not in handlers:
+            root.removeHandler(h)
+    for h in handlers:
+        if h not in root.handlers:
+            root.addHandler(h)
+    root.setLevel(level)
