@@ -77,6 +77,11 @@ def report(ctx: DemoContext) -> str:
     lines.append(f"  grpcurl -plaintext -d '{request_json}' {addr} loraledger.v1.Inference/Generate")
     lines.append(f"  loraledger rewards show {alice} {cfg}")
     lines.append(f"  {OPERATOR_KEY_ENV}={ANVIL_DEV_KEYS[DEV_OPERATOR]} loraledger epoch settle {cfg}")
-    stop = "make stop" if rel == ".loraledger" else f"loraledger demo --stop --state-dir {shown}"
+    if rel == ".loraledger":
+        stop = "make stop"
+    elif rel.startswith(".loraledger-") and "/" not in rel:  # the Makefile's state of `make run MODEL=NAME`
+        stop = f"make stop MODEL={rel.removeprefix('.loraledger-')}"
+    else:
+        stop = f"loraledger demo --stop --state-dir {shown}"
     lines.append(f"Stop them (node, then devnet): {stop}")
     return "\n".join(lines)

@@ -71,6 +71,7 @@ def test_summary_of_a_one_adapter_demo_shows_its_evaluation(tmp_path: Path) -> N
     out = report(ctx)
     assert "held-out loss 4.0592 (base) -> 3.1655 (adapter) on 36 records" in out
     assert "--adapter 7 --stream" in out and "--adapter 7:0.5" not in out  # merge weights must sum to 1
+    assert f"loraledger demo --stop --state-dir {tmp_path}" in out  # not the Makefile's state folder
 
 
 @pytest.mark.realmodel
