@@ -45,11 +45,15 @@ class _RequestIdFilter(logging.Filter):
         return True
 
 
+HANDLER_NAME = "loraledger"  # the root handler setup_logging installs (tests take it off again by this name)
+
+
 def setup_logging(fmt: str = "text", verbose: bool = False) -> None:
     """Configure the root logger once for a command: `fmt` "text" or "json" (ValueError naming the choices)."""
     if fmt not in LOG_FORMATS:
         raise ValueError(f"--log-format {fmt!r}: choose one of {', '.join(LOG_FORMATS)}")
     handler = logging.StreamHandler(sys.stderr)
+    handler.set_name(HANDLER_NAME)
     handler.addFilter(_RequestIdFilter())
     if fmt == "json":
         handler.setFormatter(JsonFormatter(

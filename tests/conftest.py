@@ -57,17 +57,14 @@ def chain_snapshot(w3: Web3) -> Iterator[str]:
 
 
 @pytest.fixture(autouse=True)
-def _root_logging_restored() -> Iterator[None]:
+def _command_log_handler_removed() -> Iterator[None]:
     """A test that runs a command in process (`main([...])`) gets the command's root log handler, bound to the
-    stderr pytest captured for that test; the handler is taken off afterwards, so that a later test's server
-    thread does not write to the closed capture ("--- Logging error ---" in the run's output)."""
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
+    stderr pytest captured for that test; it is taken off afterwards, so that a later test's server thread does
+    not write to the closed capture ("--- Logging error ---" in the run's output). pytest's own handlers are
+    left alone."""
+    from loraledger.node.logs import HANDLER_NAME
+
     yield
-    for h in list(root.handlers):
-        if h not in handlers:
-            root.removeHandler(h)
-    for h in handlers:
-        if h not in root.handlers:
-            root.addHandler(h)
-    root.setLevel(level)
+    root = logging.getLogger()
+    for h in [h for h in root.handlers if h.get_name() == HANDLER_NAME]:
+        root.removeHandler(h)
