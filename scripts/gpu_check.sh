@@ -30,18 +30,18 @@ set -uo pipefail
 stage=${1:-a}
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
+py=${PYTHON:-python3}
 # The device has no install of this project: `loraledger.node` etc. resolve through a folder of links, the
 # layout pyproject.toml's package-dir installs (`loraledger` is an implicit namespace package).
 src=$(mktemp -d)
 mkdir -p "$src/loraledger"
 for d in node inference kernels proto; do ln -s "$PWD/$d" "$src/loraledger/$d"; done
 if [ -d .whl ]; then  # wheels carried for what the device lacks (scripts/gpu_wheels.sh)
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$src/site" .whl/*.whl \
+  "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$src/site" .whl/*.whl \
     || { echo "installing the carried wheels failed" >&2; exit 1; }
   export PYTHONPATH="$src/site"
 fi
 export PYTHONPATH="$src:$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
-py=${PYTHON:-python3}
 
 "$py" - <<'EOF' 2>&1 | tee "$out/gpu_env.log"
 import platform, torch, triton, transformers, peft

@@ -6,7 +6,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 py=${PYTHON:-.venv/bin/python}
 pkgs=(eth-account eth-abi eth-hash eth-keyfile eth-keys eth-rlp eth-typing eth-utils hexbytes parsimonious rlp
-      bitarray ckzg cytoolz pycryptodome pydantic pydantic-core annotated-types typing-inspection py-ecc)
+      bitarray ckzg cytoolz pycryptodome pydantic pydantic-core annotated-types typing-inspection py-ecc
+      typing-extensions)
 specs=()
 for p in "${pkgs[@]}"; do
   pin=$(grep -iE "^${p//-/[-_.]}==" constraints.txt || true)
