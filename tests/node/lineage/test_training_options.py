@@ -12,7 +12,6 @@ import torch
 from safetensors.torch import load_file
 
 from loraledger.inference.identity import config_hash
-from loraledger.inference.tiny import init_tiny
 from loraledger.node.chain.keys import dev_account
 from loraledger.node.errors import ConfigError
 from loraledger.node.lineage.contributions import sign_contribution
@@ -38,12 +37,7 @@ LINES = [
 
 
 @pytest.fixture(scope="module")
-def base_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return init_tiny(tmp_path_factory.mktemp("base") / "model")
-
-
-@pytest.fixture(scope="module")
-def datanet_dir(tmp_path_factory: pytest.TempPathFactory, base_dir: Path) -> Path:
+def datanet_dir(tmp_path_factory: pytest.TempPathFactory, tiny_model_dir: Path) -> Path:
     root = tmp_path_factory.mktemp("datanet")
     for k, idx in enumerate((2, 3)):
         f = root / "src" / f"c{idx}.jsonl"
@@ -51,7 +45,7 @@ def datanet_dir(tmp_path_factory: pytest.TempPathFactory, base_dir: Path) -> Pat
         f.write_text("".join(json.dumps({"text": t}) + "\n" for t in LINES[k::2]))
         os.utime(f, ns=(T0 + k, T0 + k))
         sign_contribution(f, dev_account(idx))
-    build_datanet("options-test", root / "src", root / "dn", tokenizer_dir=base_dir)
+    build_datanet("options-test", root / "src", root / "dn", tokenizer_dir=tiny_model_dir)
     return root / "dn"
 
 
@@ -68,10 +62,10 @@ def _weights(r: TrainingResult) -> dict[str, torch.Tensor]:
     return load_file(str(r.out_dir / "adapter_model.safetensors"))
 
 
-def test_gradient_accumulation_follows_the_larger_batch(tmp_path: Path, base_dir: Path, datanet_dir: Path) -> None:
-    big = _train(base_dir, datanet_dir, tmp_path / "b4", batch_size=4)
-    acc = _train(base_dir, datanet_dir, tmp_path / "b2x2", batch_size=2, grad_accum=2)
-    small = _train(base_dir, datanet_dir, tmp_path / "b2", batch_size=2)
+def test_gradient_accumulation_follows_the_larger_batch(tmp_path: Path, tiny_model_dir: Path, datanet_dir: Path) -> None:
+    big = _train(tiny_model_dir, datanet_dir, tmp_path / "b4", batch_size=4)
+    acc = _train(tiny_model_dir, datanet_dir, tmp_path / "b2x2", batch_size=2, grad_accum=2)
+    small = _train(tiny_model_dir, datanet_dir, tmp_path / "b2", batch_size=2)
     assert acc.lineage["steps"] == big.lineage["steps"] == 4  # 8 records / (2 * 2) per step, 2 epochs
     assert small.lineage["steps"] == 8
     assert acc.lineage["losses"] == pytest.approx(big.lineage["losses"], rel=1e-4)
@@ -86,10 +80,10 @@ def test_gradient_accumulation_follows_the_larger_batch(tmp_path: Path, base_dir
     assert "gradient_accumulation_steps" not in big.lineage["training_config"]  # k = 1: the config of before
 
 
-def test_bfloat16_base_trains_deterministically(tmp_path: Path, base_dir: Path, datanet_dir: Path) -> None:
-    a = _train(base_dir, datanet_dir, tmp_path / "a", batch_size=4, dtype="bfloat16")
-    b = _train(base_dir, datanet_dir, tmp_path / "b", batch_size=4, dtype="bfloat16")
-    f32 = _train(base_dir, datanet_dir, tmp_path / "f32", batch_size=4)
+def test_bfloat16_base_trains_deterministically(tmp_path: Path, tiny_model_dir: Path, datanet_dir: Path) -> None:
+    a = _train(tiny_model_dir, datanet_dir, tmp_path / "a", batch_size=4, dtype="bfloat16")
+    b = _train(tiny_model_dir, datanet_dir, tmp_path / "b", batch_size=4, dtype="bfloat16")
+    f32 = _train(tiny_model_dir, datanet_dir, tmp_path / "f32", batch_size=4)
     assert a.weights_hash == b.weights_hash
     assert a.weights_hash != f32.weights_hash
     assert a.lineage["training_config"]["determinism"]["dtype"] == "bfloat16"
@@ -109,12 +103,12 @@ def test_auto_device_and_dtype_resolve_here() -> None:
 
 
 def test_train_command_passes_the_options(
-    tmp_path: Path, base_dir: Path, datanet_dir: Path, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path, tiny_model_dir: Path, datanet_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from loraledger.node.cli import main
 
     out = tmp_path / "cli"
-    argv = ["train", "--base", str(base_dir), "--datanet", str(datanet_dir), "--out", str(out), "--rank", "4",
+    argv = ["train", "--base", str(tiny_model_dir), "--datanet", str(datanet_dir), "--out", str(out), "--rank", "4",
             "--targets", "q,v", "--batch-size", "2", "--grad-accum", "2", "--device", "auto", "--dtype", "auto",
             "--lr", "1e-2", "--threads", "1", "--no-progress"]
     assert main(argv) == 0
@@ -131,12 +125,12 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 
 @cuda
-def test_cuda_bfloat16_training_is_deterministic(tmp_path: Path, base_dir: Path, datanet_dir: Path) -> None:
+def test_cuda_bfloat16_training_is_deterministic(tmp_path: Path, tiny_model_dir: Path, datanet_dir: Path) -> None:
     """Twice on the GPU in bf16: the same weights, so an adapter trained there can be reproduced there; the
     config names the GPU and the settings that make it so (eager attention, the cuBLAS workspace)."""
     before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
-    a = _train(base_dir, datanet_dir, tmp_path / "a", batch_size=4, dtype="auto", device="auto")
-    b = _train(base_dir, datanet_dir, tmp_path / "b", batch_size=4, dtype="auto", device="auto")
+    a = _train(tiny_model_dir, datanet_dir, tmp_path / "a", batch_size=4, dtype="auto", device="auto")
+    b = _train(tiny_model_dir, datanet_dir, tmp_path / "b", batch_size=4, dtype="auto", device="auto")
     cfg = a.lineage["training_config"]
     assert cfg["device"]["type"] == "cuda" and cfg["determinism"]["dtype"] == resolve_dtype("auto", "cuda")
     assert cfg["determinism"]["attention"] == "eager" and cfg["determinism"]["cublas_workspace_config"]
@@ -147,12 +141,12 @@ def test_cuda_bfloat16_training_is_deterministic(tmp_path: Path, base_dir: Path,
 
 
 @cuda
-def test_cuda_accumulation_and_float32_follow_the_cpu(tmp_path: Path, base_dir: Path, datanet_dir: Path) -> None:
+def test_cuda_accumulation_and_float32_follow_the_cpu(tmp_path: Path, tiny_model_dir: Path, datanet_dir: Path) -> None:
     """float32 on the GPU follows the CPU's loss curve (other kernels, so close, not equal), and two
     accumulated micro-batches follow one batch twice as large there too."""
-    cpu = _train(base_dir, datanet_dir, tmp_path / "cpu", batch_size=4)
-    gpu = _train(base_dir, datanet_dir, tmp_path / "gpu", batch_size=4, device="cuda")
-    acc = _train(base_dir, datanet_dir, tmp_path / "acc", batch_size=2, grad_accum=2, device="cuda")
+    cpu = _train(tiny_model_dir, datanet_dir, tmp_path / "cpu", batch_size=4)
+    gpu = _train(tiny_model_dir, datanet_dir, tmp_path / "gpu", batch_size=4, device="cuda")
+    acc = _train(tiny_model_dir, datanet_dir, tmp_path / "acc", batch_size=2, grad_accum=2, device="cuda")
     assert gpu.lineage["losses"] == pytest.approx(cpu.lineage["losses"], rel=1e-3)
     assert acc.lineage["losses"] == pytest.approx(gpu.lineage["losses"], rel=1e-3)
     wg, wa = _weights(gpu), _weights(acc)
