@@ -6,12 +6,11 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
-from pathlib import Path
-from typing import Any
 
 from loraledger.node.chain.keys import ANVIL_DEV_KEYS, DEV_CONTRIBUTORS, DEV_OPERATOR, dev_account
 from loraledger.node.demo.processes import NODE_CONFIG, OPERATOR_KEY_ENV
 from loraledger.node.demo.stages import DATANET_NAME, DemoContext, EarningsRow
+from loraledger.node.lineage.training import load_lineage
 
 
 def earnings_table(rows: Sequence[EarningsRow]) -> str:
@@ -24,15 +23,6 @@ def earnings_table(rows: Sequence[EarningsRow]) -> str:
         return "  ".join(c.ljust(w) if k < 2 else c.rjust(w) for k, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(head), line(["-" * w for w in widths]), *(line(b) for b in body)])
-
-
-def _evaluation(adapter_dir: Path) -> dict[str, Any] | None:
-    """The held-out evaluation the real-model demo wrote into the adapter's lineage.json, if any."""
-    try:
-        ev = json.loads((adapter_dir / "lineage.json").read_text()).get("evaluation")
-    except FileNotFoundError:
-        return None
-    return ev if isinstance(ev, dict) else None
 
 
 def report(ctx: DemoContext) -> str:
@@ -54,8 +44,8 @@ def report(ctx: DemoContext) -> str:
     for a in ctx.adapters:
         lines.append(f"adapter      #{a.adapter_id} {a.plan.name}: {a.plan.method} r={a.plan.rank} "
                      f"fee/token {a.plan.fee_per_token}, weights {a.weights_hash}")
-        ev = _evaluation(a.path)
-        if ev is not None:
+        ev = load_lineage(a.path).get("evaluation")  # held-out losses, written by the real-model demo
+        if isinstance(ev, dict):
             lines.append(f"             held-out loss {ev['base_loss']:.4f} (base) -> {ev['adapter_loss']:.4f} "
                          f"(adapter) on {ev['held_out']['records']} records not in the datanet "
                          f"(lineage.json: evaluation)")

@@ -57,7 +57,7 @@ def test_summary_of_a_one_adapter_demo_shows_its_evaluation(tmp_path: Path) -> N
     adapter_dir = tmp_path / "adapters" / "smol-docs"
     adapter_dir.mkdir(parents=True)
     ev = {"base_loss": 4.0592, "adapter_loss": 3.1655, "held_out": {"records": 36, "tokens": 1205}}
-    (adapter_dir / "lineage.json").write_text(json.dumps({"weights_hash": "0x" + "ab" * 32, "evaluation": ev}))
+    (adapter_dir / "lineage.json").write_text(json.dumps({"version": 1, "weights_hash": "0x" + "ab" * 32, "evaluation": ev}))
     deployment = Deployment(chain_id=31337, addresses={"AttributionLedger": "0x" + "11" * 20}, block_number=1,
                             artifact_sha256={}, deployer="0x" + "22" * 20)
     ctx = DemoContext(state_dir=tmp_path)
